@@ -1,0 +1,43 @@
+r"""pyro_nfmala: Metropolis-adjusted Langevin in the latent space of a normalizing flow.
+
+A Pyro MCMC kernel (:class:`NFMALA`) and its pure tensor building blocks: a zuko flow read
+latent-to-data (:class:`LatentFlow`), latent targets (:class:`PosteriorPullback`, exact;
+:class:`TemperedFlow`, the paper's tempered flow measure), preconditioners, batched MALA
+steps, step-size adaptation and ArviZ output. See DESIGN.md for the math.
+"""
+
+from .adaptation import StepSizeAdapter, find_reasonable_step_size
+from .arviz import from_arrays, to_inference_data
+from .flow import LatentFlow
+from .kernel import NFMALA
+from .mala import MALAState, StepInfo, init_state, mala_step
+from .precond import (
+    DenseJacobianPreconditioner,
+    IdentityPreconditioner,
+    JacobianPreconditioner,
+    get_preconditioner,
+)
+from .target import LatentTarget, ParamLayout, PosteriorPullback, TemperedFlow
+
+__all__ = [
+    "NFMALA",
+    "DenseJacobianPreconditioner",
+    "IdentityPreconditioner",
+    "JacobianPreconditioner",
+    "LatentFlow",
+    "LatentTarget",
+    "MALAState",
+    "ParamLayout",
+    "PosteriorPullback",
+    "StepInfo",
+    "StepSizeAdapter",
+    "TemperedFlow",
+    "find_reasonable_step_size",
+    "from_arrays",
+    "get_preconditioner",
+    "init_state",
+    "mala_step",
+    "to_inference_data",
+]
+
+__version__ = "0.1.0"

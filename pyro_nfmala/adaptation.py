@@ -1,0 +1,99 @@
+r"""Step-size adaptation: a reasonable first step size, then dual averaging.
+
+Dual averaging (Hoffman & Gelman 2014, Pyro's :class:`pyro.ops.dual_averaging.DualAveraging`)
+drives :math:`\log \epsilon` so that the mean acceptance probability reaches a target
+(0.574 is optimal for MALA, Roberts & Rosenthal 1998):
+
+.. math:: \bar g_t = \Big(1 - \frac{1}{t + t_0}\Big) \bar g_{t-1} + \frac{\delta - \alpha_t}{t + t_0},
+          \quad \log \epsilon_t = \mu - \frac{\sqrt t}{\gamma} \bar g_t,
+
+and the final step size is :math:`\exp` of the weighted average of the iterates. Everything
+works elementwise, so a tensor of per-chain acceptance probabilities adapts one step size
+per chain.
+
+Example:
+    >>> adapter = StepSizeAdapter(0.1, target_accept_prob=0.574)
+    >>> for _ in range(50):
+    ...     step_size = adapter.update(torch.tensor(0.9))
+    >>> bool(adapter.final() > 0.1)
+    True
+"""
+
+from __future__ import annotations
+
+__all__ = ["StepSizeAdapter", "find_reasonable_step_size"]
+
+import math
+
+import torch
+
+from pyro.ops.dual_averaging import DualAveraging
+from torch import Tensor
+
+from .mala import MALAState, mala_step
+
+
+class StepSizeAdapter:
+    """Dual averaging of the log step size towards ``target_accept_prob``.
+
+    Arguments:
+        step_size: The initial step size (a number, or a tensor with one per chain).
+        target_accept_prob: The acceptance probability to aim at, in (0, 1).
+    """
+
+    def __init__(self, step_size: float | Tensor, target_accept_prob: float = 0.574) -> None:
+        self.target_accept_prob = target_accept_prob
+        log_step = torch.log(torch.as_tensor(step_size, dtype=torch.float64))
+        # As in Pyro's HMC: pull the iterates towards 10x the initial step size.
+        self._averaging = DualAveraging(prox_center=log_step + math.log(10.0))
+        self._log_step = log_step
+
+    def update(self, accept_prob: float | Tensor) -> Tensor:
+        """Feeds one step's acceptance probability; returns the step size for the next step."""
+        accept_prob = torch.as_tensor(accept_prob, dtype=torch.float64).nan_to_num(0.0)
+        self._averaging.step(self.target_accept_prob - accept_prob)
+        self._log_step, _ = self._averaging.get_state()
+        return self._log_step.exp()
+
+    def final(self) -> Tensor:
+        """The adapted step size: exp of the averaged iterates (the last step size before any update)."""
+        if self._averaging._t == 0:
+            return self._log_step.exp()
+        return self._averaging.get_state()[1].exp()
+
+
+def find_reasonable_step_size(
+    state: MALAState,
+    target,
+    precond,
+    step_size: float = 1.0,
+    *,
+    generator: torch.Generator | None = None,
+    max_doublings: int = 40,
+) -> Tensor:
+    r"""Doubles or halves ``step_size`` until one proposal's acceptance probability crosses 0.5.
+
+    The heuristic of Hoffman & Gelman (2014, Algorithm 4), per chain, with the same noise
+    for every trial. Returns one step size per chain (shape ``state.log_density.shape``).
+    """
+    batch_shape = state.log_density.shape
+    eps = torch.full(batch_shape, float(step_size), dtype=state.z.dtype, device=state.z.device)
+    seed = None if generator is None else int(torch.randint(2**62, (), generator=generator))
+
+    def accept_prob(eps: Tensor) -> Tensor:
+        local = torch.Generator(device=state.z.device)
+        local.manual_seed(seed if seed is not None else 0x5EED)
+        return mala_step(state, target, precond, eps, generator=local)[1].accept_prob
+
+    direction = torch.where(accept_prob(eps) > 0.5, 2.0, 0.5).to(eps.dtype)
+    active = torch.ones(batch_shape, dtype=torch.bool, device=eps.device)
+    for _ in range(max_doublings):
+        trial = torch.where(active, eps * direction, eps)
+        prob = accept_prob(trial)
+        crossed = torch.where(direction > 1, prob <= 0.5, prob > 0.5)
+        # Moving up, stop before the crossing; moving down, stop at it.
+        eps = torch.where(active & ~(crossed & (direction > 1)), trial, eps)
+        active = active & ~crossed
+        if not active.any():
+            break
+    return eps
