@@ -8,6 +8,7 @@ steps, step-size adaptation and ArviZ output. See DESIGN.md for the math.
 
 from .adaptation import StepSizeAdapter, find_reasonable_step_size
 from .arviz import from_arrays, to_inference_data
+from .fit import FitResult, default_flow, fit_flow, fit_flow_to_model
 from .flow import LatentFlow
 from .kernel import NFMALA
 from .mala import MALAState, StepInfo, init_state, mala_step
@@ -17,11 +18,13 @@ from .precond import (
     JacobianPreconditioner,
     get_preconditioner,
 )
-from .target import LatentTarget, ParamLayout, PosteriorPullback, TemperedFlow
+from .target import LatentTarget, ModelDensity, ParamLayout, PosteriorPullback, TemperedFlow, model_density
 
 __all__ = [
     "NFMALA",
     "DenseJacobianPreconditioner",
+    "FitResult",
+    "ModelDensity",
     "IdentityPreconditioner",
     "JacobianPreconditioner",
     "LatentFlow",
@@ -32,11 +35,15 @@ __all__ = [
     "StepInfo",
     "StepSizeAdapter",
     "TemperedFlow",
+    "default_flow",
     "find_reasonable_step_size",
+    "fit_flow",
+    "fit_flow_to_model",
     "from_arrays",
     "get_preconditioner",
     "init_state",
     "mala_step",
+    "model_density",
     "to_inference_data",
 ]
 

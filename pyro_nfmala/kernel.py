@@ -31,36 +31,21 @@ import warnings
 
 from collections.abc import Callable, Mapping
 
-import pyro
 import torch
 
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
-from pyro.infer.mcmc.util import initialize_model
 from torch import Tensor
 
 from .adaptation import StepSizeAdapter, find_reasonable_step_size
 from .flow import LatentFlow
 from .mala import MALAState, init_state, mala_step
 from .precond import get_preconditioner
-from .target import LatentTarget, ParamLayout, PosteriorPullback, TemperedFlow
+from .target import LatentTarget, ParamLayout, PosteriorPullback, TemperedFlow, model_density
 
 logger = logging.getLogger(__name__)
 
 #: Above this share of divergent (non-finite or failed) proposals after warmup, a warning is raised.
 DIVERGENCE_WARNING_RATE = 0.01
-
-
-def discrete_latent_sites(model: Callable, *args, **kwargs) -> list[str]:
-    """Names of the latent (unobserved) sample sites of ``model`` with a discrete support."""
-    trace = pyro.poutine.trace(model).get_trace(*args, **kwargs)
-    return [
-        name
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample"
-        and not site["is_observed"]
-        and getattr(site["fn"], "support", None) is not None
-        and site["fn"].support.is_discrete
-    ]
 
 
 class NFMALA(MCMCKernel):
@@ -274,28 +259,22 @@ class NFMALA(MCMCKernel):
             )
 
     def _setup_model(self, args: tuple, kwargs: dict) -> Tensor | None:
-        discrete = discrete_latent_sites(self.model, *args, **kwargs)
-        if discrete:
-            raise ValueError(
-                f"NFMALA samples continuous latent sites only; the model has discrete latent sites "
-                f"{discrete}. Marginalize them out (e.g. with a mixture distribution) or observe them."
-            )
-        init_params, potential_fn, transforms, _ = initialize_model(
+        density = model_density(
             self.model,
-            model_args=args,
-            model_kwargs=kwargs,
+            args,
+            kwargs,
             transforms=self.transforms,
             max_plate_nesting=self.max_plate_nesting,
             jit_compile=self.jit_compile,
             jit_options=self.jit_options,
             skip_jit_warnings=self.ignore_jit_warnings,
-            **({"init_strategy": self.init_strategy} if self.init_strategy is not None else {}),
+            init_strategy=self.init_strategy,
         )
-        self._potential = potential_fn
-        self.transforms = transforms
-        self.layout = ParamLayout.from_params(init_params)
+        self._potential = density.potential_fn
+        self.transforms = density.transforms
+        self.layout = density.layout
         self._check_dim()
-        return self.layout.pack(init_params) if self.init_strategy is not None else None
+        return self.layout.pack(density.initial_params) if self.init_strategy is not None else None
 
     def _build_target(self) -> LatentTarget:
         if self.beta is not None:

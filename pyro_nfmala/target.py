@@ -21,13 +21,17 @@ flat vector :math:`x` the flow lives on, and back: :class:`ParamLayout`.
 
 from __future__ import annotations
 
-__all__ = ["LatentTarget", "ParamLayout", "PosteriorPullback", "TemperedFlow"]
+__all__ = ["LatentTarget", "ModelDensity", "ParamLayout", "PosteriorPullback", "TemperedFlow", "model_density"]
 
 import math
 
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
+import pyro
 import torch
+
+from pyro.infer.mcmc.util import initialize_model
 
 from torch import Tensor
 
@@ -152,3 +156,66 @@ class TemperedFlow(LatentTarget):
     def log_density(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x, ladj = self.flow.to_data(z)
         return self.flow.base_log_prob(z) - self.beta * ladj, x, ladj
+
+
+class ModelDensity(NamedTuple):
+    """A Pyro model's posterior on the flat unconstrained space :math:`x`."""
+
+    layout: ParamLayout
+    potential_fn: Callable[[Mapping[str, Tensor]], Tensor]
+    transforms: dict
+    initial_params: dict[str, Tensor]
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        r""":math:`\log \pi_X(x) = -U(\mathrm{unpack}(x))`; a batch ``(n, d)`` is evaluated row by row."""
+        if x.dim() == 1:
+            return -self.potential_fn(self.layout.unpack(x))
+        return torch.stack([self.log_prob(row) for row in x.reshape(-1, x.shape[-1])]).reshape(x.shape[:-1])
+
+
+def discrete_latent_sites(model: Callable, *args, **kwargs) -> list[str]:
+    """Names of the latent (unobserved) sample sites of ``model`` with a discrete support."""
+    trace = pyro.poutine.trace(model).get_trace(*args, **kwargs)
+    return [
+        name
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and getattr(site["fn"], "support", None) is not None
+        and site["fn"].support.is_discrete
+    ]
+
+
+def model_density(
+    model: Callable,
+    model_args: tuple = (),
+    model_kwargs: dict | None = None,
+    **initialize_kwargs,
+) -> ModelDensity:
+    """The posterior of a Pyro model on its flat unconstrained parameters.
+
+    Runs :func:`pyro.infer.mcmc.util.initialize_model` (``initialize_kwargs`` are passed to it:
+    ``transforms``, ``max_plate_nesting``, ``jit_compile``, ``init_strategy``, ...). Sites are
+    laid out in the order the model's latent sites run. Raises ``ValueError`` for a model with
+    discrete latent sites.
+
+    Example:
+        >>> def model():
+        ...     pyro.sample("scale", dist.HalfNormal(1.0))
+        ...     pyro.sample("loc", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        >>> density = model_density(model)
+        >>> density.layout
+        ParamLayout(dim=3, {scale: (), loc: (2,)})
+    """
+    model_kwargs = model_kwargs or {}
+    discrete = discrete_latent_sites(model, *model_args, **model_kwargs)
+    if discrete:
+        raise ValueError(
+            f"NFMALA samples continuous latent sites only; the model has discrete latent sites "
+            f"{discrete}. Marginalize them out (e.g. with a mixture distribution) or observe them."
+        )
+    initialize_kwargs = {key: value for key, value in initialize_kwargs.items() if value is not None}
+    init_params, potential_fn, transforms, _ = initialize_model(
+        model, model_args=model_args, model_kwargs=model_kwargs, **initialize_kwargs
+    )
+    return ModelDensity(ParamLayout.from_params(init_params), potential_fn, transforms, init_params)
