@@ -8,9 +8,11 @@ steps, step-size adaptation and ArviZ output. See DESIGN.md for the math.
 
 from .adaptation import StepSizeAdapter, find_reasonable_step_size
 from .arviz import from_arrays, to_inference_data
-from .fit import FitResult, default_flow, fit_flow, fit_flow_to_model
+from .chains import ChainSampler, final_states, posterior_target, sample_chains, tempered_target
+from .fit import FitResult, default_flow, fit_flow, fit_flow_to_model, fit_flow_to_samples, load_flow, save_flow
 from .flow import LatentFlow
 from .kernel import NFMALA
+from .metrics import energy_distance, gap_mass, gap_threshold, mode_weights, sample_metrics
 from .mala import MALAState, StepInfo, init_state, mala_step
 from .precond import (
     DenseJacobianPreconditioner,
@@ -22,6 +24,19 @@ from .target import LatentTarget, ModelDensity, ParamLayout, PosteriorPullback, 
 
 __all__ = [
     "NFMALA",
+    "ChainSampler",
+    "energy_distance",
+    "final_states",
+    "fit_flow_to_samples",
+    "gap_mass",
+    "gap_threshold",
+    "load_flow",
+    "mode_weights",
+    "posterior_target",
+    "sample_chains",
+    "sample_metrics",
+    "save_flow",
+    "tempered_target",
     "DenseJacobianPreconditioner",
     "FitResult",
     "ModelDensity",

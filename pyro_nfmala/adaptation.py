@@ -78,11 +78,13 @@ def find_reasonable_step_size(
     """
     batch_shape = state.log_density.shape
     eps = torch.full(batch_shape, float(step_size), dtype=state.z.dtype, device=state.z.device)
-    seed = None if generator is None else int(torch.randint(2**62, (), generator=generator))
+    # One seed drawn from the caller's generator (or the global one): the same noise for every trial.
+    device = generator.device if generator is not None else torch.device("cpu")
+    seed = int(torch.randint(2**62, (), generator=generator, device=device))
 
     def accept_prob(eps: Tensor) -> Tensor:
         local = torch.Generator(device=state.z.device)
-        local.manual_seed(seed if seed is not None else 0x5EED)
+        local.manual_seed(seed)
         return mala_step(state, target, precond, eps, generator=local)[1].accept_prob
 
     direction = torch.where(accept_prob(eps) > 0.5, 2.0, 0.5).to(eps.dtype)

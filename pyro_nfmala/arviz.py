@@ -52,6 +52,8 @@ def from_arrays(
         groups: More groups, e.g. ``{"latent": {"z": z}}`` (kept as they are).
         coords, dims, attrs: As in ``az.from_dict``.
     """
+    import warnings
+
     import arviz
 
     data = {"posterior": {name: np.asarray(value) for name, value in posterior.items()}}
@@ -61,15 +63,18 @@ def from_arrays(
         data[name] = {key: np.asarray(value) for key, value in group.items()}
     attrs = {"inference_library": "pyro_nfmala", **(attrs or {})}
 
-    if _arviz_major() >= 1:
-        group_attrs = {name: dict(attrs) for name in data}  # ArviZ 1.x takes attrs per group
-        return arviz.from_dict(data, coords=coords, dims=dims, attrs=group_attrs)
+    with warnings.catch_warnings():
+        # Thousands of short chains are normal for the vectorized sampler.
+        warnings.filterwarnings("ignore", message="More chains .* than draws")
+        if _arviz_major() >= 1:
+            group_attrs = {name: dict(attrs) for name in data}  # ArviZ 1.x takes attrs per group
+            return arviz.from_dict(data, coords=coords, dims=dims, attrs=group_attrs)
 
-    main = {key: data.pop(key) for key in ("posterior", "sample_stats") if key in data}
-    idata = arviz.from_dict(**main, coords=coords, dims=dims, attrs=attrs)
-    for name, group in data.items():
-        idata.add_groups({name: arviz.from_dict(posterior=group, coords=coords, dims=dims).posterior})
-    return idata
+        main = {key: data.pop(key) for key in ("posterior", "sample_stats") if key in data}
+        idata = arviz.from_dict(**main, coords=coords, dims=dims, attrs=attrs)
+        for name, group in data.items():
+            idata.add_groups({name: arviz.from_dict(posterior=group, coords=coords, dims=dims).posterior})
+        return idata
 
 
 def to_inference_data(mcmc, *, coords=None, dims=None):

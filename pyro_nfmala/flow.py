@@ -213,9 +213,18 @@ class LatentFlow:
         r"""The latent law's log density :math:`\log q_Z(z)`, shape ``z.shape[:-1]``."""
         return self.distribution.base.log_prob(z)
 
-    def sample_base(self, shape: tuple[int, ...] = ()) -> Tensor:
-        r"""Draws :math:`z \sim q_Z` of shape ``shape + (d,)`` (from the global RNG)."""
-        return self.distribution.base.sample(torch.Size(shape))
+    def sample_base(self, shape: tuple[int, ...] = (), generator: torch.Generator | None = None) -> Tensor:
+        r"""Draws :math:`z \sim q_Z` of shape ``shape + (d,)``, from ``generator`` or the global RNG."""
+        base = self.distribution.base
+        if generator is None:
+            return base.sample(torch.Size(shape))
+        normal = getattr(base, "base_dist", base)
+        if isinstance(normal, torch.distributions.Normal):  # zuko's DiagNormal: loc + scale * noise
+            noise = torch.randn(*shape, self.dim, generator=generator, dtype=self.dtype, device=self.device)
+            return normal.loc + normal.scale * noise
+        with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
+            torch.manual_seed(int(torch.randint(2**62, (), generator=generator, device=generator.device)))
+            return base.sample(torch.Size(shape))
 
     def to_data(self, z: Tensor) -> tuple[Tensor, Tensor]:
         r"""Returns :math:`x = f(z)` and :math:`\mathrm{ladj}(z) = \log|\det J_f(z)|`, differentiably."""

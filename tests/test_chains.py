@@ -1,0 +1,155 @@
+"""The vectorized many-chain sampler: invariance (with negative controls), reproducibility,
+ArviZ output, NaN handling and bad input."""
+
+import pytest
+import torch
+import zuko
+
+from invariance import JacobianWithoutReverseLadj, exact_latents, max_abs_z_score, statistics
+from pyro_nfmala import (
+    ChainSampler,
+    JacobianPreconditioner,
+    final_states,
+    find_reasonable_step_size,
+    init_state,
+    posterior_target,
+    sample_chains,
+    tempered_target,
+)
+
+NUM_PARTICLES = 5000
+
+
+def _advance_from(sampler_kwargs, target, z0, steps=10):
+    sampler = ChainSampler(target, len(z0), initial_z=z0, **sampler_kwargs)
+    return sampler.advance(steps, progress=False)
+
+
+@pytest.mark.parametrize("preconditioner", ["identity", "jacobian"])
+def test_vectorized_sampler_keeps_exact_posterior_law(latent_flow, mixture, preconditioner):
+    target = posterior_target(latent_flow, mixture.log_prob, dim=2)
+    torch.manual_seed(0)
+    z0 = exact_latents(latent_flow, mixture, NUM_PARTICLES)
+    reference_z = exact_latents(latent_flow, mixture, 100_000)
+    reference = statistics(reference_z, latent_flow.to_data(reference_z)[0].detach())
+    step = 1.0 if preconditioner == "identity" else 0.25  # found by find_reasonable_step_size on this target
+    state = _advance_from(dict(preconditioner=preconditioner, step_size=step, seed=3), target, z0)
+    assert max_abs_z_score(statistics(state.z, state.x), reference) < 4.5
+    if preconditioner == "jacobian":  # negative control through the same driver
+        broken = _advance_from(dict(preconditioner=JacobianWithoutReverseLadj(), step_size=step, seed=3), target, z0)
+        assert max_abs_z_score(statistics(broken.z, broken.x), reference) > 6.0
+
+
+def test_tempered_beta_zero_keeps_the_latent_gaussian(latent_flow):
+    """T2 with beta = 0 is q_Z = N(0, I); the jacobian preconditioner still uses the flow's J."""
+    target = tempered_target(latent_flow, beta=0.0)
+    torch.manual_seed(1)
+    z0 = torch.randn(NUM_PARTICLES, 2, dtype=torch.float64)
+    reference_z = torch.randn(100_000, 2, dtype=torch.float64)
+    reference = statistics(reference_z, latent_flow.to_data(reference_z)[0].detach())
+    probe = init_state(target, JacobianPreconditioner(), z0[:256])
+    step = float(find_reasonable_step_size(probe, target, JacobianPreconditioner()).median())
+    for precond in ("identity", "jacobian"):
+        state = _advance_from(dict(preconditioner=precond, step_size=step, seed=4), target, z0)
+        assert max_abs_z_score(statistics(state.z, state.x), reference) < 4.5, precond
+    broken = _advance_from(dict(preconditioner=JacobianWithoutReverseLadj(), step_size=step, seed=4), target, z0, steps=20)
+    assert max_abs_z_score(statistics(broken.z, broken.x), reference) > 6.0
+
+
+def test_same_seed_same_chains_and_other_seed_other_chains():
+    flow = zuko.flows.RealNVP(2)
+    target = tempered_target(flow, beta=1.0)
+    runs = [sample_chains(target, 16, 10, warmup_steps=10, seed=seed, progress=False) for seed in (7, 7, 8)]
+    assert (runs[0].posterior["x"].values == runs[1].posterior["x"].values).all()
+    assert (runs[0].sample_stats["accept_prob"].values == runs[1].sample_stats["accept_prob"].values).all()
+    assert not (runs[0].posterior["x"].values == runs[2].posterior["x"].values).all()
+
+
+def test_inference_data_has_a_real_chain_dimension():
+    flow = zuko.flows.RealNVP(3)
+    idata = sample_chains(tempered_target(flow, 0.5), 12, 7, warmup_steps=15, thin=2, seed=0, progress=False)
+    assert idata.posterior["x"].shape == (12, 7, 3)
+    assert idata.latent["z"].shape == (12, 7, 3)
+    for name in ("accept_prob", "step_size", "diverging", "lp"):
+        assert idata.sample_stats[name].shape == (12, 7)
+    # x is f(z) draw by draw
+    z = torch.as_tensor(idata.latent["z"].values[3, 4])
+    with torch.no_grad():
+        x = flow().transform.inv(z)
+    assert torch.allclose(torch.as_tensor(idata.posterior["x"].values[3, 4]), x, atol=1e-5)
+    # shared adaptation: one fixed step size for every chain and draw
+    steps = idata.sample_stats["step_size"].values
+    assert (steps == steps[0, 0]).all() and steps[0, 0] > 0
+
+
+def test_per_chain_adaptation_gives_one_step_size_per_chain():
+    sampler = ChainSampler(tempered_target(zuko.flows.RealNVP(2), 1.0), 8, adapt="per_chain", seed=0)
+    step = sampler.warmup(30, progress=False)
+    assert step.shape == (8,) and len(set(step.tolist())) > 1
+
+
+def test_warmup_reaches_the_target_acceptance(latent_flow):
+    sampler = ChainSampler(tempered_target(latent_flow, 1.0), 512, seed=0)
+    sampler.warmup(150, progress=False)
+    idata = sampler.sample(50, progress=False)
+    assert abs(float(idata.sample_stats["accept_prob"].mean()) - 0.574) < 0.08
+
+
+def test_final_states_returns_one_sample_per_chain(latent_flow):
+    x = final_states(tempered_target(latent_flow, 1.0), 32, num_steps=5, warmup_steps=5, seed=0, progress=False)
+    assert x.shape == (32, 2) and torch.isfinite(x).all()
+
+
+def test_nan_proposals_are_rejected_counted_and_reported(latent_flow):
+    def log_prob(x):  # NaN right of 0.5: chains started left of it must never go there
+        return torch.where(x[..., 0] > 0.5, torch.full_like(x[..., 0], float("nan")), -0.5 * x.square().sum(-1))
+
+    target = posterior_target(latent_flow, log_prob)
+    z0 = latent_flow.to_latent(torch.zeros(64, 2, dtype=torch.float64) - 0.5)
+    sampler = ChainSampler(target, 64, initial_z=z0, step_size=0.5, seed=0)
+    with pytest.warns(RuntimeWarning, match="divergent"):
+        idata = sampler.sample(40, progress=False)
+    x = idata.posterior["x"].values
+    assert (x[..., 0] <= 0.5).all() and torch.isfinite(torch.as_tensor(x)).all()
+    assert int(idata.sample_stats["diverging"].sum()) > 0
+    assert sampler.num_divergent == int(idata.sample_stats["diverging"].sum())
+
+
+def test_a_run_can_be_continued():
+    sampler = ChainSampler(tempered_target(zuko.flows.RealNVP(2), 1.0), 8, seed=0)
+    first = sampler.run(5, warmup_steps=5, progress=False)
+    second = sampler.sample(5, progress=False)
+    assert sampler.num_steps == 15
+    assert not (first.posterior["x"].values[:, -1] == second.posterior["x"].values[:, 0]).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(num_chains=0), ValueError, "num_chains"),
+        (dict(num_chains=2.5), ValueError, "num_chains"),
+        (dict(step_size=-1.0), ValueError, "step_size"),
+        (dict(adapt="sometimes"), ValueError, "adapt"),
+        (dict(target_accept_prob=1.0), ValueError, "target_accept_prob"),
+        (dict(initial_z=torch.zeros(4, 3)), ValueError, r"shape \(num_chains, d\) = \(4, 2\)"),
+        (dict(initial_z=torch.zeros(4, 2, dtype=torch.float64)), TypeError, "dtype"),
+        (dict(initial_z=torch.zeros(4, 2, device="meta")), ValueError, "is on meta"),
+        (dict(initial_z=[[0.0, 0.0]] * 4), TypeError, "tensor"),
+        (dict(preconditioner="newton"), ValueError, "unknown preconditioner"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    options = dict(num_chains=4, seed=0)
+    options.update(kwargs)
+    with pytest.raises(error, match=match):
+        ChainSampler(tempered_target(zuko.flows.RealNVP(2), 1.0), **options)
+
+
+def test_bad_targets():
+    flow = zuko.flows.RealNVP(2)
+    with pytest.raises(ValueError, match="flow has dimension 2 but the target has dimension 3"):
+        posterior_target(flow, lambda x: -x.square().sum(-1), dim=3)
+    with pytest.raises(ValueError, match="beta"):
+        tempered_target(flow, beta=-0.5)
+    with pytest.raises(TypeError, match="LatentTarget"):
+        ChainSampler(lambda z: z, 4)
