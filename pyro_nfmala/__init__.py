@@ -7,9 +7,11 @@ steps, step-size adaptation and ArviZ output. See DESIGN.md for the math.
 """
 
 from .adaptation import StepSizeAdapter, find_reasonable_step_size
+from . import posteriordb
 from .arviz import from_arrays, to_inference_data
+from .baselines import NeuTraResult, neutra_nuts
 from .chains import ChainSampler, final_states, posterior_target, sample_chains, tempered_target
-from .fit import FitResult, default_flow, fit_flow, fit_flow_to_model, fit_flow_to_samples, load_flow, save_flow
+from .fit import FitResult, default_flow, identity_flow, fit_flow, fit_flow_to_model, fit_flow_to_samples, load_flow, save_flow
 from .flow import LatentFlow
 from .kernel import NFMALA
 from .metrics import energy_distance, gap_mass, gap_threshold, mode_weights, sample_metrics
@@ -24,6 +26,9 @@ from .target import LatentTarget, ModelDensity, ParamLayout, PosteriorPullback, 
 
 __all__ = [
     "NFMALA",
+    "NeuTraResult",
+    "neutra_nuts",
+    "posteriordb",
     "ChainSampler",
     "energy_distance",
     "final_states",
@@ -51,6 +56,7 @@ __all__ = [
     "StepSizeAdapter",
     "TemperedFlow",
     "default_flow",
+    "identity_flow",
     "find_reasonable_step_size",
     "fit_flow",
     "fit_flow_to_model",

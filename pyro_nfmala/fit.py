@@ -17,7 +17,7 @@ flows (``RealNVP``, ``NSF(..., passes=2)``), which are one pass in both directio
 
 from __future__ import annotations
 
-__all__ = ["FitResult", "default_flow", "fit_flow", "fit_flow_to_model", "fit_flow_to_samples", "load_flow", "save_flow"]
+__all__ = ["FitResult", "default_flow", "identity_flow", "fit_flow", "fit_flow_to_model", "fit_flow_to_samples", "load_flow", "save_flow"]
 
 import logging
 
@@ -42,22 +42,56 @@ class FitResult(NamedTuple):
     losses: list[float]
 
 
-def default_flow(dim: int, **kwargs) -> zuko.flows.Flow:
-    """A coupling spline flow sized by dimension: one pass in both directions.
+def default_flow(dim: int, kind: str = "spline", **kwargs) -> zuko.flows.Flow:
+    r"""A coupling flow sized by dimension: one pass in both directions.
 
-    ``NSF`` with ``passes=2`` (coupling) for ``dim > 1``; ``hidden_features`` and ``transforms``
-    grow mildly with ``dim``. Keyword arguments override the defaults.
+    - ``kind="spline"``: ``NSF(dim, passes=2)``, monotonic rational-quadratic splines on
+      :math:`[-5, 5]` (identity outside). Flexible shapes (several modes, curved ridges) for
+      standardized data: the default for :func:`fit_flow_to_samples`.
+    - ``kind="affine"``: ``RealNVP(dim)``, affine coupling with unbounded shifts and scales. It
+      rescales whole coordinates as functions of the others (a funnel's :math:`\theta \mid \tau`)
+      and reaches parameters far from the origin: the default for :func:`fit_flow_to_model`.
+
+    ``hidden_features`` and ``transforms`` grow mildly with ``dim``; keyword arguments
+    override the defaults.
 
     Example:
         >>> default_flow(3)().sample().shape
         torch.Size([3])
+        >>> default_flow(3, kind="affine")().sample().shape
+        torch.Size([3])
     """
     width = 64 if dim <= 8 else 128 if dim <= 64 else 256
-    options = dict(transforms=3 if dim <= 2 else 4, hidden_features=(width, width))
-    if dim > 1:
-        options["passes"] = 2
-    options.update(kwargs)
-    return zuko.flows.NSF(dim, **options)
+    if kind == "spline":
+        options = dict(transforms=3 if dim <= 2 else 4, hidden_features=(width, width))
+        if dim > 1:
+            options["passes"] = 2
+        options.update(kwargs)
+        return zuko.flows.NSF(dim, **options)
+    if kind == "affine":
+        options = dict(transforms=6, hidden_features=(width, width))
+        options.update(kwargs)
+        return zuko.flows.RealNVP(dim, **options)
+    raise ValueError(f"unknown flow kind {kind!r}: expected 'spline' or 'affine'")
+
+
+def identity_flow(dim: int) -> zuko.flows.Flow:
+    """The identity map as a zuko flow (an element-wise affine map with zero shift and log-scale).
+
+    NFMALA with this flow is plain MALA on the target itself: the baseline that shows what a
+    fitted flow buys.
+
+    Example:
+        >>> flow = identity_flow(3)
+        >>> z = torch.randn(5, 3)
+        >>> torch.equal(flow().transform.inv(z), z)
+        True
+    """
+    transform = zuko.flows.ElementWiseTransform(dim)
+    for parameter in transform.phi:
+        torch.nn.init.zeros_(parameter)
+    base = zuko.flows.UnconditionalDistribution(zuko.distributions.DiagNormal, torch.zeros(dim), torch.ones(dim), buffer=True)
+    return zuko.flows.Flow([transform], base)
 
 
 def fit_flow(
@@ -118,20 +152,28 @@ def fit_flow_to_model(
     *model_args,
     flow: zuko.flows.Flow | None = None,
     model_kwargs: dict | None = None,
-    num_steps: int = 1000,
-    num_particles: int = 16,
+    num_steps: int = 3000,
+    num_particles: int = 64,
     lr: float = 5e-3,
     progress: bool = True,
 ) -> FitResult:
-    """Fits a flow to a Pyro model's posterior on its flat unconstrained parameters.
+    """Fits a flow to a Pyro model's posterior on its flat unconstrained parameters (reverse KL).
 
     The layout is the one :class:`~pyro_nfmala.NFMALA` uses, so the fitted flow plugs
-    straight into ``NFMALA(model, flow=result.flow)``. With ``flow=None``, a
-    :func:`default_flow` of the model's dimension is built.
+    straight into ``NFMALA(model, flow=result.flow)``. With ``flow=None``, an affine coupling
+    flow of the model's dimension is built (:func:`default_flow` with ``kind="affine"``).
+    The defaults (3,000 steps of 64 particles) take about 25 s on 2 CPU cores for the
+    10-dimensional eight-schools model; the model is evaluated for all particles in one
+    vectorized run when it allows it.
+
+    Reverse KL is mode-seeking: a fitted flow tends to be too narrow (in a funnel, it misses
+    the neck). NFMALA stays exact (T1), but the chains mix slower where the flow is poor: look
+    for a small adapted step size, low ESS per draw, R-hat above 1.01 across chains, and an
+    importance-sampling ESS of the flow's draws far below their number.
     """
     density = model_density(model, model_args, model_kwargs)
     if flow is None:
-        flow = default_flow(density.layout.dim)
+        flow = default_flow(density.layout.dim, kind="affine")
     return fit_flow(density.log_prob, flow, num_steps=num_steps, num_particles=num_particles, lr=lr, progress=progress)
 
 

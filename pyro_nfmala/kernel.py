@@ -71,7 +71,10 @@ class NFMALA(MCMCKernel):
         preconditioner: ``"identity"`` (plain MALA on the latent target, the cheapest, right
             when the flow is fitted to the posterior so that :math:`\pi \approx N(0, I)`) or
             ``"jacobian"`` (:math:`A = J_f^T J_f`, a Langevin step in data space pulled back;
-            small latent steps where the flow stretches).
+            small latent steps where the flow stretches). The jacobian step undoes the flow's
+            whitening: on a posterior whose data space is badly scaled (a funnel), it mixes as
+            poorly as MALA in data space (measured on eight schools: step size 0.001, R-hat 4).
+            Use it for the tempered target (``beta``), keep ``"identity"`` for posteriors.
         beta: ``None`` (default) samples the exact posterior (T1). A number
             :math:`\beta \ge 0` samples instead the flow's tempered measure (T2),
             :math:`\log q_Z(z) - \beta\, \mathrm{ladj}(z)`, ignoring the model's density:

@@ -23,19 +23,23 @@ from __future__ import annotations
 
 __all__ = ["LatentTarget", "ModelDensity", "ParamLayout", "PosteriorPullback", "TemperedFlow", "model_density"]
 
+import logging
 import math
 
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
 
 import pyro
 import torch
 
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample, init_to_uniform
 from pyro.infer.mcmc.util import initialize_model
+from pyro.poutine.util import site_is_subsample
 
 from torch import Tensor
 
 from .flow import LatentFlow
+
+logger = logging.getLogger(__name__)
 
 
 class ParamLayout:
@@ -158,29 +162,111 @@ class TemperedFlow(LatentTarget):
         return self.flow.base_log_prob(z) - self.beta * ladj, x, ladj
 
 
-class ModelDensity(NamedTuple):
-    """A Pyro model's posterior on the flat unconstrained space :math:`x`."""
+class ModelDensity:
+    r"""A Pyro model's posterior on the flat unconstrained space :math:`x`: :math:`\log \pi_X(x) = -U(x)`.
 
-    layout: ParamLayout
-    potential_fn: Callable[[Mapping[str, Tensor]], Tensor]
-    transforms: dict
-    initial_params: dict[str, Tensor]
+    Attributes:
+        layout: The flat layout of the unconstrained sites.
+        potential_fn: Pyro's potential energy of a ``params`` dict.
+        transforms: Pyro's transforms from constrained to unconstrained space, by site.
+        initial_params: One valid point, as Pyro's ``initialize_model`` found it.
+        vectorized: Whether a batch of points is evaluated in one vectorized model run
+            (an outer particle plate) rather than point by point.
+    """
+
+    def __init__(self, layout, potential_fn, transforms, initial_params, batched_log_prob=None) -> None:
+        self.layout = layout
+        self.potential_fn = potential_fn
+        self.transforms = transforms
+        self.initial_params = initial_params
+        self._batched_log_prob = batched_log_prob
+
+    @property
+    def vectorized(self) -> bool:
+        return self._batched_log_prob is not None
 
     def log_prob(self, x: Tensor) -> Tensor:
-        r""":math:`\log \pi_X(x) = -U(\mathrm{unpack}(x))`; a batch ``(n, d)`` is evaluated row by row."""
+        r""":math:`-U(\mathrm{unpack}(x))` for ``x`` of shape ``(d,)`` or ``(..., d)``."""
         if x.dim() == 1:
             return -self.potential_fn(self.layout.unpack(x))
-        return torch.stack([self.log_prob(row) for row in x.reshape(-1, x.shape[-1])]).reshape(x.shape[:-1])
+        flat = x.reshape(-1, x.shape[-1])
+        if self._batched_log_prob is not None:
+            values = self._batched_log_prob(flat)
+        else:
+            values = torch.stack([-self.potential_fn(self.layout.unpack(row)) for row in flat])
+        return values.reshape(x.shape[:-1])
+
+
+def _vectorized_log_prob(model, model_args, model_kwargs, layout, transforms, trace) -> Callable[[Tensor], Tensor]:
+    """The log joint of ``n`` points in one run of the model inside an outer particle plate."""
+    nesting = max([-frame.dim for site in trace.nodes.values() if site["type"] == "sample" for frame in site["cond_indep_stack"] if frame.vectorized] + [0])
+    batch_dims = {name: len(trace.nodes[name]["fn"].batch_shape) for name in layout.shapes}
+
+    def log_prob(x: Tensor) -> Tensor:
+        n = x.shape[0]
+        constrained, log_det = {}, torch.zeros(n, dtype=x.dtype, device=x.device)
+        for name, value in layout.unpack(x).items():
+            value = value.reshape((n,) + (1,) * (nesting - batch_dims[name]) + layout.shapes[name])
+            if name in transforms:
+                inverse = transforms[name].inv
+                constrained[name] = inverse(value)
+                log_det = log_det + inverse.log_abs_det_jacobian(value, constrained[name]).reshape(n, -1).sum(-1)
+            else:
+                constrained[name] = value
+        with pyro.plate("_nfmala_particles", n, dim=-(nesting + 1)):
+            particle_trace = pyro.poutine.trace(pyro.poutine.condition(model, constrained)).get_trace(*model_args, **model_kwargs)
+        particle_trace.compute_log_prob()
+        total = log_det
+        for site in particle_trace.nodes.values():
+            if site["type"] == "sample" and not site_is_subsample(site):
+                site_log_prob = site["log_prob"]
+                site_log_prob = site_log_prob.reshape((1,) * (nesting + 1 - site_log_prob.dim()) + site_log_prob.shape)
+                site_log_prob = site_log_prob.movedim(-(nesting + 1), 0)  # particles first (or 1: shared by all)
+                total = total + site_log_prob.reshape(site_log_prob.shape[0], -1).sum(-1)
+        return total
+
+    return log_prob
+
+
+def _uniform_or_sample(site):
+    try:
+        return init_to_uniform(site)
+    except NotImplementedError:  # discrete sites have no bijection to the reals
+        return init_to_sample(site)
+
+
+def _trace(model, model_args, model_kwargs):
+    """One run of the model, with latent values drawn as Pyro's HMC does at initialization."""
+    return pyro.poutine.trace(InitMessenger(_uniform_or_sample)(model)).get_trace(*model_args, **model_kwargs)
+
+
+def _check_static_support(model, model_args, model_kwargs, shapes: Mapping[str, torch.Size], tries: int = 10) -> None:
+    """Raises if the model's latent sites (their names or shapes) change between runs."""
+    expected = {name: tuple(shape) for name, shape in shapes.items()}
+    for _ in range(tries):
+        trace = _trace(model, model_args, model_kwargs)
+        latent = {
+            name: tuple(site["value"].shape)
+            for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+        }
+        if latent != expected:
+            raise ValueError(
+                "the model's latent sites change between runs (dynamic support): "
+                f"{expected} in one run, {latent} in another. NFMALA needs a fixed set of "
+                "continuous latent sites of fixed shapes, hence a fixed unconstrained dimension."
+            )
 
 
 def discrete_latent_sites(model: Callable, *args, **kwargs) -> list[str]:
     """Names of the latent (unobserved) sample sites of ``model`` with a discrete support."""
-    trace = pyro.poutine.trace(model).get_trace(*args, **kwargs)
+    trace = _trace(model, args, kwargs)
     return [
         name
         for name, site in trace.nodes.items()
         if site["type"] == "sample"
         and not site["is_observed"]
+        and not site_is_subsample(site)
         and getattr(site["fn"], "support", None) is not None
         and site["fn"].support.is_discrete
     ]
@@ -215,7 +301,23 @@ def model_density(
             f"{discrete}. Marginalize them out (e.g. with a mixture distribution) or observe them."
         )
     initialize_kwargs = {key: value for key, value in initialize_kwargs.items() if value is not None}
-    init_params, potential_fn, transforms, _ = initialize_model(
+    init_params, potential_fn, transforms, trace = initialize_model(
         model, model_args=model_args, model_kwargs=model_kwargs, **initialize_kwargs
     )
-    return ModelDensity(ParamLayout.from_params(init_params), potential_fn, transforms, init_params)
+    layout = ParamLayout.from_params(init_params)
+    constrained_shapes = {name: trace.nodes[name]["value"].shape for name in layout.shapes}
+    _check_static_support(model, model_args, model_kwargs, constrained_shapes)
+    density = ModelDensity(layout, potential_fn, transforms, init_params)
+    try:
+        batched = _vectorized_log_prob(model, model_args, model_kwargs, layout, transforms, trace)
+        x = layout.pack(init_params).detach()
+        points = torch.stack([x, x + 0.1, x - 0.1])
+        expected = density.log_prob(points)
+        got = batched(points)
+        if got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
+            density._batched_log_prob = batched
+        else:
+            logger.info("vectorized model evaluation disagrees with Pyro's potential: evaluating point by point")
+    except Exception as error:  # noqa: BLE001 - any model that does not vectorize
+        logger.info("model does not vectorize over particles (%s): evaluating point by point", error)
+    return density

@@ -17,6 +17,8 @@ benchmarks.
 - :class:`ConcentricRings`: rings of radii :math:`r_k` with Gaussian radial profiles
   (truncated at 0) and uniform angles.
 - :class:`GaussianMixture`: a two-component mixture in ``d`` dimensions with unequal weights.
+- :class:`NealFunnel`: Neal's funnel, :math:`v \sim N(0, 3^2)`, :math:`x_i \mid v \sim N(0, e^{v})`.
+- :class:`Banana`: a Rosenbrock-type twisted Gaussian (Haario et al.) in pairs of coordinates.
 
 Example:
     >>> moon = DoubleMoon()
@@ -27,7 +29,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["ConcentricRings", "DoubleMoon", "GaussianMixture", "GaussianRing", "ToyTarget"]
+__all__ = ["Banana", "ConcentricRings", "DoubleMoon", "GaussianMixture", "GaussianRing", "NealFunnel", "ToyTarget"]
 
 import math
 
@@ -198,3 +200,69 @@ class ConcentricRings(ToyTarget):
 
     def assign_modes(self, x: Tensor) -> Tensor:
         return (x.to(self.dtype).norm(dim=-1).unsqueeze(-1) - self.radii).abs().argmin(-1)
+
+
+class _Unimodal(ToyTarget):
+    """One mode: every point belongs to mode 0."""
+
+    def assign_modes(self, x: Tensor) -> Tensor:
+        return torch.zeros(x.shape[:-1], dtype=torch.long)
+
+
+class NealFunnel(_Unimodal):
+    r"""Neal's funnel in ``dim`` dimensions: :math:`v = x_1 \sim N(0, \sigma_v^2)`, :math:`x_{2..d} \mid v \sim N(0, e^{v} I)`.
+
+    Example:
+        >>> funnel = NealFunnel(10)
+        >>> funnel.sample(4).shape, funnel.log_prob(torch.zeros(10)).shape
+        (torch.Size([4, 10]), torch.Size([]))
+    """
+
+    def __init__(self, dim: int = 10, scale: float = 3.0, dtype=torch.float32) -> None:
+        if dim < 2:
+            raise ValueError(f"the funnel needs dim >= 2, got {dim}")
+        self.dim, self.scale, self.dtype = dim, scale, dtype
+        self.weights = torch.ones(1, dtype=dtype)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        x = x.to(self.dtype)
+        v, rest = x[..., 0], x[..., 1:]
+        return Normal(0.0, self.scale).log_prob(v) + Normal(0.0, (v / 2).exp().unsqueeze(-1)).log_prob(rest).sum(-1)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        v = self.scale * torch.randn(n, 1, generator=generator, dtype=self.dtype)
+        rest = (v / 2).exp() * torch.randn(n, self.dim - 1, generator=generator, dtype=self.dtype)
+        return torch.cat([v, rest], -1)
+
+
+class Banana(_Unimodal):
+    r"""A twisted Gaussian in pairs: for each pair :math:`(x_{2k-1}, x_{2k})`,
+
+    .. math:: x_{2k-1} = a y_{2k-1}, \quad x_{2k} = y_{2k} + b (x_{2k-1}^2 - a^2), \quad y \sim N(0, I),
+
+    a banana of curvature ``curvature`` :math:`b` and width ``scale`` :math:`a`; the map has unit
+    Jacobian determinant up to the factor :math:`a`, so the density is exact. ``dim`` is even.
+
+    Example:
+        >>> banana = Banana(2)
+        >>> banana.sample(3).shape
+        torch.Size([3, 2])
+    """
+
+    def __init__(self, dim: int = 2, scale: float = 3.0, curvature: float = 0.5, dtype=torch.float32) -> None:
+        if dim < 2 or dim % 2:
+            raise ValueError(f"the banana needs an even dim >= 2, got {dim}")
+        self.dim, self.scale, self.curvature, self.dtype = dim, scale, curvature, dtype
+        self.weights = torch.ones(1, dtype=dtype)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        pairs = x.to(self.dtype).unflatten(-1, (self.dim // 2, 2))
+        u, w = pairs[..., 0], pairs[..., 1]
+        y2 = w - self.curvature * (u**2 - self.scale**2)
+        return (Normal(0.0, self.scale).log_prob(u) + Normal(0.0, 1.0).log_prob(y2)).sum(-1)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        y = torch.randn(n, self.dim // 2, 2, generator=generator, dtype=self.dtype)
+        u = self.scale * y[..., 0]
+        w = y[..., 1] + self.curvature * (u**2 - self.scale**2)
+        return torch.stack([u, w], -1).flatten(-2)

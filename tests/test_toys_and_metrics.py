@@ -7,7 +7,7 @@ import torch
 import zuko
 
 from pyro_nfmala import energy_distance, fit_flow_to_samples, gap_mass, gap_threshold, load_flow, mode_weights, save_flow
-from pyro_nfmala.toys import ConcentricRings, DoubleMoon, GaussianMixture, GaussianRing
+from pyro_nfmala.toys import Banana, ConcentricRings, DoubleMoon, GaussianMixture, GaussianRing, NealFunnel
 
 TOYS_2D = [DoubleMoon(), GaussianRing(), ConcentricRings()]
 
@@ -37,6 +37,41 @@ def test_mixture_in_d_dimensions():
     weights = mode_weights(x, toy)
     assert torch.allclose(weights, torch.tensor([0.7, 0.3], dtype=torch.float64), atol=5 * math.sqrt(0.21 / 50_000))
     assert float(torch.linalg.norm(toy.locs[0] - toy.locs[1])) == pytest.approx(6.0)
+
+
+def test_banana_is_normalized_and_matches_its_sampler():
+    banana = Banana(2, scale=3.0, curvature=0.5, dtype=torch.float64)
+    u = torch.linspace(-18, 18, 1500, dtype=torch.float64)
+    w = torch.linspace(-15, 90, 3000, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(u, w, indexing="ij"), -1)
+    density = banana.log_prob(grid).exp()
+    assert float(torch.trapezoid(torch.trapezoid(density, w, dim=1), u)) == pytest.approx(1.0, abs=1e-4)
+    draws = banana.sample(200_000, generator=torch.Generator().manual_seed(0))
+    # E[x2] = 0 and E[x2^2] = 1 + b^2 Var(u^2) = 1 + 2 b^2 a^4 = 41.5
+    assert abs(float(draws[:, 1].mean())) < 5 * float(draws[:, 1].std()) / math.sqrt(len(draws))
+    assert float(draws[:, 1].square().mean()) == pytest.approx(41.5, rel=0.03)
+    assert Banana(20).sample(3).shape == (3, 20) and Banana(20).log_prob(torch.zeros(5, 20)).shape == (5,)
+    with pytest.raises(ValueError, match="even"):
+        Banana(3)
+
+
+def test_funnel_density_and_sampler():
+    funnel = NealFunnel(10, dtype=torch.float64)
+    draws = funnel.sample(100_000, generator=torch.Generator().manual_seed(0))
+    v, rest = draws[:, 0], draws[:, 1:]
+    assert float(v.var()) == pytest.approx(9.0, rel=0.03)
+    assert float((rest / (v / 2).exp().unsqueeze(-1)).var()) == pytest.approx(1.0, rel=0.02)
+    x = torch.randn(6, 10, dtype=torch.float64)
+    expected = torch.distributions.Normal(0.0, 3.0).log_prob(x[:, 0]) + torch.distributions.Normal(0.0, (x[:, :1] / 2).exp()).log_prob(x[:, 1:]).sum(-1)
+    torch.testing.assert_close(funnel.log_prob(x), expected)
+    # normalized: integrate out x_2 numerically for a 2-D funnel, then v
+    funnel2 = NealFunnel(2, dtype=torch.float64)
+    vs = torch.linspace(-12, 12, 601, dtype=torch.float64)
+    marginal = []
+    for v0 in vs:
+        xs = torch.linspace(-10, 10, 2001, dtype=torch.float64) * (v0 / 2).exp()
+        marginal.append(torch.trapezoid(funnel2.log_prob(torch.stack([v0.expand_as(xs), xs], -1)).exp(), xs))
+    assert float(torch.trapezoid(torch.stack(marginal), vs)) == pytest.approx(1.0, abs=1e-4)
 
 
 def test_energy_distance_known_answers():

@@ -1,0 +1,275 @@
+"""Pyro models end to end: vectorized model densities, flows fitted to models, simplex and
+positive sites against closed forms, eight schools against posteriordb, NeuTra, bad models."""
+
+import math
+
+import arviz as az
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro.infer import MCMC
+from pyro.ops.stats import effective_sample_size
+
+from pyro_nfmala import NFMALA, fit_flow_to_model, from_arrays, load_flow, model_density, neutra_nuts, save_flow
+from pyro_nfmala.posteriordb import (
+    eight_schools_centered,
+    load_data,
+    load_reference,
+    low_dim_gauss_mix,
+    reference_names,
+    standardized_errors,
+)
+
+# ----------------------------------------------------------------------------------------------
+# models with closed-form posteriors (module level, so that worker processes can find them)
+
+ALPHA = torch.tensor([1.0, 2.0, 3.0])
+COUNTS = torch.tensor([5.0, 3.0, 8.0])
+RATE_PRIOR = (2.0, 1.0)  # Gamma(shape, rate)
+EVENTS = torch.tensor([3.0, 5.0, 4.0, 6.0])
+
+
+def dirichlet_gamma(counts, events):
+    """A simplex site (Dirichlet-multinomial) and a positive site (Gamma-Poisson), both conjugate."""
+    probs = pyro.sample("probs", dist.Dirichlet(ALPHA))
+    rate = pyro.sample("rate", dist.Gamma(*RATE_PRIOR))
+    pyro.sample("counts", dist.Multinomial(int(counts.sum()), probs), obs=counts)
+    with pyro.plate("intervals", len(events)):
+        pyro.sample("events", dist.Poisson(rate), obs=events)
+
+
+def dirichlet_gamma_moments() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Exact posterior means and sds: Dirichlet(alpha + counts), Gamma(a + sum y, b + n)."""
+    alpha = ALPHA + COUNTS
+    total = alpha.sum()
+    probs_mean = alpha / total
+    probs_sd = (alpha * (total - alpha) / (total**2 * (total + 1))).sqrt()
+    shape, rate = RATE_PRIOR[0] + EVENTS.sum(), RATE_PRIOR[1] + len(EVENTS)
+    return {"probs": (probs_mean, probs_sd), "rate": (shape / rate, shape.sqrt() / rate)}
+
+
+def dynamic_support():
+    """The number of latent sites depends on a latent value: no fixed unconstrained dimension."""
+    a = pyro.sample("a", dist.Normal(0.0, 1.0))
+    if a > 0:
+        pyro.sample("b", dist.Normal(0.0, 1.0))
+
+
+def assert_mean_and_sd(draws: torch.Tensor, mean: float, sd: float, label: str, ref_draws=None) -> None:
+    """Mean within 4.5 standard errors and sd within 4.5 relative errors, both from the ESS.
+
+    ``draws`` is ``(chains, draws)``; with ``ref_draws`` (reference chains) their Monte Carlo
+    error is added to the tolerance.
+    """
+    draws = draws.double()
+    ess = float(effective_sample_size(draws.unsqueeze(-1)))
+    assert ess > 50, f"{label}: too few effective samples ({ess:.0f})"
+    mean_var, sd_rel_var = sd**2 / ess, 0.5 / ess
+    if ref_draws is not None:
+        ref_ess = float(effective_sample_size(torch.as_tensor(ref_draws).double().unsqueeze(-1)))
+        mean_var, sd_rel_var = mean_var + sd**2 / ref_ess, sd_rel_var + 0.5 / ref_ess
+    got_mean, got_sd = float(draws.mean()), float(draws.std())
+    assert abs(got_mean - mean) < 4.5 * math.sqrt(mean_var), f"{label}: mean {got_mean:.4f} vs {mean:.4f}, ESS {ess:.0f}"
+    assert abs(got_sd / sd - 1) < 4.5 * math.sqrt(sd_rel_var), f"{label}: sd {got_sd:.4f} vs {sd:.4f}, ESS {ess:.0f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# the model density, vectorized
+
+
+@pytest.mark.parametrize(
+    "model, kwargs",
+    [
+        (eight_schools_centered, load_data("eight_schools")),
+        (low_dim_gauss_mix, load_data("low_dim_gauss_mix")),
+        (dirichlet_gamma, {"counts": COUNTS, "events": EVENTS}),
+    ],
+    ids=["eight_schools", "low_dim_gauss_mix", "dirichlet_gamma"],
+)
+def test_vectorized_density_equals_pyro_potential_point_by_point(model, kwargs):
+    density = model_density(model, model_kwargs=kwargs)
+    assert density.vectorized
+    x = torch.randn(7, density.layout.dim)
+    expected = torch.stack([-density.potential_fn(density.layout.unpack(row)) for row in x])
+    torch.testing.assert_close(density.log_prob(x), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(density.log_prob(x.reshape(7, 1, -1)), expected.reshape(7, 1), rtol=1e-5, atol=1e-4)
+
+
+def test_model_that_does_not_vectorize_falls_back_to_point_by_point():
+    def scalar_only():
+        loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+        pyro.sample("obs", dist.Normal(loc.item(), 1.0), obs=torch.tensor(0.5))  # .item(): not batchable
+
+    density = model_density(scalar_only)
+    x = torch.linspace(-1, 1, 5).unsqueeze(-1)
+    expected = torch.distributions.Normal(0.0, 1.0).log_prob(x[:, 0]) + torch.distributions.Normal(x[:, 0], 1.0).log_prob(torch.tensor(0.5))
+    assert not density.vectorized
+    torch.testing.assert_close(density.log_prob(x), expected)
+
+
+def test_ordered_normal_is_a_normalized_density_on_the_ordered_cone():
+    from pyro_nfmala.posteriordb import OrderedNormal
+
+    ordered = OrderedNormal(0.0, 2.0, 2)
+    grid = torch.linspace(-12, 12, 801)
+    a, b = torch.meshgrid(grid, grid, indexing="ij")
+    points = torch.stack([a, b], -1)
+    density = ordered.log_prob(points).exp() * ((a < b) + 0.5 * (a == b))  # half weight on the diagonal
+    mass = float(torch.trapezoid(torch.trapezoid(density, grid), grid))
+    assert abs(mass - 1) < 1e-3
+    draws = ordered.sample((1000,))
+    assert bool((draws[:, 0] <= draws[:, 1]).all())
+
+
+# ----------------------------------------------------------------------------------------------
+# flows fitted to models, end to end
+
+
+@pytest.fixture(scope="module")
+def dirichlet_gamma_flow():
+    pyro.set_rng_seed(3)
+    return fit_flow_to_model(dirichlet_gamma, model_kwargs={"counts": COUNTS, "events": EVENTS}, num_steps=300, num_particles=32, progress=False)
+
+
+@pytest.mark.parametrize(
+    "preconditioner, num_samples",
+    # the jacobian step is a data-space Langevin step: it needs longer chains on a simplex
+    [("identity", 800), pytest.param("jacobian", 3000, marks=pytest.mark.slow)],
+)
+def test_simplex_and_positive_sites_match_the_closed_form(dirichlet_gamma_flow, preconditioner, num_samples):
+    pyro.set_rng_seed(4)
+    kernel = NFMALA(dirichlet_gamma, flow=dirichlet_gamma_flow.flow, preconditioner=preconditioner)
+    mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=300, disable_progbar=True)
+    mcmc.run(COUNTS, EVENTS)
+    samples = mcmc.get_samples(group_by_chain=True)
+    assert samples["probs"].shape == (1, num_samples, 3) and samples["rate"].shape == (1, num_samples)
+    torch.testing.assert_close(samples["probs"].sum(-1), torch.ones(1, num_samples))  # on the simplex
+    assert bool((samples["rate"] > 0).all())
+    moments = dirichlet_gamma_moments()
+    for k in range(3):
+        mean, sd = moments["probs"]
+        assert_mean_and_sd(samples["probs"][..., k], float(mean[k]), float(sd[k]), f"probs[{k}]")
+    mean, sd = moments["rate"]
+    assert_mean_and_sd(samples["rate"], float(mean), float(sd), "rate")
+
+
+def test_fitted_flow_round_trips_through_save_and_load(dirichlet_gamma_flow, tmp_path):
+    path = tmp_path / "flow.pt"
+    save_flow(dirichlet_gamma_flow.flow, path, model="dirichlet_gamma")
+    flow, metadata = load_flow(path, with_metadata=True)
+    assert metadata["model"] == "dirichlet_gamma"
+    z = torch.randn(16, 3)
+    torch.testing.assert_close(flow().transform.inv(z), dirichlet_gamma_flow.flow().transform.inv(z))
+    kernel = NFMALA(dirichlet_gamma, flow=flow)
+    MCMC(kernel, num_samples=5, warmup_steps=5, disable_progbar=True).run(COUNTS, EVENTS)
+
+
+def test_fit_records_a_decreasing_loss(dirichlet_gamma_flow):
+    losses = np.asarray(dirichlet_gamma_flow.losses)
+    assert len(losses) == 300 and np.isfinite(losses).all()
+    assert losses[-50:].mean() < losses[:50].mean()
+
+
+def assert_mean(draws: torch.Tensor, ref_draws: np.ndarray, label: str) -> None:
+    """Mean within 4.5 standard errors of the reference mean, both chains' ESS counted."""
+    draws, ref = draws.double(), torch.as_tensor(ref_draws).double()
+    ess = float(effective_sample_size(draws.unsqueeze(-1)))
+    ref_ess = float(effective_sample_size(ref.unsqueeze(-1)))
+    assert ess > 50, f"{label}: too few effective samples ({ess:.0f})"
+    sd = float(ref.std())
+    tolerance = 4.5 * sd * math.sqrt(1 / ess + 1 / ref_ess)
+    assert abs(float(draws.mean() - ref.mean())) < tolerance, f"{label}: mean {float(draws.mean()):.3f} vs {float(ref.mean()):.3f}, ESS {ess:.0f}"
+
+
+def run_eight_schools(fit_steps: int, num_samples: int, num_chains: int, seed: int):
+    """Fits a flow, runs NFMALA through MCMC; returns Stan-named draws and the reference."""
+    data = load_data("eight_schools")
+    pyro.set_rng_seed(seed)
+    fit = fit_flow_to_model(eight_schools_centered, model_kwargs=data, num_steps=fit_steps, num_particles=32, progress=False)
+    mcmc = MCMC(NFMALA(eight_schools_centered, flow=fit.flow), num_samples=num_samples, warmup_steps=400, num_chains=num_chains, disable_progbar=True)
+    mcmc.run(**data)
+    samples = {name: value.numpy() for name, value in mcmc.get_samples(group_by_chain=True).items()}
+    flat = reference_names(samples)
+    flat["log tau"] = np.log(flat["tau"])  # tau is heavy-tailed: its log has well-behaved moments
+    reference = load_reference("eight_schools")
+    reference["log tau"] = np.log(reference["tau"])
+    return samples, flat, reference
+
+
+def test_eight_schools_means_match_the_posteriordb_reference():
+    """A short NFMALA run (one chain, through MCMC) on the centred funnel: posterior means agree
+    with posteriordb's reference draws within ESS-based tolerances."""
+    samples, flat, reference = run_eight_schools(fit_steps=1500, num_samples=2000, num_chains=1, seed=5)
+    assert set(flat) == set(reference)
+    for name in ["mu", "log tau", "theta[1]", "theta[3]", "theta[8]"]:
+        assert_mean(torch.as_tensor(flat[name]), reference[name], name)
+
+
+@pytest.mark.slow
+def test_eight_schools_matches_the_posteriordb_reference_in_mean_and_sd():
+    """The long version: a fully fitted flow, 4 chains; every mean, every sd but log tau's, R-hat.
+
+    Known limit (measured, see tutorials/02_eight_schools.py): the reverse-KL flow misses the
+    funnel's neck, and the chains do not reach log tau < -2 (reference: 1% of the mass below
+    -3.2), so the sd of log tau comes out about 25% low; NUTS on the centred model misses it too.
+    """
+    samples, flat, reference = run_eight_schools(fit_steps=3000, num_samples=1000, num_chains=4, seed=5)
+    for name, ref in reference.items():
+        if name == "log tau":
+            assert_mean(torch.as_tensor(flat[name]), ref, name)
+        else:
+            assert_mean_and_sd(torch.as_tensor(flat[name]), float(ref.mean()), float(ref.std()), name, ref_draws=ref)
+    rhat = {name: float(np.max(np.asarray(az.rhat(from_arrays({"x": flat[name]}))["x"]))) for name in ["mu", "log tau"]}
+    assert max(rhat.values()) < 1.02, rhat
+    errors = standardized_errors(samples, {k: v for k, v in reference.items() if k != "log tau"})
+    assert max(abs(e["mean_error"]) for e in errors.values()) < 0.15
+
+
+def test_standardized_errors_of_the_reference_itself_are_zero():
+    reference = load_reference("eight_schools")
+    samples = {"mu": reference["mu"], "tau": reference["tau"], "theta": np.stack([reference[f"theta[{j}]"] for j in range(1, 9)], -1)}
+    errors = standardized_errors(samples, reference)
+    assert set(errors) == set(reference)
+    assert all(abs(e["mean_error"]) < 1e-12 and abs(e["sd_error"]) < 1e-12 for e in errors.values())
+    shifted = dict(samples, mu=samples["mu"] + reference["mu"].std())
+    assert abs(standardized_errors(shifted, reference)["mu"]["mean_error"] - 1) < 1e-9
+    with pytest.raises(KeyError, match="tau"):
+        standardized_errors({"mu": samples["mu"]}, reference)
+
+
+def test_neutra_nuts_on_the_same_flow(dirichlet_gamma_flow):
+    pyro.set_rng_seed(7)
+    result = neutra_nuts(
+        dirichlet_gamma, dirichlet_gamma_flow.flow, model_args=(COUNTS, EVENTS), num_samples=200, warmup_steps=100, disable_progbar=True
+    )
+    assert result.samples["probs"].shape == (1, 200, 3) and result.latent.shape == (1, 200, 3)
+    mean, sd = dirichlet_gamma_moments()["rate"]
+    assert_mean_and_sd(result.samples["rate"], float(mean), float(sd), "rate")
+    idata = result.to_inference_data()
+    assert idata.posterior["probs"].shape == (1, 200, 3)
+    assert idata.sample_stats["diverging"].shape == (1, 200)
+
+
+# ----------------------------------------------------------------------------------------------
+# bad models
+
+
+def test_dynamic_support_is_a_clear_error():
+    with pytest.raises(ValueError, match="dynamic support"):
+        model_density(dynamic_support)
+
+
+def test_flow_fitted_on_another_model_is_a_dimension_error(dirichlet_gamma_flow):
+    kernel = NFMALA(eight_schools_centered, flow=dirichlet_gamma_flow.flow)
+    with pytest.raises(ValueError, match="dimension 3 but the model's unconstrained parameters have dimension 10"):
+        MCMC(kernel, num_samples=5, warmup_steps=5, disable_progbar=True).run(**load_data("eight_schools"))
+    with pytest.raises(ValueError, match="dimension 3"):
+        neutra_nuts(eight_schools_centered, dirichlet_gamma_flow.flow, model_kwargs=load_data("eight_schools"), num_samples=5)
+
+
+def test_unknown_posterior_name():
+    with pytest.raises(ValueError, match="unknown posterior 'eight_skools'"):
+        load_data("eight_skools")

@@ -1,0 +1,309 @@
+# %% [markdown]
+# # Eight schools (centred) and a Gaussian mixture: NFMALA against NUTS and NeuTra, checked by posteriordb
+#
+# The centred eight-schools model is a funnel: when the between-school scale tau is small, the
+# school effects theta_j are pinned to mu, and a sampler that moves well in the wide part of the
+# funnel cannot enter its neck. Pyro's NUTS reports divergences there. We fit a normalizing flow
+# to the posterior by variational inference, then sample the **exact** posterior with NFMALA
+# (latent MALA on the pull-back T1, both preconditioners), with Pyro's NUTS on the same model,
+# and with NeuTra-NUTS on the same flow. Every run is scored against posteriordb's reference
+# draws (long Stan runs shipped in `pyro_nfmala/data/posteriordb`), in units of the reference
+# standard deviation, with ESS per second, R-hat over 4 chains and divergences.
+#
+# Section 5 repeats the check on posteriordb's `low_dim_gauss_mix`: a two-component mixture with
+# ordered means, positive scales and a weight in (0, 1).
+#
+# Run: `python tutorials/02_eight_schools.py` (about 13 minutes on 2 cores); `SMOKE_TEST=1` for
+# 15 seconds.
+
+# %%
+import os
+import time
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import arviz as az  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pyro  # noqa: E402
+import torch  # noqa: E402
+
+from pyro.infer import MCMC, NUTS  # noqa: E402
+
+from pyro_nfmala import NFMALA, fit_flow_to_model, from_arrays, neutra_nuts, save_flow, to_inference_data  # noqa: E402
+from pyro_nfmala.posteriordb import (  # noqa: E402
+    eight_schools_centered,
+    load_data,
+    load_reference,
+    low_dim_gauss_mix,
+    standardized_errors,
+)
+
+SMOKE = os.environ.get("SMOKE_TEST") == "1"
+HERE = Path(__file__).resolve().parent
+FIGURES = HERE / "figures"
+OUTPUTS = HERE / "outputs"
+FIGURES.mkdir(exist_ok=True)
+OUTPUTS.mkdir(exist_ok=True)
+SUFFIX = "_smoke" if SMOKE else ""
+torch.set_num_threads(1)  # chains run one after another; one thread each is fastest on 2 cores
+pyro.set_rng_seed(0)
+
+FIT_STEPS, FIT_PARTICLES = (100, 16) if SMOKE else (3000, 64)
+NUM_CHAINS = 2 if SMOKE else 4
+NUM_SAMPLES, WARMUP = (20, 20) if SMOKE else (1000, 500)
+NUTS_OPTIONS = {"max_tree_depth": 4} if SMOKE else {}  # smoke mode only: short trees
+
+# %% [markdown]
+# ## 1. The model, its data and the reference
+# `eight_schools_centered` is posteriordb's Stan model written in Pyro:
+#
+#     mu ~ N(0, 5), tau ~ HalfCauchy(5), theta_j ~ N(mu, tau), y_j ~ N(theta_j, sigma_j).
+#
+# Its unconstrained space is (mu, log tau, theta_1..8): 10 dimensions.
+
+# %%
+data = load_data("eight_schools")
+reference = load_reference("eight_schools")  # 10 chains x 1,000 draws, Stan's names
+print({name: float(np.mean(draws)) for name, draws in list(reference.items())[:3]})
+
+# %% [markdown]
+# ## 2. Fit a flow by variational inference (reverse KL)
+# `fit_flow_to_model` builds an affine coupling flow (RealNVP) on the flat unconstrained layout
+# that NFMALA uses, and fits it by minimizing minus the ELBO. Reverse KL is mode-seeking: the
+# fitted flow is too narrow in the funnel's neck. That cannot bias NFMALA (T1 is exact for any
+# flow); it slows mixing where the flow is poor. The importance-sampling ESS of the flow's own
+# draws says how far from the posterior the flow is (1 = perfect).
+
+# %%
+start = time.perf_counter()
+fit = fit_flow_to_model(eight_schools_centered, model_kwargs=data, num_steps=FIT_STEPS, num_particles=FIT_PARTICLES, progress=not SMOKE)
+fit_seconds = time.perf_counter() - start
+save_flow(fit.flow, OUTPUTS / f"02_eight_schools_flow{SUFFIX}.pt", model="eight_schools_centered", losses=fit.losses)
+
+
+def importance_ess_fraction(flow, model, kwargs, num_draws=4096):
+    """ESS / N of self-normalized importance weights pi(f(z)) |det J_f| / q(z), z ~ q."""
+    from pyro_nfmala import model_density
+
+    density = model_density(model, model_kwargs=kwargs)
+    with torch.no_grad():
+        q = flow()
+        z = q.base.sample((num_draws,))
+        x, ladj = q.transform.inv.call_and_ladj(z)
+        log_w = density.log_prob(x) + ladj - q.base.log_prob(z)
+        weights = torch.softmax(log_w[torch.isfinite(log_w)], 0)
+    return float(1 / weights.square().sum() / num_draws)
+
+
+print(
+    f"flow fitted in {fit_seconds:.1f} s; final loss (minus ELBO) {np.mean(fit.losses[-100:]):.3f}; "
+    f"importance ESS of its draws {importance_ess_fraction(fit.flow, eight_schools_centered, data):.1%}"
+)
+fig, ax = plt.subplots(figsize=(6, 3.5))
+ax.plot(fit.losses, lw=0.5, alpha=0.5, label="per step")
+window = max(len(fit.losses) // 50, 1)
+ax.plot(np.convolve(fit.losses, np.ones(window) / window, mode="valid"), label=f"mean of {window}")
+ax.set(xlabel="Adam step", ylabel="minus ELBO", title="Eight schools: flow fit", ylim=(np.percentile(fit.losses, 1) - 1, np.percentile(fit.losses, 90)))
+ax.legend()
+fig.tight_layout()
+fig.savefig(FIGURES / f"02_fit_loss{SUFFIX}.png", dpi=110)
+
+# %% [markdown]
+# ## 3. Sample: NFMALA (identity, jacobian), NUTS, NeuTra-NUTS; 4 chains each
+# Pyro's `MCMC` runs the chains one after another on this 2-core machine (it keeps one core
+# free), so wall times are comparable across methods. NeuTra-NUTS runs NUTS on the same
+# latent pull-back as NFMALA, with the same flow.
+
+# %%
+runs = {}
+
+
+def record(label, idata, samples, seconds):
+    samples["log_tau"] = np.log(samples["tau"])  # the funnel's depth: how far into the neck a run goes
+    runs[label] = {"idata": idata, "samples": samples, "seconds": seconds}
+    print(f"{label}: {seconds:.1f} s")
+
+
+def timed_mcmc(kernel, **data):
+    """Runs MCMC with 4 chains; returns (InferenceData, {site: (chains, draws, ...)}, seconds)."""
+    mcmc = MCMC(kernel, num_samples=NUM_SAMPLES, warmup_steps=WARMUP, num_chains=NUM_CHAINS, disable_progbar=SMOKE)
+    start = time.perf_counter()
+    mcmc.run(**data)
+    seconds = time.perf_counter() - start
+    samples = {name: value.numpy() for name, value in mcmc.get_samples(group_by_chain=True).items()}
+    if isinstance(kernel, NFMALA):
+        return to_inference_data(mcmc), samples, seconds  # accept_prob, step_size, diverging, lp
+    diverging = np.zeros((NUM_CHAINS, NUM_SAMPLES), dtype=bool)
+    for chain, indices in enumerate(mcmc.diagnostics()["divergences"].values()):
+        diverging[chain, indices] = True
+    return from_arrays(samples, {"diverging": diverging}), samples, seconds
+
+
+for preconditioner in ["identity", "jacobian"]:
+    pyro.set_rng_seed(1)
+    record(f"NFMALA {preconditioner}", *timed_mcmc(NFMALA(eight_schools_centered, flow=fit.flow, preconditioner=preconditioner), **data))
+
+pyro.set_rng_seed(1)
+record("NUTS", *timed_mcmc(NUTS(eight_schools_centered, **NUTS_OPTIONS), **data))
+
+pyro.set_rng_seed(1)
+start = time.perf_counter()
+neutra = neutra_nuts(eight_schools_centered, fit.flow, model_kwargs=data, num_samples=NUM_SAMPLES, warmup_steps=WARMUP, num_chains=NUM_CHAINS, disable_progbar=SMOKE, **NUTS_OPTIONS)
+seconds = time.perf_counter() - start
+record("NeuTra-NUTS", neutra.to_inference_data(), {name: value.numpy() for name, value in neutra.samples.items()}, seconds)
+
+# %% [markdown]
+# ## 4. Score every run against the reference
+# Errors are (estimate - reference) / reference sd, for the mean and for the sd, per parameter.
+# ESS bulk and tail are ArviZ's, divided by the wall time of the sampling run (flow fitting is
+# counted separately, above). R-hat is over the 4 chains.
+
+
+# %%
+def score(runs, reference):
+    """One row per (method, parameter), plus a summary per method; prints both as markdown."""
+    summary_rows, detail = [], {}
+    for label, run in runs.items():
+        errors = standardized_errors(run["samples"], reference)
+        diagnostics = az.summary(from_arrays(run["samples"]), kind="diagnostics")
+        stats = run["idata"].sample_stats
+        diverging = int(stats["diverging"].sum())
+        seconds = run["seconds"]
+        detail[label] = (errors, diagnostics)
+        summary_rows.append(
+            f"| {label} | {max(abs(e['mean_error']) for e in errors.values()):.3f} "
+            f"| {max(abs(e['sd_error']) for e in errors.values()):.3f} "
+            f"| {diagnostics['ess_bulk'].min() / seconds:.2f} | {diagnostics['ess_tail'].min() / seconds:.2f} "
+            f"| {diagnostics['r_hat'].max():.3f} | {diverging} | {seconds:.0f} |"
+        )
+    print("| method | worst mean error | worst sd error | min ESS bulk/s | min ESS tail/s | max R-hat | divergences | sampling time (s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(summary_rows))
+    return detail
+
+
+def print_per_parameter(detail, reference, runs):
+    labels = list(detail)
+    print("\nper parameter: mean error / sd error (reference sd units), ESS bulk/s, R-hat")
+    print("| parameter | " + " | ".join(labels) + " |")
+    print("| --- |" + " --- |" * len(labels))
+    for name in reference:
+        cells = []
+        for label in labels:
+            errors, diagnostics = detail[label]
+            row = diagnostics.loc[_arviz_name(name)]
+            cells.append(
+                f"{errors[name]['mean_error']:+.2f} / {errors[name]['sd_error']:+.2f}, "
+                f"{row['ess_bulk'] / runs[label]['seconds']:.1f}, {row['r_hat']:.2f}"
+            )
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def _arviz_name(stan_name):
+    """Stan's 1-based ``theta[1]`` is ArviZ's 0-based ``theta[0]``."""
+    if "[" not in stan_name:
+        return stan_name
+    site, index = stan_name[:-1].split("[")
+    return f"{site}[{','.join(str(int(i) - 1) for i in index.split(','))}]"
+
+
+reference["log_tau"] = np.log(reference["tau"])
+detail = score(runs, reference)
+print("\nlog tau quantiles (1%, 5%, 50%): how deep into the funnel's neck each run goes")
+for label, run in {"reference": {"samples": {"log_tau": reference["log_tau"]}}, **runs}.items():
+    print(f"  {label:16s}", np.round(np.quantile(run["samples"]["log_tau"], [0.01, 0.05, 0.5]), 2))
+print_per_parameter(detail, reference, runs)
+
+# %% [markdown]
+# ArviZ's plots for the NFMALA run (identity) and for NUTS: traces, rank plots (uniform ranks =
+# chains agree), and the funnel (log tau against theta_1) with NUTS's divergences in red.
+
+# %%
+for label, tag in [("NFMALA identity", "nfmala"), ("NUTS", "nuts")]:
+    idata = runs[label]["idata"]
+    az.plot_trace(idata, var_names=["mu", "tau"], compact=True)
+    plt.gcf().suptitle(f"{label}: traces")
+    plt.gcf().tight_layout()
+    plt.savefig(FIGURES / f"02_trace_{tag}{SUFFIX}.png", dpi=90)
+    plt.close("all")
+    az.plot_rank(idata, var_names=["mu", "tau"])
+    plt.gcf().suptitle(f"{label}: rank plots")
+    plt.gcf().tight_layout()
+    plt.savefig(FIGURES / f"02_rank_{tag}{SUFFIX}.png", dpi=90)
+    plt.close("all")
+
+fig, axes = plt.subplots(1, 4, figsize=(16, 4), sharex=True, sharey=True)
+ref_log_tau = np.log(reference["tau"]).ravel()
+for ax, label in zip(axes, ["NFMALA identity", "NFMALA jacobian", "NUTS", "NeuTra-NUTS"]):
+    samples, idata = runs[label]["samples"], runs[label]["idata"]
+    ax.scatter(reference["theta[1]"].ravel()[::5], ref_log_tau[::5], s=2, c="0.8", label="reference")
+    log_tau, theta1 = np.log(samples["tau"]).ravel(), samples["theta"][..., 0].ravel()
+    ax.scatter(theta1, log_tau, s=2, alpha=0.4, label=label)
+    diverging = np.asarray(idata.sample_stats["diverging"]).ravel()
+    if diverging.any():
+        ax.scatter(theta1[diverging], log_tau[diverging], s=8, c="red", label=f"{diverging.sum()} divergences")
+    ax.set(title=label, xlabel="theta[1]")
+    ax.legend(loc="lower right", markerscale=3, fontsize=8)
+axes[0].set_ylabel("log tau")
+fig.tight_layout()
+fig.savefig(FIGURES / f"02_funnel{SUFFIX}.png", dpi=100)
+az.plot_pair(runs["NFMALA identity"]["idata"], var_names=["mu", "tau", "theta"], coords={"theta_dim_0": [0, 1]}, kind="scatter", divergences=True, scatter_kwargs={"alpha": 0.2})
+plt.savefig(FIGURES / f"02_pair_nfmala{SUFFIX}.png", dpi=80)
+plt.close("all")
+
+# %% [markdown]
+# ## 5. The same check on `low_dim_gauss_mix`
+# A mixture posterior with an ordered vector (mu), two positive scales (sigma) and a weight in
+# (0, 1) (theta): 5 unconstrained dimensions, 1,000 data points. Pyro evaluates the model for
+# all of the flow's particles in one vectorized pass.
+
+# %%
+mix_data = load_data("low_dim_gauss_mix")
+mix_reference = load_reference("low_dim_gauss_mix")
+pyro.set_rng_seed(2)
+start = time.perf_counter()
+mix_fit = fit_flow_to_model(low_dim_gauss_mix, model_kwargs=mix_data, num_steps=FIT_STEPS // 3, num_particles=FIT_PARTICLES // 2, progress=not SMOKE)
+print(f"flow fitted in {time.perf_counter() - start:.1f} s")
+mix_runs = {}
+for label, kernel in [
+    ("NFMALA identity", NFMALA(low_dim_gauss_mix, flow=mix_fit.flow)),
+    ("NUTS", NUTS(low_dim_gauss_mix, **NUTS_OPTIONS)),
+]:
+    pyro.set_rng_seed(3)
+    idata, samples, seconds = timed_mcmc(kernel, **mix_data)
+    mix_runs[label] = {"idata": idata, "samples": samples, "seconds": seconds}
+mix_detail = score(mix_runs, mix_reference)
+print_per_parameter(mix_detail, mix_reference, mix_runs)
+print(f"figures written to {FIGURES}")
+
+# %% [markdown]
+# ## What we measured
+# One full run on 2026-11-29 (2 cores, one torch thread, 4 chains x (500 warmup + 1,000 draws)
+# per method, chains one after another; flow fit 30.7 s, importance ESS of its draws 61%).
+# Errors in reference-sd units, worst over mu, tau, theta_1..8 and log tau:
+#
+# | eight schools (centred) | worst mean error | worst sd error | min ESS bulk/s | min ESS tail/s | max R-hat | divergences | time (s) |
+# | --- | --- | --- | --- | --- | --- | --- | --- |
+# | NFMALA identity | 0.155 | 0.219 | 12.3 | 7.4 | 1.010 | 0 | 32 |
+# | NFMALA jacobian | 0.935 | 0.723 | 0.05 | 0.14 | 3.820 | 0 | 85 |
+# | NUTS | 0.321 | 0.385 | 1.8 | 2.2 | 1.010 | 63 | 140 |
+# | NeuTra-NUTS (same flow) | 0.144 | 0.088 | 0.07 | 0.04 | 1.110 | 179 | 336 |
+#
+# - NFMALA (identity) gives 6.9x NUTS's ESS bulk per second and 3.4x its ESS tail per second,
+#   with no divergences, and smaller errors than NUTS. Without log tau its worst errors are 0.15
+#   (mean of mu) and 0.06 (sd).
+# - Neither reaches the bottom of the neck. The reference puts 1% of its mass below
+#   log tau = -3.2; NFMALA's 1% quantile is -1.7, NUTS's -0.2 (NUTS diverges where it should
+#   enter). The reverse-KL flow is too narrow there, and in latent space the neck is still a
+#   funnel. NeuTra-NUTS goes deepest (-2.5) and has the best errors, but at 0.07 ESS/s and with
+#   179 divergences: its trees are long and its chains stick.
+# - The jacobian preconditioner is the wrong tool for a posterior: it undoes the flow's
+#   whitening (a data-space Langevin step), so it is as stuck as MALA in the raw funnel
+#   (step size 0.001, R-hat 3.8). It is meant for the tempered target of tutorial 01.
+# - On `low_dim_gauss_mix`, a well-conditioned posterior, NUTS wins: 55 ESS bulk/s against
+#   NFMALA's 18.7, both accurate (worst mean errors 0.02 and 0.08, R-hat <= 1.01). A flow buys
+#   nothing when the posterior is already nearly Gaussian, and costs a flow pass per step.
