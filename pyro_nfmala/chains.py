@@ -160,19 +160,26 @@ class ChainSampler:
         initial = self.step_size if self.adapt == "per_chain" else self.step_size[0]
         adapter = StepSizeAdapter(initial.double().cpu(), self.target_accept_prob)
         bar = tqdm(range(num_steps), desc="warmup", disable=not progress)
-        for _ in bar:
-            info = self._step()
+        try:
+            for _ in bar:
+                info = self._step()
+                if adapt_step_size:
+                    accept = info.accept_prob.double().cpu()
+                    new = adapter.update(accept if self.adapt == "per_chain" else accept.mean())
+                    self.step_size = new.to(self.step_size).expand(self.num_chains).clone()
+                bar.set_postfix({"acc. prob": f"{float(info.accept_prob.mean()):.3f}", "step size": f"{float(self.step_size.median()):.2e}"}, refresh=False)
+        finally:  # also on KeyboardInterrupt: keep the adapted step size so far, and the state
+            bar.close()
             if adapt_step_size:
-                accept = info.accept_prob.double().cpu()
-                new = adapter.update(accept if self.adapt == "per_chain" else accept.mean())
-                self.step_size = new.to(self.step_size).expand(self.num_chains).clone()
-            bar.set_postfix({"acc. prob": f"{float(info.accept_prob.mean()):.3f}", "step size": f"{float(self.step_size.median()):.2e}"}, refresh=False)
-        if adapt_step_size:
-            self.step_size = adapter.final().to(self.step_size).expand(self.num_chains).clone()
+                self.step_size = adapter.final().to(self.step_size).expand(self.num_chains).clone()
         return self.step_size
 
     def sample(self, num_samples: int, *, thin: int = 1, keep_latent: bool = True, progress: bool = True):
         """Runs ``num_samples * thin`` steps at fixed step size; returns ArviZ data of every ``thin``-th state.
+
+        Interrupted (``KeyboardInterrupt``, Ctrl-C) after at least one draw, it warns and
+        returns the draws made so far; the sampler keeps its last state, so calling
+        :meth:`sample` again continues the same chains.
 
         The posterior group holds ``x`` (data space, ``(chains, draws, d)``); the ``latent``
         group holds ``z``; ``sample_stats`` holds ``accept_prob``, ``step_size``,
@@ -185,18 +192,32 @@ class ChainSampler:
         stats = {name: [] for name in SAMPLE_STATS}
         divergent_before, steps_before = self.num_divergent, self.num_steps
         bar = tqdm(range(num_samples * thin), desc="sampling", disable=not progress)
-        for i in bar:
-            info = self._step()
-            if (i + 1) % thin:
-                continue
-            draws_x.append(self.state.x.cpu())
-            if keep_latent:
-                draws_z.append(self.state.z.cpu())
-            stats["accept_prob"].append(info.accept_prob.cpu())
-            stats["step_size"].append(self.step_size.cpu())
-            stats["diverging"].append(info.diverging.cpu())
-            stats["lp"].append((self.state.log_density - self.state.ladj).cpu())
-            bar.set_postfix({"acc. prob": f"{float(info.accept_prob.mean()):.3f}"}, refresh=False)
+        try:
+            for i in bar:
+                info = self._step()
+                if (i + 1) % thin:
+                    continue
+                draws_x.append(self.state.x.cpu())
+                if keep_latent:
+                    draws_z.append(self.state.z.cpu())
+                stats["accept_prob"].append(info.accept_prob.cpu())
+                stats["step_size"].append(self.step_size.cpu())
+                stats["diverging"].append(info.diverging.cpu())
+                stats["lp"].append((self.state.log_density - self.state.ladj).cpu())
+                bar.set_postfix({"acc. prob": f"{float(info.accept_prob.mean()):.3f}"}, refresh=False)
+        except KeyboardInterrupt:
+            bar.close()
+            kept = min(len(values) for values in [draws_x, *stats.values()] + ([draws_z] if keep_latent else []))
+            if kept == 0:
+                raise
+            for values in [draws_x, draws_z, *stats.values()]:
+                del values[kept:]  # a draw interrupted half-recorded is dropped
+            warnings.warn(
+                f"interrupted after {len(draws_x)} of {num_samples} draws: returning them; the sampler "
+                "keeps its last state, so sample() again continues the chains",
+                UserWarning,
+                stacklevel=2,
+            )
         self._warn_divergences(self.num_divergent - divergent_before, self.num_steps - steps_before)
 
         def stack(values):  # list of (chains, ...) -> (chains, draws, ...)

@@ -87,8 +87,21 @@ def evaluate(target: LatentTarget, precond, z: Tensor) -> MALAState:
 
 
 def init_state(target: LatentTarget, precond, z: Tensor) -> MALAState:
-    """The state at ``z``, for the first step."""
-    return evaluate(target, precond, z)
+    """The state at ``z``, for the first step.
+
+    A target that computes on another device than the flow fails here with a ``ValueError``
+    that names both, rather than with torch's error from deep inside the model.
+    """
+    try:
+        return evaluate(target, precond, z)
+    except RuntimeError as error:
+        if "device" not in str(error):
+            raise
+        raise ValueError(
+            f"the flow is on {target.flow.device} but the target computes on another device "
+            f"({error}). Put the flow and the model's data (or the potential's tensors) on one "
+            "device: flow.to(device)."
+        ) from error
 
 
 def _finite(*tensors: Tensor, batch_shape: torch.Size) -> Tensor:
@@ -108,6 +121,39 @@ def _select(accept: Tensor, new: Tensor | None, old: Tensor | None) -> Tensor | 
         return None
     mask = accept.reshape(accept.shape + (1,) * (new.dim() - accept.dim()))
     return torch.where(mask, new, old)
+
+
+#: Errors of the target or the flow at a proposal that reject it instead of stopping the run.
+EVALUATION_ERRORS = (ValueError, RuntimeError, ArithmeticError)
+
+
+def _evaluate_proposal(target, precond, state: MALAState, z_new: Tensor, step_size: Tensor) -> tuple[MALAState, Tensor]:
+    proposal = evaluate(target, precond, z_new)
+    return proposal, precond.log_proposal_density(target.flow, state.z, proposal, step_size)
+
+
+def _evaluate_chain_by_chain(target, precond, state: MALAState, z_new: Tensor, step_size: Tensor) -> tuple[MALAState, Tensor]:
+    """Evaluates each chain's proposal alone; a chain whose evaluation raises gets a NaN log density."""
+    batch_shape = state.log_density.shape
+    n = batch_shape.numel()
+    flat = MALAState(*(None if t is None else t.reshape((n,) + t.shape[len(batch_shape):]) for t in state))
+    steps = step_size.expand(batch_shape).reshape(n, 1) if step_size.dim() else step_size
+    pieces, log_qs = [], []
+    for i in range(n):
+        chain = MALAState(*(None if t is None else t[i : i + 1] for t in flat))
+        chain_step = steps[i] if step_size.dim() else steps
+        try:
+            proposal, log_q = _evaluate_proposal(target, precond, chain, z_new.reshape(n, -1)[i : i + 1], chain_step)
+        except EVALUATION_ERRORS as error:
+            logger.debug("proposal of chain %d rejected, evaluation raised %s: %s", i, type(error).__name__, error)
+            nan = torch.full((1,), float("nan"), dtype=state.z.dtype, device=state.z.device)
+            proposal, log_q = chain._replace(log_density=nan), nan
+        pieces.append(proposal)
+        log_qs.append(log_q.reshape(1))
+    fields = []
+    for values, like in zip(zip(*pieces), state):
+        fields.append(None if like is None or any(v is None for v in values) else torch.cat(values).reshape(like.shape))
+    return MALAState(*fields), torch.cat(log_qs).reshape(batch_shape)
 
 
 def mala_step(
@@ -137,14 +183,12 @@ def mala_step(
 
     z_new, log_q_forward = precond.propose(target.flow, state, step_size, noise)
     try:
-        proposal = evaluate(target, precond, z_new)
-        log_q_backward = precond.log_proposal_density(target.flow, state.z, proposal, step_size)
-    except (ValueError, RuntimeError, ArithmeticError) as error:
-        # The model or the flow failed at the proposal (e.g. out of support): reject it.
-        logger.debug("proposal rejected, evaluation raised %s: %s", type(error).__name__, error)
-        nan = torch.full(batch_shape, float("nan"), dtype=state.z.dtype, device=state.z.device)
-        proposal = state._replace(log_density=nan)
-        log_q_backward = nan
+        proposal, log_q_backward = _evaluate_proposal(target, precond, state, z_new, step_size)
+    except EVALUATION_ERRORS as error:
+        # The model or the flow failed at a proposal (e.g. out of support). Find which chains
+        # failed, one chain at a time, and reject only those.
+        logger.debug("batch evaluation raised %s: %s; evaluating chain by chain", type(error).__name__, error)
+        proposal, log_q_backward = _evaluate_chain_by_chain(target, precond, state, z_new, step_size)
 
     log_ratio = proposal.log_density - state.log_density + log_q_backward - log_q_forward
     finite = _finite(log_ratio, proposal.z, proposal.x, proposal.ladj, proposal.grad, proposal.grad_x, batch_shape=batch_shape)

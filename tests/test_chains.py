@@ -9,6 +9,7 @@ from invariance import JacobianWithoutReverseLadj, exact_latents, max_abs_z_scor
 from pyro_nfmala import (
     ChainSampler,
     JacobianPreconditioner,
+    LatentTarget,
     final_states,
     find_reasonable_step_size,
     init_state,
@@ -153,3 +154,42 @@ def test_bad_targets():
         tempered_target(flow, beta=-0.5)
     with pytest.raises(TypeError, match="LatentTarget"):
         ChainSampler(lambda z: z, 4)
+
+
+class InterruptAfter(LatentTarget):
+    """Wraps a target; raises KeyboardInterrupt (as Ctrl-C would) on its ``calls``-th evaluation."""
+
+    def __init__(self, target, calls):
+        self.target, self.flow, self.calls = target, target.flow, calls
+
+    def log_density(self, z):
+        self.calls -= 1
+        if self.calls == 0:
+            raise KeyboardInterrupt
+        return self.target.log_density(z)
+
+
+def test_interrupted_sampling_returns_the_draws_so_far_and_can_continue(latent_flow):
+    target = InterruptAfter(tempered_target(latent_flow, 1.0), calls=10**9)
+    sampler = ChainSampler(target, 8, seed=0, step_size=0.3)
+    target.calls = 26  # the 26th evaluation: after 25 full steps
+    with pytest.warns(UserWarning, match="interrupted after 25 of 100 draws"):
+        idata = sampler.sample(100, progress=False)
+    assert idata.posterior["x"].shape == (8, 25, 2) and idata.sample_stats["accept_prob"].shape == (8, 25)
+    last = torch.as_tensor(idata.posterior["x"].values[:, -1])
+    torch.testing.assert_close(sampler.state.x, last)  # the state is the last draw returned
+    target.calls = 10**9
+    more = sampler.sample(10, progress=False)  # continues the same chains
+    assert more.posterior["x"].shape == (8, 10, 2)
+    target.calls = 1  # interrupted before any draw: nothing to return, the interrupt propagates
+    with pytest.raises(KeyboardInterrupt):
+        sampler.sample(5, progress=False)
+
+
+def test_interrupted_warmup_keeps_the_adapted_step_size(latent_flow):
+    target = InterruptAfter(tempered_target(latent_flow, 1.0), calls=10**9)
+    sampler = ChainSampler(target, 8, seed=0, step_size=1e-4)
+    target.calls = 40
+    with pytest.raises(KeyboardInterrupt):
+        sampler.warmup(200, progress=False)
+    assert float(sampler.step_size[0]) > 1e-3  # adapted up from 1e-4 before the interrupt

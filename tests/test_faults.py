@@ -1,0 +1,192 @@
+"""Fault injection: NaN / inf potentials on random calls, a flow that overflows, a model that
+raises, with the kernel and the vectorized sampler. Every faulty proposal is rejected and
+counted; no returned draw is non-finite; frequent faults raise a warning at the end of the run.
+Also: bit-identical reruns with the same seed, and float32 / float64 flows with float32 models."""
+
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import zuko
+
+from pyro.infer import MCMC
+
+from pyro_nfmala import NFMALA, ChainSampler, LatentFlow, identity_flow, posterior_target, to_inference_data
+
+
+class FaultyPotential:
+    """A standard normal potential that returns ``value`` (NaN or inf) on a random share of calls.
+
+    Calls are only faulty once ``armed``; every fault is recorded.
+    """
+
+    def __init__(self, rate: float, value: float, seed: int = 0) -> None:
+        self.rate, self.value, self.faults, self.armed = rate, value, 0, False
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, params):
+        energy = 0.5 * params["x"].square().sum()
+        if self.armed and float(torch.rand((), generator=self.generator)) < self.rate:
+            self.faults += 1
+            return energy * self.value
+        return energy
+
+
+class ArmAfterWarmup(NFMALA):
+    """NFMALA that arms the faulty potential when sampling starts (setup evaluations stay clean)."""
+
+    def sample(self, params):
+        if self._t == self._warmup_steps:
+            self.potential_fn.armed = True
+        return super().sample(params)
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.2])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_kernel_rejects_and_counts_random_faults(rate, value):
+    pyro.set_rng_seed(0)
+    potential = FaultyPotential(rate, value)
+    kernel = ArmAfterWarmup(potential_fn=potential, flow=identity_flow(2), initial_params={"x": torch.zeros(2)})
+    mcmc = MCMC(kernel, num_samples=500, warmup_steps=100, disable_progbar=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mcmc.run()
+    x = mcmc.get_samples()["x"]
+    assert torch.isfinite(x).all()
+    divergences = mcmc.diagnostics()["divergences"]["chain 0"]
+    assert potential.faults > 0 and len(divergences) == potential.faults  # every fault, and only faults
+    idata = to_inference_data(mcmc)
+    assert int(idata.sample_stats["diverging"].sum()) == potential.faults
+    warned = any("divergent" in str(w.message) for w in caught if issubclass(w.category, RuntimeWarning))
+    assert warned == (potential.faults > 0.01 * 500)
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.2])
+def test_vectorized_sampler_rejects_and_counts_random_faults(rate):
+    faults, armed = [], []
+    generator = torch.Generator().manual_seed(1)
+
+    def log_prob(x):  # faulty only once armed: initial states must be finite
+        faulty = (torch.rand(x.shape[:-1], generator=generator) < rate) & bool(armed)
+        faults.append(int(faulty.sum()))
+        return torch.where(faulty, torch.full_like(x[..., 0], float("nan")), -0.5 * x.square().sum(-1))
+
+    flow = LatentFlow(identity_flow(2))
+    sampler = ChainSampler(posterior_target(flow, log_prob), 64, preconditioner="identity", step_size=0.5, seed=0)
+    armed.append(True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        idata = sampler.sample(200, progress=False)
+    assert torch.isfinite(torch.as_tensor(idata.posterior["x"].values)).all()
+    assert int(idata.sample_stats["diverging"].sum()) == sum(faults) > 0
+    assert any("divergent" in str(w.message) for w in caught) == (sum(faults) > 0.01 * 200 * 64)
+
+
+class RaisesRightOf:
+    """A model whose log density raises (as a failed support check would) where loc > bound."""
+
+    def __init__(self, bound: float) -> None:
+        self.bound = bound
+
+    def __call__(self):
+        loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+        if loc.item() > self.bound:
+            raise ValueError("loc out of the model's domain")
+        pyro.sample("obs", dist.Normal(loc, 1.0), obs=torch.tensor(0.0))
+
+
+def test_model_that_raises_at_some_points_keeps_sampling():
+    pyro.set_rng_seed(2)
+    kernel = NFMALA(RaisesRightOf(2.0), flow=identity_flow(1), initial_params={"loc": torch.tensor(-0.5)}, step_size=1.0, adapt_step_size=False)
+    mcmc = MCMC(kernel, num_samples=300, warmup_steps=0, disable_progbar=True)
+    with pytest.warns(RuntimeWarning, match="divergent"):
+        mcmc.run()
+    loc = mcmc.get_samples()["loc"]
+    assert torch.isfinite(loc).all() and bool((loc <= 2.0).all())
+    assert len(mcmc.diagnostics()["divergences"]["chain 0"]) > 0
+
+
+def test_one_failing_chain_does_not_reject_the_whole_batch():
+    """A log density that raises for some points of a batch: only those chains are rejected."""
+
+    def log_prob(x):
+        if bool((x[..., 0] > 1.0).any()):
+            raise ValueError("out of the domain")
+        return -0.5 * x.square().sum(-1)
+
+    flow = LatentFlow(identity_flow(2))
+    z0 = torch.full((32, 2), -0.5)
+    sampler = ChainSampler(posterior_target(flow, log_prob), 32, preconditioner="identity", step_size=0.3, initial_z=z0, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        idata = sampler.sample(100, progress=False)
+    x = torch.as_tensor(idata.posterior["x"].values)
+    diverging = idata.sample_stats["diverging"].values
+    assert bool((x[..., 0] <= 1.0).all())
+    assert 0 < diverging.mean() < 0.5  # a few chains at a time, not whole batches
+    assert float(idata.sample_stats["accept_prob"].values.mean()) > 0.3
+
+
+def log_transform():
+    return torch.distributions.transforms.IndependentTransform(torch.distributions.transforms.ExpTransform().inv, 1)
+
+
+def exponential_flow() -> zuko.flows.Flow:
+    """x = exp(z) element-wise (zuko's transform goes data to latent: log). Overflows for z > 88 in float32."""
+    transform = zuko.flows.UnconditionalTransform(log_transform)
+    base = zuko.flows.UnconditionalDistribution(zuko.distributions.DiagNormal, torch.zeros(2), torch.ones(2), buffer=True)
+    return zuko.flows.Flow([transform], base)
+
+
+@pytest.mark.parametrize("preconditioner", ["identity", "jacobian"])
+def test_flow_whose_jacobian_overflows_in_part_of_the_space(preconditioner):
+    def log_normal(x):  # a log-normal target: the flow is exact for it
+        y = x.log()
+        return (-0.5 * y.square() - y).sum(-1)
+
+    flow = LatentFlow(exponential_flow())
+    with torch.no_grad():
+        assert not torch.isfinite(flow.to_data(torch.full((1, 2), 100.0))[0]).all()  # the overflow is real
+    sampler = ChainSampler(posterior_target(flow, log_normal), 16, preconditioner=preconditioner, step_size=2000.0, seed=0)
+    with pytest.warns(RuntimeWarning, match="divergent"):
+        idata = sampler.sample(50, progress=False)
+    assert torch.isfinite(torch.as_tensor(idata.posterior["x"].values)).all()
+    assert int(idata.sample_stats["diverging"].sum()) > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# reproducibility and dtypes
+
+
+def normal_model():
+    loc = pyro.sample("loc", dist.Normal(0.0, 2.0))
+    pyro.sample("obs", dist.Normal(loc, 1.0), obs=torch.tensor([0.3, 0.9]))
+
+
+@pytest.mark.parametrize("num_chains", [1, 2])
+def test_kernel_runs_are_bit_identical_with_the_same_seed(num_chains):
+    def draws(seed):
+        pyro.set_rng_seed(seed)
+        mcmc = MCMC(NFMALA(normal_model, flow=zuko.flows.RealNVP(1)), num_samples=50, warmup_steps=30, num_chains=num_chains, disable_progbar=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            mcmc.run()
+        return mcmc.get_samples(group_by_chain=True)["loc"]
+
+    first, second, other = draws(0), draws(0), draws(1)
+    assert torch.equal(first, second)
+    assert not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float32_and_float64_flows_with_a_float32_model(dtype):
+    pyro.set_rng_seed(3)
+    flow = zuko.flows.RealNVP(1).to(dtype)
+    mcmc = MCMC(NFMALA(normal_model, flow=flow), num_samples=100, warmup_steps=50, disable_progbar=True)
+    mcmc.run()
+    loc = mcmc.get_samples()["loc"]
+    assert torch.isfinite(loc).all() and loc.shape == (100,)
+    idata = to_inference_data(mcmc)
+    assert float(idata.sample_stats["accept_prob"].mean()) > 0.3
