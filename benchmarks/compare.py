@@ -50,6 +50,7 @@ from pyro_nfmala import (
     posterior_target,
     tempered_target,
 )
+from pyro_nfmala.baselines import constrained_samples
 from pyro_nfmala.metrics import energy_distance
 from pyro_nfmala.posteriordb import eight_schools_centered, load_data, load_reference, standardized_errors
 from pyro_nfmala.toys import Banana, DoubleMoon, GaussianMixture, GaussianRing, NealFunnel
@@ -258,12 +259,11 @@ def score(target: Target, run: Run, threshold: float | None) -> dict:
         row["gap_mass"] = gap_mass(flat, target.toy, threshold)
     if target.name == "eight_schools":
         density = target.extra["density"]
-        params = density.layout.unpack(x.float())
-        samples = {"mu": params["mu"].numpy(), "tau": params["tau"].exp().numpy(), "theta": params["theta"].numpy()}
+        samples = {name: value.numpy() for name, value in constrained_samples(density, x.float()).items()}
         errors = standardized_errors(samples, target.extra["posteriordb"])
         row["worst_mean_error"] = max(abs(e["mean_error"]) for e in errors.values())
         row["worst_sd_error"] = max(abs(e["sd_error"]) for e in errors.values())
-        row["log_tau_q01"] = float(np.quantile(params["tau"].numpy(), 0.01))
+        row["log_tau_q01"] = float(np.quantile(np.log(samples["tau"]), 0.01))
     return row
 
 

@@ -8,7 +8,7 @@ steps, step-size adaptation and ArviZ output. See DESIGN.md for the math.
 
 from .adaptation import StepSizeAdapter, find_reasonable_step_size
 from . import posteriordb
-from .arviz import from_arrays, to_inference_data
+from .arviz import diverging_draws, from_arrays, to_inference_data
 from .baselines import NeuTraResult, neutra_nuts
 from .chains import ChainSampler, final_states, posterior_target, sample_chains, tempered_target
 from .fit import FitResult, default_flow, identity_flow, fit_flow, fit_flow_to_model, fit_flow_to_samples, load_flow, save_flow
@@ -56,6 +56,7 @@ __all__ = [
     "StepSizeAdapter",
     "TemperedFlow",
     "default_flow",
+    "diverging_draws",
     "identity_flow",
     "find_reasonable_step_size",
     "fit_flow",

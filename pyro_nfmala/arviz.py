@@ -18,7 +18,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["SAMPLE_STATS", "from_arrays", "to_inference_data"]
+__all__ = ["SAMPLE_STATS", "diverging_draws", "from_arrays", "to_inference_data"]
 
 from collections.abc import Mapping
 from typing import Any
@@ -103,3 +103,13 @@ def to_inference_data(mcmc, *, coords=None, dims=None):
         for name in SAMPLE_STATS
     }
     return from_arrays(posterior, stats, coords=coords, dims=dims)
+
+
+def diverging_draws(mcmc) -> np.ndarray:
+    """The ``(chains, draws)`` boolean mask of divergent draws of any finished Pyro ``MCMC`` run
+    (NUTS, HMC, NFMALA), from ``mcmc.diagnostics()["divergences"]``, for ``sample_stats``."""
+    divergences = mcmc.diagnostics()["divergences"]
+    mask = np.zeros((len(divergences), mcmc.num_samples), dtype=bool)
+    for chain, indices in enumerate(divergences.values()):
+        mask[chain, indices] = True
+    return mask

@@ -22,14 +22,13 @@ __all__ = ["NeuTraResult", "neutra_nuts"]
 from collections.abc import Callable
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from pyro.infer import MCMC, NUTS
 
-from .arviz import from_arrays
+from .arviz import diverging_draws, from_arrays
 from .flow import LatentFlow
-from .target import ModelDensity, model_density
+from .target import ModelDensity, check_flow_dim, model_density
 
 
 class NeuTraResult(NamedTuple):
@@ -41,13 +40,9 @@ class NeuTraResult(NamedTuple):
 
     def to_inference_data(self):
         """Posterior in the model's constrained sites; ``sample_stats.diverging`` from NUTS."""
-        chains, draws = self.latent.shape[:2]
-        diverging = np.zeros((chains, draws), dtype=bool)
-        for chain, indices in enumerate(self.mcmc.diagnostics()["divergences"].values()):
-            diverging[chain, indices] = True
         return from_arrays(
             {name: value.detach().numpy() for name, value in self.samples.items()},
-            {"diverging": diverging},
+            {"diverging": diverging_draws(self.mcmc)},
             groups={"latent": {"z": self.latent.detach().numpy()}},
         )
 
@@ -76,11 +71,7 @@ def neutra_nuts(
     """
     density = model_density(model, model_args, model_kwargs)
     latent_flow = flow if isinstance(flow, LatentFlow) else LatentFlow(flow)
-    if latent_flow.dim != density.layout.dim:
-        raise ValueError(
-            f"the flow has dimension {latent_flow.dim} but the model's unconstrained parameters "
-            f"have dimension {density.layout.dim} ({density.layout})"
-        )
+    check_flow_dim(latent_flow, density.layout)
 
     def potential(params):
         x, ladj = latent_flow.to_data(params["z"])

@@ -40,7 +40,7 @@ from .adaptation import StepSizeAdapter, find_reasonable_step_size
 from .flow import LatentFlow
 from .mala import MALAState, init_state, mala_step
 from .precond import get_preconditioner
-from .target import LatentTarget, ParamLayout, PosteriorPullback, TemperedFlow, model_density
+from .target import LatentTarget, ParamLayout, PosteriorPullback, TemperedFlow, check_flow_dim, model_density
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class NFMALA(MCMCKernel):
         self.layout: ParamLayout | None = None
         if potential_fn is not None:
             self.layout = ParamLayout.from_params(initial_params)
-            self._check_dim()
+            check_flow_dim(self.flow, self.layout)
         self._reset()
 
     # ----------------------------------------------------------------------------------------
@@ -254,12 +254,6 @@ class NFMALA(MCMCKernel):
         state.update(_state=None, _params=None, _target=None, _potential=None)
         return state
 
-    def _check_dim(self) -> None:
-        if self.flow.dim != self.layout.dim:
-            raise ValueError(
-                f"the flow has dimension {self.flow.dim} but the model's unconstrained parameters "
-                f"have dimension {self.layout.dim} ({self.layout}): fit the flow on this model's layout"
-            )
 
     def _setup_model(self, args: tuple, kwargs: dict) -> Tensor | None:
         density = model_density(
@@ -276,7 +270,7 @@ class NFMALA(MCMCKernel):
         self._potential = density.potential_fn
         self.transforms = density.transforms
         self.layout = density.layout
-        self._check_dim()
+        check_flow_dim(self.flow, self.layout)
         return self.layout.pack(density.initial_params) if self.init_strategy is not None else None
 
     def _build_target(self) -> LatentTarget:

@@ -99,6 +99,15 @@ class ParamLayout:
         return f"ParamLayout(dim={self.dim}, {{{sites}}})"
 
 
+def check_flow_dim(flow: LatentFlow, layout: ParamLayout) -> None:
+    """Raises a ``ValueError`` naming both dimensions when ``flow`` does not fit ``layout``."""
+    if flow.dim != layout.dim:
+        raise ValueError(
+            f"the flow has dimension {flow.dim} but the model's unconstrained parameters "
+            f"have dimension {layout.dim} ({layout}): fit the flow on this model's layout"
+        )
+
+
 class LatentTarget:
     r"""A log density :math:`\log \pi(z)` on the latent space of ``flow``."""
 

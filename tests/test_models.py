@@ -58,8 +58,8 @@ def dynamic_support():
         pyro.sample("b", dist.Normal(0.0, 1.0))
 
 
-def assert_mean_and_sd(draws: torch.Tensor, mean: float, sd: float, label: str, ref_draws=None) -> None:
-    """Mean within 4.5 standard errors and sd within 4.5 relative errors, both from the ESS.
+def assert_mean_and_sd(draws: torch.Tensor, mean: float, sd: float, label: str, ref_draws=None, check_sd: bool = True) -> None:
+    """Mean within 4.5 standard errors and (if ``check_sd``) sd within 4.5 relative errors, both from the ESS.
 
     ``draws`` is ``(chains, draws)``; with ``ref_draws`` (reference chains) their Monte Carlo
     error is added to the tolerance.
@@ -73,7 +73,13 @@ def assert_mean_and_sd(draws: torch.Tensor, mean: float, sd: float, label: str, 
         mean_var, sd_rel_var = mean_var + sd**2 / ref_ess, sd_rel_var + 0.5 / ref_ess
     got_mean, got_sd = float(draws.mean()), float(draws.std())
     assert abs(got_mean - mean) < 4.5 * math.sqrt(mean_var), f"{label}: mean {got_mean:.4f} vs {mean:.4f}, ESS {ess:.0f}"
-    assert abs(got_sd / sd - 1) < 4.5 * math.sqrt(sd_rel_var), f"{label}: sd {got_sd:.4f} vs {sd:.4f}, ESS {ess:.0f}"
+    if check_sd:
+        assert abs(got_sd / sd - 1) < 4.5 * math.sqrt(sd_rel_var), f"{label}: sd {got_sd:.4f} vs {sd:.4f}, ESS {ess:.0f}"
+
+
+def assert_mean(draws: torch.Tensor, ref_draws: np.ndarray, label: str) -> None:
+    """Mean within 4.5 standard errors of the reference mean, both chains' ESS counted."""
+    assert_mean_and_sd(draws, float(ref_draws.mean()), float(ref_draws.std()), label, ref_draws=ref_draws, check_sd=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,17 +177,6 @@ def test_fit_records_a_decreasing_loss(dirichlet_gamma_flow):
     losses = np.asarray(dirichlet_gamma_flow.losses)
     assert len(losses) == 300 and np.isfinite(losses).all()
     assert losses[-50:].mean() < losses[:50].mean()
-
-
-def assert_mean(draws: torch.Tensor, ref_draws: np.ndarray, label: str) -> None:
-    """Mean within 4.5 standard errors of the reference mean, both chains' ESS counted."""
-    draws, ref = draws.double(), torch.as_tensor(ref_draws).double()
-    ess = float(effective_sample_size(draws.unsqueeze(-1)))
-    ref_ess = float(effective_sample_size(ref.unsqueeze(-1)))
-    assert ess > 50, f"{label}: too few effective samples ({ess:.0f})"
-    sd = float(ref.std())
-    tolerance = 4.5 * sd * math.sqrt(1 / ess + 1 / ref_ess)
-    assert abs(float(draws.mean() - ref.mean())) < tolerance, f"{label}: mean {float(draws.mean()):.3f} vs {float(ref.mean()):.3f}, ESS {ess:.0f}"
 
 
 def run_eight_schools(fit_steps: int, num_samples: int, num_chains: int, seed: int):

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from pyro.infer import MCMC, NUTS  # noqa: E402
 
-from pyro_nfmala import NFMALA, fit_flow_to_model, from_arrays, neutra_nuts, save_flow, to_inference_data  # noqa: E402
+from pyro_nfmala import NFMALA, diverging_draws, fit_flow_to_model, from_arrays, neutra_nuts, save_flow, to_inference_data  # noqa: E402
 from pyro_nfmala.posteriordb import (  # noqa: E402
     eight_schools_centered,
     load_data,
@@ -137,10 +137,7 @@ def timed_mcmc(kernel, **data):
     samples = {name: value.numpy() for name, value in mcmc.get_samples(group_by_chain=True).items()}
     if isinstance(kernel, NFMALA):
         return to_inference_data(mcmc), samples, seconds  # accept_prob, step_size, diverging, lp
-    diverging = np.zeros((NUM_CHAINS, NUM_SAMPLES), dtype=bool)
-    for chain, indices in enumerate(mcmc.diagnostics()["divergences"].values()):
-        diverging[chain, indices] = True
-    return from_arrays(samples, {"diverging": diverging}), samples, seconds
+    return from_arrays(samples, {"diverging": diverging_draws(mcmc)}), samples, seconds
 
 
 for preconditioner in ["identity", "jacobian"]:
