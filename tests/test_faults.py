@@ -199,3 +199,20 @@ def test_float32_and_float64_flows_with_a_float32_model(dtype):
     assert torch.isfinite(loc).all() and loc.shape == (100,)
     idata = to_inference_data(mcmc)
     assert float(idata.sample_stats["accept_prob"].mean()) > 0.3
+
+
+def test_flow_and_target_on_different_devices_is_a_clear_error():
+    # No GPU here: data on the "meta" device stands for data on another device than the flow;
+    # torch raises the same kind of error ("... not on the expected device ...") as for cuda/cpu.
+    data = torch.ones(1, device="meta")
+
+    def potential(params):
+        return ((params["x"] - data) ** 2).sum()
+
+    kernel = NFMALA(potential_fn=potential, flow=zuko.flows.RealNVP(1), initial_params={"x": torch.zeros(1)})
+    with pytest.raises(ValueError, match="the flow is on cpu but the target computes on another device"):
+        MCMC(kernel, num_samples=2, warmup_steps=2, disable_progbar=True).run()
+
+    target = posterior_target(LatentFlow(zuko.flows.RealNVP(1)), lambda x: -((x - data) ** 2).sum(-1), 1)
+    with pytest.raises(ValueError, match="flow.to\\(device\\)"):
+        ChainSampler(target, 4)
