@@ -14,7 +14,7 @@ from .chains import ChainSampler, final_states, posterior_target, sample_chains,
 from .fit import FitResult, default_flow, identity_flow, fit_flow, fit_flow_to_model, fit_flow_to_samples, load_flow, save_flow
 from .flow import LatentFlow
 from .kernel import NFMALA
-from .metrics import energy_distance, gap_mass, gap_threshold, mode_weights, sample_metrics
+from .metrics import energy_distance, gap_mass, gap_threshold, knn_precision_recall, mode_weights, sample_metrics
 from .mala import MALAState, StepInfo, init_state, mala_step
 from .precond import (
     DenseJacobianPreconditioner,
@@ -39,6 +39,7 @@ __all__ = [
     "mode_weights",
     "posterior_target",
     "sample_chains",
+    "knn_precision_recall",
     "sample_metrics",
     "save_flow",
     "tempered_target",

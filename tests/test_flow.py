@@ -40,6 +40,7 @@ def test_ladj_and_jacobian_products_match_autograd(name):
     jac = dense_jacobian(lambda u: flow.to_data(u[None])[0][0], z)
     tol = APPROXIMATE.get(name, 1e-10)
     assert torch.allclose(ladj, torch.linalg.slogdet(jac)[1], atol=tol)
+    assert torch.allclose(flow.jacobian_to_data(z), jac, atol=tol)  # the batched dense reference
 
     v = torch.randn(4, d, dtype=torch.float64)
     assert torch.allclose(flow.jvp_to_data(z, v), torch.einsum("nij,nj->ni", jac, v), atol=tol)
