@@ -296,21 +296,24 @@ print(f"figures written to {FIGURES}")
 # between classes (real digits: 2.7%). Two different failures explain why latent MALA does not
 # lower it:
 #
-# - **The identity preconditioner moves, towards saturated images.** The data live in a box: a
-#   dequantized pixel maps to at most [logit(0.05), logit(0.95)] = [-2.94, 2.94]. To fit that, the
-#   flow contracts space at the box's faces, so |det J_f| is small there, and T2, which weights
-#   by |det J_f|^(-beta), pulls the chains to the faces: pixels at 0 or 16. The share of
-#   saturated pixels rises from 0.44 (naive) to 0.67 at beta = 0.5, past the real digits' 0.58,
-#   and the images turn into blocky black-and-white shapes (figure `03_samples.png`): between
-#   classes 50%, precision 0.17. Even beta = 0.1 does not help (19%).
-# - **The jacobian preconditioner does not move.** It takes Langevin steps in data space, and in
-#   data space the flow's density is very narrow in some directions (dequantized pixels that are
-#   almost always 0, and the tight correlations between neighbouring pixels), so dual averaging
-#   shrinks the step size to 4e-6 and the chains stay where the flow put them: every number equals
-#   naive sampling's up to noise.
+# - **The identity preconditioner moves, towards saturated images.** T2 weights the flow's own
+#   density by |det J_f|^(-beta): it favours where the flow contracts, and this flow contracts
+#   most at the faces of the data's box (a dequantized pixel maps to at most
+#   [logit(0.05), logit(0.95)] = [-2.94, 2.94]), not in the gaps between classes. The share of
+#   saturated pixels (0 or 16) rises from 0.44 (naive) to 0.67 at beta = 0.5, past the real
+#   digits' 0.58, and the images turn into blocky black-and-white shapes (figure
+#   `03_samples.png`): between classes 50%, precision 0.17. Even beta = 0.1 does not help (19%).
+#   An experiment outside this script, with Gaussian instead of uniform dequantization (noise sd
+#   0.5 pixel levels) and standardized pixels instead of the logit, so with no box faces, gave
+#   the same picture: naive 16% between classes, T2 identity 34% (beta = 0.5) and 40% (beta = 1).
+# - **The jacobian preconditioner does not move.** Its proposal maps a data-space Langevin step
+#   to latent space with J_f at the current point, and the reverse move is scored with J_f at the
+#   proposal. Our reading (not yet measured): on this trained 64-d flow J_f changes fast over a
+#   step, the two disagree unless the step is tiny, and dual averaging shrinks the step size to 4e-6 (1e-6 in the Gaussian
+#   experiment): the chains stay where the flow put them, and every number equals naive
+#   sampling's up to noise.
 #
-# What would make it work, not tried here: a preprocessing without hard edges (Gaussian instead
-# of uniform dequantization, or a smaller logit margin) so that the flow has no box faces to
-# contract; whitening the data before the flow so that data-space steps are not limited by the
-# narrowest direction; a spline flow with more capacity. The 2-D double moon (tutorial 01) is the
-# setting where T2 with the jacobian preconditioner does empty the gaps (9x less gap mass).
+# What we have not tried: flows with smoother Jacobians (fewer, smaller coupling layers; spline
+# flows with more bins), longer runs of the identity sampler at beta well below 0.1, and T2 with
+# a temperature on the base density as well. The 2-D double moon (tutorial 01) is the setting
+# where T2 with the jacobian preconditioner does empty the gaps (9x less gap mass).
