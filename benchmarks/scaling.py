@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import zuko
 
-from step_cost import flow_pass
+from step_cost import best_time, flow_pass
 
 from pyro_nfmala import LatentFlow, get_preconditioner, init_state, mala_step, tempered_target
 
@@ -51,16 +51,22 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 DENSE_MAX_DIM = {1: 784, 256: 128}
 
 
-FLOWS = {
-    "NSF": lambda d: zuko.flows.NSF(d, transforms=3, hidden_features=(64, 64), passes=2),
-    "RealNVP": lambda d: zuko.flows.RealNVP(d, transforms=3, hidden_features=(64, 64)),
+FLOWS = {  # name: (zuko class, options), the same at every d
+    "NSF": (zuko.flows.NSF, dict(transforms=3, hidden_features=(64, 64), passes=2)),
+    "RealNVP": (zuko.flows.RealNVP, dict(transforms=3, hidden_features=(64, 64))),
 }
+
+
+def describe_flow(kind: str) -> str:
+    cls, options = FLOWS[kind]
+    return f"zuko {cls.__name__}(d, " + ", ".join(f"{key}={value}" for key, value in options.items()) + ")"
 
 
 def build_flow(kind: str, dim: int) -> LatentFlow:
     """The same architecture at every d: only the input and output layers grow."""
     torch.manual_seed(0)
-    return LatentFlow(FLOWS[kind](dim))
+    cls, options = FLOWS[kind]
+    return LatentFlow(cls(dim, **options))
 
 
 def _memory_kb(field: str) -> int:
@@ -69,18 +75,6 @@ def _memory_kb(field: str) -> int:
             if line.startswith(field):
                 return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def timed(fn, max_repeats: int, min_seconds: float) -> float:
-    """Median wall time of ``fn`` in ms, after one warm-up call: repeats until ``min_seconds``
-    have passed (at least once, at most ``max_repeats`` times)."""
-    fn()
-    times: list[float] = []
-    while not times or (len(times) < max_repeats and sum(times) < min_seconds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[len(times) // 2]
 
 
 def measure(kind: str, dim: int, num_chains: int, method: str, repeats: tuple[int, float], device: str, what: str = "time") -> float:
@@ -113,14 +107,14 @@ def measure(kind: str, dim: int, num_chains: int, method: str, repeats: tuple[in
             torch.cuda.synchronize()
 
         if what == "time":
-            return timed(run, *repeats)
+            return 1000 * best_time(run, *repeats)
         run()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         run()
         return max(torch.cuda.max_memory_allocated() - base, 0) / 2**20
     if what == "time":
-        return timed(step, *repeats)
+        return 1000 * best_time(step, *repeats)
     step()  # first-call set-up (e.g. the choice of JVP method) is not part of a step
     with open("/proc/self/clear_refs", "w") as refs:  # resets the peak (VmHWM) to the current RSS
         refs.write("5")
@@ -200,7 +194,7 @@ def main() -> None:
         "command": "python benchmarks/scaling.py" + (" --quick" if args.quick else ""),
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {args.device}, {args.threads} torch threads, torch {torch.__version__}",
-        "flows": {"NSF": "zuko NSF(d, transforms=3, hidden_features=(64, 64), passes=2)", "RealNVP": "zuko RealNVP(d, transforms=3, hidden_features=(64, 64))"},
+        "flows": {kind: describe_flow(kind) for kind in args.flows},
         "jvp_methods": {kind: build_flow(kind, 2).jvp_methods for kind in args.flows},
         "dense_cap_s": dense_cap,
         "total_s": time.perf_counter() - start,

@@ -27,11 +27,12 @@ from pyro_nfmala import LatentFlow, default_flow, get_preconditioner, init_state
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def best_time(fn, repeats: int) -> float:
-    """Median wall time of ``fn`` over ``repeats`` calls, after one warm-up call."""
+def best_time(fn, repeats: int, min_seconds: float = float("inf")) -> float:
+    """Median wall time of ``fn`` in seconds over ``repeats`` calls, after one warm-up call; with
+    ``min_seconds``, stops early once that much time has been measured (at least one call)."""
     fn()
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while not times or (len(times) < repeats and sum(times) < min_seconds):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
