@@ -22,6 +22,7 @@ from .precond import (
     JacobianPreconditioner,
     get_preconditioner,
 )
+from .tempering import TemperingPreview, preview_tempering, tempered_weights
 from .target import LatentTarget, ModelDensity, ParamLayout, PosteriorPullback, TemperedFlow, model_density
 
 __all__ = [
@@ -43,6 +44,9 @@ __all__ = [
     "sample_metrics",
     "save_flow",
     "tempered_target",
+    "tempered_weights",
+    "preview_tempering",
+    "TemperingPreview",
     "DenseJacobianPreconditioner",
     "FitResult",
     "ModelDensity",
