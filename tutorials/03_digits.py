@@ -425,8 +425,8 @@ print(f"figures written to {FIGURES}")
 # ## 9. What we measured
 #
 # Measured on 2026-11-29 (`python tutorials/03_digits.py`, 12.6 minutes on 2 cores, twice with the
-# same numbers): spline flow trained 3,000 steps in 172-175 s (NLL 10.87 nats per image in logit space; the RealNVP used before
-# reached 26.7); classifier accuracy 0.970 on held-out digits; 1,000 chains x 4 draws, 50 steps
+# same numbers): spline flow trained 3,000 steps in 172-175 s (NLL 10.87 nats per image in logit
+# space; the RealNVP used before reached 26.7); classifier accuracy 0.970 on held-out digits; 1,000 chains x 4 draws, 50 steps
 # apart, after 100 warmup steps (300 chains for the jacobian run); "preview" is T2's value
 # predicted from 20,000 weighted naive draws (section 3).
 #
@@ -461,8 +461,8 @@ print(f"figures written to {FIGURES}")
 # size 0.004 only move each chain up its own neighbourhood's flow density. The result depends on
 # K: `python benchmarks/digits_steps.py` (benchmarks/README.md) follows the same chains for 800
 # steps: 8.2% after 50 steps, 5.4% after 400 and 800 (2.9x lower than naive), with the worst class
-# drifting slowly from 2.3 to 3.4 points; a much longer run would drift towards T2's one-class
-# answer. At beta = 0.1 the same benchmark shows the chains at T2 from the end of warmup on.
+# drifting slowly, 1.9 to 2.6 points up to K = 200, 2.8 at 400, 3.4 at 800; a much longer run
+# would drift towards T2's one-class answer. At beta = 0.1 the same benchmark shows the chains at T2 from the end of warmup on.
 #
 # **The goal** (clearly fewer between-class samples than naive, class balance within a few
 # points) is met by the paper's procedure, beta = 1 with K of a few hundred steps (15.5% to 8.3%
