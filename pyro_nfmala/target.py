@@ -144,6 +144,14 @@ class PosteriorPullback(LatentTarget):
         return self.log_prob(x) + ladj, x, ladj
 
 
+def check_beta(beta: float) -> float:
+    """T2's inverse temperature as a float, or a ``ValueError`` unless it is finite and >= 0."""
+    beta = float(beta)
+    if not math.isfinite(beta) or beta < 0:
+        raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+    return beta
+
+
 class TemperedFlow(LatentTarget):
     r"""T2: :math:`\log \pi_\beta(z) = \log q_Z(z) - \beta\, \mathrm{ladj}(z)`.
 
@@ -160,11 +168,8 @@ class TemperedFlow(LatentTarget):
     """
 
     def __init__(self, flow: LatentFlow, beta: float = 1.0) -> None:
-        beta = float(beta)
-        if not math.isfinite(beta) or beta < 0:
-            raise ValueError(f"beta must be a finite number >= 0, got {beta}")
         self.flow = flow
-        self.beta = beta
+        self.beta = check_beta(beta)
 
     def log_density(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x, ladj = self.flow.to_data(z)

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from .flow import LatentFlow
+from .target import check_beta
 
 
 class TemperingPreview(NamedTuple):
@@ -69,14 +70,12 @@ def tempered_weights(ladj: Tensor, beta: float) -> tuple[Tensor, Tensor]:
         >>> [round(w, 6) for w in weights.tolist()], round(float(ess), 3)
         ([0.4, 0.4, 0.2], 2.778)
     """
-    beta = float(beta)
-    if not math.isfinite(beta) or beta < 0:
-        raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+    beta = check_beta(beta)
     ladj = ladj.double()
     finite = torch.isfinite(ladj)
     if not finite.any():
         raise ValueError("no draw has a finite log-determinant: the flow fails on its own latent draws")
-    log_weights = torch.where(finite, -beta * torch.where(finite, ladj, 0.0), -math.inf)
+    log_weights = torch.where(finite, -beta * ladj, -math.inf)
     weights = torch.softmax(log_weights, dim=-1)
     return weights, 1 / weights.square().sum()
 

@@ -266,20 +266,18 @@ probe_flow = load_flow(path).to(dtype=torch.float64)
 probe_target = tempered_target(probe_flow, JACOBIAN_BETA)
 probe_z = torch.randn(JACOBIAN_CHAINS, 64, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
 probe_steps = np.logspace(-8, -1, 8)
-probe = {}
-for name in ("identity", "jacobian"):
+
+
+def one_step_acceptance(name: str, z: torch.Tensor) -> torch.Tensor:
+    """Acceptance probability of one step of preconditioner ``name`` from each z, by step size: (steps, draws)."""
     precond = get_preconditioner(name)
-    state = init_state(probe_target, precond, probe_z)
-    probe[name] = [
-        float(mala_step(state, probe_target, precond, eps, generator=torch.Generator().manual_seed(5))[1].accept_prob.mean())
-        for eps in probe_steps
-    ]
+    state = init_state(probe_target, precond, z)
+    return torch.stack([mala_step(state, probe_target, precond, eps, generator=torch.Generator().manual_seed(5))[1].accept_prob for eps in probe_steps])
+
+
+probe = {name: one_step_acceptance(name, probe_z).mean(-1).tolist() for name in ("identity", "jacobian")}
 # the matrix-free and dense jacobian proposals on the same draws: one number should come out twice
-same = {}
-for name in ("jacobian", "dense_jacobian"):
-    precond = get_preconditioner(name)
-    state = init_state(probe_target, precond, probe_z[: len(probe_z) // 6 or 1])
-    same[name] = torch.stack([mala_step(state, probe_target, precond, eps, generator=torch.Generator().manual_seed(5))[1].accept_prob for eps in probe_steps])
+same = {name: one_step_acceptance(name, probe_z[: len(probe_z) // 6 or 1]) for name in ("jacobian", "dense_jacobian")}
 print(f"matrix-free against dense jacobian, same {same['jacobian'].shape[1]} draws and noise: largest difference in acceptance probability {float((same['jacobian'] - same['dense_jacobian']).abs().max()):.1e}")
 probe[f"dense_jacobian ({same['jacobian'].shape[1]} of the draws)"] = same["dense_jacobian"].mean(-1).tolist()
 
