@@ -44,21 +44,17 @@ from pyro.infer import MCMC, NUTS
 from pyro_nfmala import (
     ChainSampler,
     LatentFlow,
+    PosteriorPullback,
+    TemperedFlow,
     default_flow,
     fit_flow_to_model,
     fit_flow_to_samples,
-    gap_mass,
-    gap_threshold,
     identity_flow,
-    mode_weights,
-    model_density,
-    posterior_target,
-    tempered_target,
 )
-from pyro_nfmala.baselines import constrained_samples
-from pyro_nfmala.metrics import energy_distance
-from pyro_nfmala.posteriordb import eight_schools_centered, load_data, load_reference, standardized_errors
-from pyro_nfmala.toys import Banana, DoubleMoon, GaussianMixture, GaussianRing, NealFunnel
+from pyro_nfmala.examples.metrics import energy_distance, gap_mass, gap_threshold, mode_weights
+from pyro_nfmala.examples.posteriordb import eight_schools_centered, load_data, load_reference, standardized_errors
+from pyro_nfmala.examples.toys import Banana, DoubleMoon, GaussianMixture, GaussianRing, NealFunnel
+from pyro_nfmala.model import model_density
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_CHAINS = 4
@@ -269,7 +265,7 @@ def score(target: Target, run: Run, threshold: float | None) -> dict:
         row["gap_mass"] = gap_mass(flat, target.toy, threshold)
     if target.name == "eight_schools":
         density = target.extra["density"]
-        samples = {name: value.numpy() for name, value in constrained_samples(density, x.float()).items()}
+        samples = {name: value.numpy() for name, value in density.constrain(x.float()).items()}
         errors = standardized_errors(samples, target.extra["posteriordb"])
         row["worst_mean_error"] = max(abs(e["mean_error"]) for e in errors.values())
         row["worst_sd_error"] = max(abs(e["sd_error"]) for e in errors.values())
@@ -302,13 +298,13 @@ def run_target(target: Target, flow, budget: Budget) -> dict[str, dict]:
     runs: dict[str, Run] = {}
     if not target.one_mode:
         runs["naive flow"] = naive(latent_flow, budget)
-    exact = posterior_target(latent_flow, target.log_prob, target.dim)
+    exact = PosteriorPullback(latent_flow, target.log_prob, target.dim)
     for preconditioner in ["identity", "jacobian"]:
         runs[f"NFMALA {preconditioner} (T1)"] = run_chain_sampler(exact, latent_flow, z0, budget, preconditioner)
     if target.tempered:
-        runs["NFMALA jacobian (T2, beta=1)"] = run_chain_sampler(tempered_target(latent_flow, 1.0), latent_flow, z0, budget, "jacobian")
+        runs["NFMALA jacobian (T2, beta=1)"] = run_chain_sampler(TemperedFlow(latent_flow, 1.0), latent_flow, z0, budget, "jacobian")
     plain = LatentFlow(identity_flow(target.dim))
-    runs["plain MALA"] = run_chain_sampler(posterior_target(plain, target.log_prob, target.dim), plain, x0, budget, "identity")
+    runs["plain MALA"] = run_chain_sampler(PosteriorPullback(plain, target.log_prob, target.dim), plain, x0, budget, "identity")
     pyro.set_rng_seed(6)
     runs["NUTS"] = nuts_on_target(target, x0, budget)
     if not target.one_mode:

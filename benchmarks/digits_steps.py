@@ -20,7 +20,7 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
-from pyro_nfmala import ChainSampler, load_flow, preview_tempering, tempered_target
+from pyro_nfmala import ChainSampler, TemperedFlow, load_flow, preview_tempering
 
 torch.set_num_threads(2)
 FLOW = Path(__file__).resolve().parents[1] / "tutorials" / "outputs" / "03_digits_flow.pt"
@@ -52,7 +52,7 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     preview = preview_tempering(flow, BETAS, num_samples=20_000, generator=torch.Generator().manual_seed(2))
     for row, beta in enumerate(BETAS):
-        sampler = ChainSampler(tempered_target(flow, beta), NUM_CHAINS, preconditioner="identity", seed=1)
+        sampler = ChainSampler(TemperedFlow(flow, beta), NUM_CHAINS, preconditioner="identity", seed=1)
         sampler.warmup(WARMUP, progress=False)
         done = 0
         for k in CHECKPOINTS:

@@ -20,7 +20,7 @@ import zuko
 
 from pyro.infer import MCMC
 
-from pyro_nfmala import NFMALA, ChainSampler, posterior_target
+from pyro_nfmala import NFMALA, ChainSampler, PosteriorPullback
 
 
 def model(data):
@@ -38,7 +38,7 @@ def main() -> int:
     for dtype in (torch.float32, torch.float64):
         for preconditioner in ("identity", "jacobian"):
             flow = zuko.flows.NSF(4, transforms=2, passes=2).to(device=device, dtype=dtype)
-            target = posterior_target(flow, lambda x: -0.5 * x.square().sum(-1))
+            target = PosteriorPullback(flow, lambda x: -0.5 * x.square().sum(-1))
             start = time.perf_counter()
             idata = ChainSampler(target, 4096, preconditioner=preconditioner, seed=0).run(100, 100, progress=False)
             x = torch.as_tensor(idata.posterior["x"].values)

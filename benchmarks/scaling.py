@@ -40,7 +40,9 @@ import zuko
 
 from step_cost import best_time, flow_pass
 
-from pyro_nfmala import LatentFlow, get_preconditioner, init_state, mala_step, tempered_target
+from pyro_nfmala import LatentFlow, TemperedFlow
+from pyro_nfmala.mala import init_state, mala_step
+from pyro_nfmala.precond import get_preconditioner
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("flow_pass", "identity", "jacobian", "dense_jacobian")
@@ -93,7 +95,7 @@ def measure(kind: str, dim: int, num_chains: int, method: str, repeats: tuple[in
             flow_pass(flow, z)
 
     else:
-        target = tempered_target(flow, beta=1.0)
+        target = TemperedFlow(flow, beta=1.0)
         precond = get_preconditioner(method)
         state = init_state(target, precond, z)
 

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from pyro_nfmala import LatentFlow, default_flow, get_preconditioner, init_state, mala_step, tempered_target
+from pyro_nfmala import LatentFlow, TemperedFlow, default_flow
+from pyro_nfmala.mala import init_state, mala_step
+from pyro_nfmala.precond import get_preconditioner
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -47,7 +49,7 @@ def flow_pass(flow: LatentFlow, z: torch.Tensor) -> None:
 
 def measure(num_chains: int, repeats: int, flow: LatentFlow) -> dict:
     torch.manual_seed(0)
-    target = tempered_target(flow, beta=1.0)
+    target = TemperedFlow(flow, beta=1.0)
     z = torch.randn(num_chains, 2)
     row = {"num_chains": num_chains, "flow_pass_ms": 1000 * best_time(lambda: flow_pass(flow, z), repeats)}
     for name in ("identity", "jacobian"):

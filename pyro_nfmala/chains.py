@@ -1,9 +1,10 @@
-r"""Vectorized many-chain driver: the kernel's step math on a ``(chains, d)`` batch.
+r"""The batch sampler: many latent MALA chains as one ``(chains, d)`` batch, without Pyro's driver.
 
 Pyro's :class:`~pyro.infer.MCMC` runs one chain per process. Sampling a trained flow for
 thousands of particles wants all chains as one batch, on the flow's device and dtype:
-:class:`ChainSampler` does that for any latent target (T1 or T2) and either preconditioner,
-with its own warmup, and returns ArviZ data with a real chain dimension.
+:class:`ChainSampler` does that for any latent target (T1 or T2) and any preconditioner, with
+the same step, warmup, statistics and warnings as :class:`~pyro_nfmala.NFMALA` (both are front
+ends on :class:`~pyro_nfmala.driver.Driver`), and returns ArviZ data with a real chain dimension.
 
 Step-size adaptation is **shared** by default: dual averaging is fed the mean acceptance
 probability over all chains, which is nearly noise-free with many chains, so it converges in
@@ -12,69 +13,48 @@ compares like with like). ``adapt="per_chain"`` adapts one step size per chain i
 targets whose chains sit in regions of very different scales. Either way the step size is
 fixed after warmup, so the sampling phase is an exact MCMC kernel for each chain.
 
+The paper's own procedure (``N`` chains from naive draws, ``K`` steps, keep the last states)
+is :meth:`ChainSampler.warmup` then :meth:`ChainSampler.advance`.
+
 Example:
-    >>> flow = zuko.flows.RealNVP(2)
-    >>> sampler = ChainSampler(tempered_target(flow, beta=1.0), num_chains=64, seed=0)
+    >>> sampler = ChainSampler(TemperedFlow(zuko.flows.RealNVP(2), beta=1.0), num_chains=64, seed=0)
     >>> idata = sampler.run(num_samples=20, warmup_steps=20, progress=False)
     >>> idata.posterior["x"].shape
     (64, 20, 2)
+    >>> sampler.advance(10, progress=False).x.shape  # the paper's way: the last states
+    torch.Size([64, 2])
 """
 
 from __future__ import annotations
 
-__all__ = ["ChainSampler", "final_states", "posterior_target", "sample_chains", "tempered_target"]
+__all__ = ["ChainSampler"]
 
-import logging
 import warnings
 
-from collections.abc import Callable
-
-import numpy as np
 import torch
 
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .adaptation import StepSizeAdapter, find_reasonable_step_size
 from .arviz import SAMPLE_STATS, from_arrays
-from .flow import LatentFlow
-from .kernel import DIVERGENCE_WARNING_RATE
-from .mala import MALAState, init_state, mala_step
-from .precond import get_preconditioner
-from .target import LatentTarget, PosteriorPullback, TemperedFlow
-
-logger = logging.getLogger(__name__)
-
-
-def _latent_flow(flow) -> LatentFlow:
-    return flow if isinstance(flow, LatentFlow) else LatentFlow(flow)
-
-
-def tempered_target(flow, beta: float = 1.0) -> TemperedFlow:
-    r"""T2 for a trained flow: :math:`\log q_Z(z) - \beta\, \mathrm{ladj}(z)`."""
-    return TemperedFlow(_latent_flow(flow), beta)
-
-
-def posterior_target(flow, log_prob: Callable[[Tensor], Tensor], dim: int | None = None) -> PosteriorPullback:
-    r"""T1 for a batched log density on data space: :math:`\log \pi_X(f(z)) + \mathrm{ladj}(z)`.
-
-    ``dim``, when given, is checked against the flow's dimension.
-    """
-    flow = _latent_flow(flow)
-    if dim is not None and dim != flow.dim:
-        raise ValueError(f"the flow has dimension {flow.dim} but the target has dimension {dim}")
-    return PosteriorPullback(flow, log_prob)
+from .driver import DEFAULT_PRECONDITIONER, Driver, check_num_chains, check_step_size
+from .mala import MALAState, StepInfo
+from .precond import Preconditioner
+from .target import LatentTarget
 
 
 class ChainSampler:
     r"""Many MALA chains in the latent space of a flow, as one batch.
 
     Arguments:
-        target: A latent target (:func:`tempered_target`, :func:`posterior_target`).
+        target: A latent target (:class:`~pyro_nfmala.PosteriorPullback`,
+            :class:`~pyro_nfmala.TemperedFlow`).
         num_chains: Number of chains, at least 1.
-        preconditioner: ``"jacobian"`` (default, the paper's Jacobian-aware dynamics),
-            ``"identity"``, ``"dense_jacobian"``, or a preconditioner object.
-        step_size: Initial step size; ``None`` finds one per chain by doubling/halving.
+        preconditioner: ``"identity"`` (default), ``"jacobian"`` (the Jacobian-aware dynamics of
+            Coeurdoux et al., for the tempered target), ``"dense_jacobian"``, or a
+            :class:`~pyro_nfmala.precond.Preconditioner`.
+        step_size: Initial step size; ``None`` finds one by doubling/halving (per chain, or
+            their median when adaptation is shared).
         target_accept_prob: Acceptance probability adaptation aims at.
         adapt: ``"shared"`` (one step size for all chains) or ``"per_chain"``.
         initial_z: Initial latents ``(num_chains, d)``; by default :math:`z_0 \sim q_Z`.
@@ -82,7 +62,7 @@ class ChainSampler:
             (on the same machine and device).
 
     The current state (``state``) and step sizes (``step_size``) persist between calls, so
-    :meth:`warmup` and :meth:`sample` can be called again to continue a run.
+    :meth:`warmup`, :meth:`sample` and :meth:`advance` can be called again to continue a run.
     """
 
     def __init__(
@@ -90,48 +70,71 @@ class ChainSampler:
         target: LatentTarget,
         num_chains: int,
         *,
-        preconditioner="jacobian",
+        preconditioner: str | Preconditioner = DEFAULT_PRECONDITIONER,
         step_size: float | None = None,
         target_accept_prob: float = 0.574,
         adapt: str = "shared",
         initial_z: Tensor | None = None,
         seed: int | None = None,
     ) -> None:
+        step_size = check_step_size(step_size)
         if not isinstance(target, LatentTarget):
-            raise TypeError(f"target must be a LatentTarget (see tempered_target, posterior_target), got {type(target).__name__}")
-        if not isinstance(num_chains, int) or num_chains < 1:
-            raise ValueError(f"num_chains must be an integer >= 1, got {num_chains!r}")
-        if step_size is not None and not (step_size > 0 and np.isfinite(step_size)):
-            raise ValueError(f"step_size must be a finite number > 0 (or None), got {step_size!r}")
-        if not 0 < target_accept_prob < 1:
-            raise ValueError(f"target_accept_prob must lie in (0, 1), got {target_accept_prob!r}")
-        if adapt not in ("shared", "per_chain"):
-            raise ValueError(f"adapt must be 'shared' or 'per_chain', got {adapt!r}")
+            raise TypeError(
+                f"target must be a LatentTarget (PosteriorPullback, TemperedFlow), got {type(target).__name__}"
+            )
         self.target = target
         self.flow = target.flow
-        self.num_chains = num_chains
-        self.preconditioner = get_preconditioner(preconditioner) if isinstance(preconditioner, str) else preconditioner
-        self.target_accept_prob = target_accept_prob
-        self.adapt = adapt
+        self.num_chains = check_num_chains(num_chains)
         self.generator = torch.Generator(device=self.flow.device)
-        if seed is None:
-            seed = int(torch.randint(2**62, ()))
-        self.generator.manual_seed(seed)
+        self.generator.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
+        self._driver = Driver(
+            target,
+            self.num_chains,
+            preconditioner=preconditioner,
+            target_accept_prob=target_accept_prob,
+            adapt=adapt,
+            generator=self.generator,
+            label="ChainSampler",
+        )
+        if initial_z is None:
+            z0 = self.flow.sample_base((self.num_chains,), self.generator)
+        else:
+            z0 = self._check_initial_z(initial_z)
+        self._driver.start(z0, step_size=step_size, search_from=1.0 if step_size is None else None)
+        self._reported = self._driver.checkpoint()
 
-        z0 = self._check_initial_z(initial_z) if initial_z is not None else self.flow.sample_base((num_chains,), self.generator)
-        self.state: MALAState = init_state(target, self.preconditioner, z0)
-        bad = ~torch.isfinite(self.state.log_density)
-        if bad.any():
-            raise ValueError(
-                f"{int(bad.sum())} of {num_chains} initial states have a non-finite log density: "
-                "pass finite initial_z"
-            )
-        if step_size is None:
-            step_size = find_reasonable_step_size(self.state, target, self.preconditioner, generator=self.generator)
-            step_size = step_size.median().expand(num_chains) if adapt == "shared" else step_size
-        self.step_size = torch.as_tensor(step_size, dtype=self.flow.dtype, device=self.flow.device).expand(num_chains).clone()
-        self.num_divergent = 0
-        self.num_steps = 0
+    @property
+    def preconditioner(self) -> Preconditioner:
+        return self._driver.preconditioner
+
+    @property
+    def adapt(self) -> str:
+        return self._driver.adapt
+
+    @property
+    def state(self) -> MALAState:
+        """The chains' current state (``z``, ``x = f(z)``, log density, gradient, ...)."""
+        return self._driver.state
+
+    @property
+    def step_size(self) -> Tensor:
+        """The step size of each chain, ``(num_chains,)``."""
+        return self._driver.step_size
+
+    @property
+    def num_steps(self) -> int:
+        """Steps made so far, warmup included."""
+        return self._driver.counts["steps"]
+
+    @property
+    def num_divergent(self) -> int:
+        """Divergent (rejected non-finite or failed) proposals so far, warmup included."""
+        return self._driver.counts["warmup_divergent"] + self._driver.counts["divergent"]
+
+    @property
+    def num_errors(self) -> int:
+        """Evaluations that raised a numerical error so far (each failing batch or half-batch counts once)."""
+        return self._driver.counts["errors"]
 
     def _check_initial_z(self, z: Tensor) -> Tensor:
         if not isinstance(z, Tensor):
@@ -145,34 +148,40 @@ class ChainSampler:
             raise ValueError(f"initial_z is on {z.device} but the flow is on {self.flow.device}")
         return z
 
-    def _step(self):
-        self.state, info = mala_step(self.state, self.target, self.preconditioner, self.step_size, generator=self.generator)
-        self.num_steps += 1
-        self.num_divergent += int(info.diverging.sum())
-        return info
+    def _report(self) -> None:
+        self._driver.warn_divergences(self._reported, stacklevel=4)
+        self._reported = self._driver.checkpoint()
 
     def warmup(self, num_steps: int, *, adapt_step_size: bool = True, progress: bool = True) -> Tensor:
-        """Runs ``num_steps`` steps adapting the step size by dual averaging; returns the final step sizes."""
-        if num_steps < 0:
-            raise ValueError(f"num_steps must be >= 0, got {num_steps}")
-        if num_steps == 0:
-            return self.step_size
-        initial = self.step_size if self.adapt == "per_chain" else self.step_size[0]
-        adapter = StepSizeAdapter(initial.double().cpu(), self.target_accept_prob)
+        """Runs ``num_steps`` steps adapting the step size by dual averaging; returns the final step sizes.
+
+        Interrupted (Ctrl-C), it keeps the step size adapted so far, fixed, and the state.
+        """
+        self._driver.begin_warmup(num_steps, adapt_step_size=adapt_step_size)
         bar = tqdm(range(num_steps), desc="warmup", disable=not progress)
         try:
             for _ in bar:
-                info = self._step()
-                if adapt_step_size:
-                    accept = info.accept_prob.double().cpu()
-                    new = adapter.update(accept if self.adapt == "per_chain" else accept.mean())
-                    self.step_size = new.to(self.step_size).expand(self.num_chains).clone()
-                bar.set_postfix({"acc. prob": f"{float(info.accept_prob.mean()):.3f}", "step size": f"{float(self.step_size.median()):.2e}"}, refresh=False)
-        finally:  # also on KeyboardInterrupt: keep the adapted step size so far, and the state
+                info = self._driver.step()
+                bar.set_postfix(
+                    {"acc. prob": f"{float(info.accept_prob.mean()):.3f}", "step size": f"{float(self.step_size.median()):.2e}"},
+                    refresh=False,
+                )
+        finally:
             bar.close()
-            if adapt_step_size:
-                self.step_size = adapter.final().to(self.step_size).expand(self.num_chains).clone()
+            self._driver.end_warmup()
+        self._report()
         return self.step_size
+
+    def _run(self, num_steps: int, desc: str, progress: bool):
+        """Steps at fixed step size, yielding each step's :class:`~pyro_nfmala.mala.StepInfo`."""
+        bar = tqdm(range(num_steps), desc=desc, disable=not progress)
+        try:
+            for _ in bar:
+                info: StepInfo = self._driver.step()
+                bar.set_postfix({"acc. prob": f"{float(info.accept_prob.mean()):.3f}"}, refresh=False)
+                yield info
+        finally:
+            bar.close()
 
     def sample(self, num_samples: int, *, thin: int = 1, keep_latent: bool = True, progress: bool = True):
         """Runs ``num_samples * thin`` steps at fixed step size; returns ArviZ data of every ``thin``-th state.
@@ -190,23 +199,16 @@ class ChainSampler:
             raise ValueError(f"num_samples and thin must be >= 1, got {num_samples} and {thin}")
         draws_x, draws_z = [], []
         stats = {name: [] for name in SAMPLE_STATS}
-        divergent_before, steps_before = self.num_divergent, self.num_steps
-        bar = tqdm(range(num_samples * thin), desc="sampling", disable=not progress)
         try:
-            for i in bar:
-                info = self._step()
+            for i, info in enumerate(self._run(num_samples * thin, "sampling", progress)):
                 if (i + 1) % thin:
                     continue
                 draws_x.append(self.state.x.cpu())
                 if keep_latent:
                     draws_z.append(self.state.z.cpu())
-                stats["accept_prob"].append(info.accept_prob.cpu())
-                stats["step_size"].append(self.step_size.cpu())
-                stats["diverging"].append(info.diverging.cpu())
-                stats["lp"].append((self.state.log_density - self.state.ladj).cpu())
-                bar.set_postfix({"acc. prob": f"{float(info.accept_prob.mean()):.3f}"}, refresh=False)
+                for name, value in self._driver.stats(info).items():
+                    stats[name].append(value.cpu())
         except KeyboardInterrupt:
-            bar.close()
             kept = min(len(values) for values in [draws_x, *stats.values()] + ([draws_z] if keep_latent else []))
             if kept == 0:
                 raise
@@ -218,7 +220,7 @@ class ChainSampler:
                 UserWarning,
                 stacklevel=2,
             )
-        self._warn_divergences(self.num_divergent - divergent_before, self.num_steps - steps_before)
+        self._report()
 
         def stack(values):  # list of (chains, ...) -> (chains, draws, ...)
             return torch.stack(values, dim=1).numpy()
@@ -233,53 +235,12 @@ class ChainSampler:
 
     def advance(self, num_steps: int, *, progress: bool = True) -> MALAState:
         """Runs ``num_steps`` steps at fixed step size without recording them; returns the state."""
-        steps_before, divergent_before = self.num_steps, self.num_divergent
-        for _ in tqdm(range(num_steps), desc="sampling", disable=not progress):
-            self._step()
-        self._warn_divergences(self.num_divergent - divergent_before, self.num_steps - steps_before)
+        for _ in self._run(num_steps, "sampling", progress):
+            pass
+        self._report()
         return self.state
 
     def run(self, num_samples: int, warmup_steps: int = 500, **kwargs):
         """:meth:`warmup` then :meth:`sample`; keyword arguments go to :meth:`sample` (and ``progress`` to both)."""
         self.warmup(warmup_steps, progress=kwargs.get("progress", True))
         return self.sample(num_samples, **kwargs)
-
-    def _warn_divergences(self, divergent: int, steps: int) -> None:
-        proposals = steps * self.num_chains
-        if proposals and divergent > DIVERGENCE_WARNING_RATE * proposals:
-            warnings.warn(
-                f"{divergent} of {proposals} proposals were divergent (non-finite log density or "
-                "gradient, or an error in the target or the flow) and were rejected",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-
-
-def sample_chains(target: LatentTarget, num_chains: int, num_samples: int, warmup_steps: int = 500, **kwargs):
-    """Builds a :class:`ChainSampler` and runs it; returns ArviZ data with a chain dimension.
-
-    Keyword arguments go to :class:`ChainSampler` (``preconditioner``, ``seed``, ...) or to
-    :meth:`ChainSampler.sample` (``thin``, ``keep_latent``, ``progress``).
-    """
-    run_options = {key: kwargs.pop(key) for key in ("thin", "keep_latent", "progress") if key in kwargs}
-    return ChainSampler(target, num_chains, **kwargs).run(num_samples, warmup_steps, **run_options)
-
-
-def final_states(
-    target: LatentTarget,
-    num_chains: int,
-    num_steps: int,
-    warmup_steps: int = 100,
-    *,
-    progress: bool = True,
-    **kwargs,
-) -> Tensor:
-    r"""The paper's way: ``num_chains`` chains from :math:`z_0 \sim q_Z`, ``num_steps`` steps,
-    then the final states mapped back, :math:`x = f(z_K)`: a ``(num_chains, d)`` tensor.
-
-    The first ``warmup_steps`` of the run adapt the step size; the last ``num_steps`` use it
-    fixed. Keyword arguments go to :class:`ChainSampler`.
-    """
-    sampler = ChainSampler(target, num_chains, **kwargs)
-    sampler.warmup(warmup_steps, progress=progress)
-    return sampler.advance(num_steps, progress=progress).x

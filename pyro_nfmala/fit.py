@@ -11,15 +11,21 @@ minus the ELBO. A poorly fitted flow never makes NFMALA wrong (the T1 target is 
 flow); it makes the latent target far from :math:`N(0, I)`, so chains mix slower: small
 adapted step sizes and low ESS per draw are the signs to look for.
 
+A step whose loss or gradient is not finite is skipped; when no step of the first
+:data:`MAX_NONFINITE_STEPS` is finite, or the flow's parameters end non-finite, the fit raises
+(the usual cause: a posterior that is improper, or not finite where the flow puts its mass).
+
 The flow's latent-to-data direction is used for training and sampling alike: prefer coupling
 flows (``RealNVP``, ``NSF(..., passes=2)``), which are one pass in both directions.
 """
 
 from __future__ import annotations
 
-__all__ = ["FitResult", "default_flow", "identity_flow", "fit_flow", "fit_flow_to_model", "fit_flow_to_samples", "load_flow", "save_flow"]
+__all__ = ["FitResult", "fit_flow", "fit_flow_to_model", "fit_flow_to_samples"]
 
 import logging
+import math
+import warnings
 
 from collections.abc import Callable
 from typing import NamedTuple
@@ -30,9 +36,13 @@ import zuko
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .target import model_density
+from .flows import default_flow
+from .model import model_density
 
 logger = logging.getLogger(__name__)
+
+#: A fit raises when this many steps in a row (from the start) have a non-finite loss.
+MAX_NONFINITE_STEPS = 100
 
 
 class FitResult(NamedTuple):
@@ -40,58 +50,6 @@ class FitResult(NamedTuple):
 
     flow: zuko.flows.Flow
     losses: list[float]
-
-
-def default_flow(dim: int, kind: str = "spline", **kwargs) -> zuko.flows.Flow:
-    r"""A coupling flow sized by dimension: one pass in both directions.
-
-    - ``kind="spline"``: ``NSF(dim, passes=2)``, monotonic rational-quadratic splines on
-      :math:`[-5, 5]` (identity outside). Flexible shapes (several modes, curved ridges) for
-      standardized data: the default for :func:`fit_flow_to_samples`.
-    - ``kind="affine"``: ``RealNVP(dim)``, affine coupling with unbounded shifts and scales. It
-      rescales whole coordinates as functions of the others (a funnel's :math:`\theta \mid \tau`)
-      and reaches parameters far from the origin: the default for :func:`fit_flow_to_model`.
-
-    ``hidden_features`` and ``transforms`` grow mildly with ``dim``; keyword arguments
-    override the defaults.
-
-    Example:
-        >>> default_flow(3)().sample().shape
-        torch.Size([3])
-        >>> default_flow(3, kind="affine")().sample().shape
-        torch.Size([3])
-    """
-    width = 64 if dim <= 8 else 128 if dim <= 64 else 256
-    if kind == "spline":
-        options = dict(transforms=3 if dim <= 2 else 4, hidden_features=(width, width))
-        if dim > 1:
-            options["passes"] = 2
-        options.update(kwargs)
-        return zuko.flows.NSF(dim, **options)
-    if kind == "affine":
-        options = dict(transforms=6, hidden_features=(width, width))
-        options.update(kwargs)
-        return zuko.flows.RealNVP(dim, **options)
-    raise ValueError(f"unknown flow kind {kind!r}: expected 'spline' or 'affine'")
-
-
-def identity_flow(dim: int) -> zuko.flows.Flow:
-    """The identity map as a zuko flow (an element-wise affine map with zero shift and log-scale).
-
-    NFMALA with this flow is plain MALA on the target itself: the baseline that shows what a
-    fitted flow buys.
-
-    Example:
-        >>> flow = identity_flow(3)
-        >>> z = torch.randn(5, 3)
-        >>> torch.equal(flow().transform.inv(z), z)
-        True
-    """
-    transform = zuko.flows.ElementWiseTransform(dim)
-    for parameter in transform.phi:
-        torch.nn.init.zeros_(parameter)
-    base = zuko.flows.UnconditionalDistribution(zuko.distributions.DiagNormal, torch.zeros(dim), torch.ones(dim), buffer=True)
-    return zuko.flows.Flow([transform], base)
 
 
 def fit_flow(
@@ -127,24 +85,57 @@ def fit_flow(
     losses: list[float] = []
     flow.train()
     bar = tqdm(range(num_steps), desc="fitting flow", disable=not progress)
-    for _ in bar:
+    for step in bar:
         distribution = flow()
         z = distribution.base.rsample((num_particles,))
         x, ladj = distribution.transform.inv.call_and_ladj(z)
         loss = (distribution.base.log_prob(z) - log_prob(x) - ladj).mean()
-        if not torch.isfinite(loss):
-            logger.debug("skipping a step with a non-finite loss")
-            losses.append(float("nan"))
-            continue
         optimizer.zero_grad()
-        loss.backward()
+        if torch.isfinite(loss):
+            loss.backward()
+        if not torch.isfinite(loss) or not _finite_gradients(flow):
+            losses.append(float("nan"))
+            if step + 1 == MAX_NONFINITE_STEPS and all(math.isnan(value) for value in losses):
+                bar.close()
+                raise FloatingPointError(_nonfinite_message(MAX_NONFINITE_STEPS))
+            continue
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
         if len(losses) % 25 == 0:
             bar.set_postfix(loss=f"{sum(losses[-25:]) / 25:.3f}")
     flow.eval()
+    _check_fit(flow, losses)
     return FitResult(flow, losses)
+
+
+def _finite_gradients(flow: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p.grad).all()) for p in flow.parameters() if p.grad is not None)
+
+
+def _nonfinite_message(steps: int) -> str:
+    return (
+        f"the loss (minus the ELBO) or its gradient was not finite in any of {steps} steps: the target's "
+        "log density is not finite where the flow puts its mass, or the posterior is improper (e.g. a flat "
+        "prior on a parameter that the data do not constrain). Check the model, or start the flow nearer "
+        "the posterior."
+    )
+
+
+def _check_fit(flow: torch.nn.Module, losses: list[float]) -> None:
+    """Raises when no step was finite or the parameters are not; warns when most steps were skipped."""
+    skipped = sum(math.isnan(value) for value in losses)
+    if skipped == len(losses):
+        raise FloatingPointError(_nonfinite_message(len(losses)))
+    if not all(bool(torch.isfinite(p).all()) for p in flow.parameters()):
+        raise FloatingPointError("the flow's parameters became non-finite during the fit: lower lr")
+    if skipped > len(losses) // 2:
+        warnings.warn(
+            f"{skipped} of {len(losses)} fitting steps had a non-finite loss or gradient and were skipped: "
+            "the fit may be poor",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def fit_flow_to_model(
@@ -162,9 +153,7 @@ def fit_flow_to_model(
     The layout is the one :class:`~pyro_nfmala.NFMALA` uses, so the fitted flow plugs
     straight into ``NFMALA(model, flow=result.flow)``. With ``flow=None``, an affine coupling
     flow of the model's dimension is built (:func:`default_flow` with ``kind="affine"``).
-    The defaults (3,000 steps of 64 particles) take about 25 s on 2 CPU cores for the
-    10-dimensional eight-schools model; the model is evaluated for all particles in one
-    vectorized run when it allows it.
+    The model is evaluated for all particles in one vectorized run when it allows it.
 
     Reverse KL is mode-seeking: a fitted flow tends to be too narrow (in a funnel, it misses
     the neck). NFMALA stays exact (T1), but the chains mix slower where the flow is poor: look
@@ -220,30 +209,3 @@ def fit_flow_to_samples(
             bar.set_postfix(nll=f"{sum(losses[-25:]) / 25:.3f}")
     flow.eval()
     return FitResult(flow, losses)
-
-
-def save_flow(flow: zuko.flows.Flow, path, **metadata) -> None:
-    """Saves a zuko flow module, architecture and weights, with optional ``metadata`` (e.g. its loss history).
-
-    The file is a :func:`torch.save` pickle: load only files you trust.
-    """
-    torch.save({"flow": flow, "metadata": metadata, "format": "pyro_nfmala.flow/1"}, path)
-
-
-def load_flow(path, map_location=None, *, with_metadata: bool = False):
-    """Loads a flow written by :func:`save_flow` (in ``eval()`` mode); optionally with its metadata.
-
-    Example:
-        >>> import tempfile, os
-        >>> path = os.path.join(tempfile.mkdtemp(), "flow.pt")
-        >>> save_flow(zuko.flows.RealNVP(2), path, note="demo")
-        >>> flow, metadata = load_flow(path, with_metadata=True)
-        >>> metadata
-        {'note': 'demo'}
-    """
-    # weights_only=False: the file holds the module itself (trusted files only, see save_flow).
-    payload = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(payload, dict) or payload.get("format") != "pyro_nfmala.flow/1":
-        raise ValueError(f"{path} was not written by pyro_nfmala.save_flow")
-    flow = payload["flow"].eval()
-    return (flow, payload["metadata"]) if with_metadata else flow

@@ -18,19 +18,22 @@ double-backward identity :math:`J v = \nabla_u (u^T J) v`, which works with plai
 :mod:`torch.autograd` and hence with every zuko flow, including those built on custom
 autograd functions (NAF, UNAF, ...), where :mod:`torch.func` fails.
 
-Freezing: :class:`LatentFlow` keeps a private deep copy of the user's module, in
-``eval()`` mode with ``requires_grad_(False)``. The user's module is never modified, and
-training it further does not change a sampler already built on it.
+Freezing: :class:`LatentFlow` keeps a private deep copy of the user's flow (a zuko module or
+the :class:`~zuko.distributions.NormalizingFlow` it builds), in ``eval()`` mode with every
+parameter detached from autograd. The user's flow is never modified, and training it further
+does not change a sampler already built on it. A flow with a non-finite parameter is refused.
 """
 
 from __future__ import annotations
 
-__all__ = ["LatentFlow", "jvp", "vjp"]
+__all__ = ["LatentFlow", "as_latent_flow", "jvp", "vjp"]
 
 import copy
+import functools
+import types
 import warnings
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -119,6 +122,97 @@ _JVP_METHODS = {
 }
 
 
+def _reachable(root: object) -> Iterator[object]:
+    """Every tensor and module reachable from ``root`` through attributes, containers, partials,
+    bound methods and closures (each once)."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or obj is None or isinstance(obj, (str, bytes, int, float, complex, bool, type)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, Tensor):
+            yield obj
+            continue
+        if isinstance(obj, nn.Module):
+            yield obj
+        if isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, functools.partial):
+            stack.extend([obj.func, *obj.args, *obj.keywords.values()])
+        elif isinstance(obj, types.MethodType):
+            stack.extend([obj.__self__, obj.__func__])
+        elif isinstance(obj, types.FunctionType):
+            stack.extend(cell.cell_contents for cell in obj.__closure__ or () if _cell_is_set(cell))
+        elif hasattr(obj, "__dict__") and not isinstance(obj, types.ModuleType):
+            stack.extend(vars(obj).values())
+
+
+def _cell_is_set(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty closure cell
+        return False
+    return True
+
+
+def _freeze(obj: object) -> None:
+    """Puts every module reachable from ``obj`` in ``eval()`` mode and detaches its parameters."""
+    for item in _reachable(obj):
+        if isinstance(item, nn.Module):
+            item.eval().requires_grad_(False)
+        elif item.is_leaf and item.requires_grad:
+            item.requires_grad_(False)
+
+
+def _frozen_copy(flow: nn.Module | NormalizingFlow) -> nn.Module | NormalizingFlow:
+    """A deep copy of ``flow`` that shares no tensor with it, frozen (see :func:`_freeze`).
+
+    A :class:`~zuko.distributions.NormalizingFlow` built by a module holds tensors computed from
+    the module's parameters (graph non-leaves, which :func:`copy.deepcopy` refuses): they are
+    copied detached.
+    """
+    originals = [item for item in _reachable(flow) if isinstance(item, Tensor)]
+    memo = {id(t): t.detach().clone() for t in originals if not t.is_leaf}
+    memo[id(memo)] = originals  # deepcopy's keep-alive list: the ids above stay valid
+    try:
+        frozen = copy.deepcopy(flow, memo)
+    except Exception as error:  # noqa: BLE001 - whatever the flow holds that cannot be copied
+        raise TypeError(
+            f"could not make a private copy of the flow ({type(error).__name__}: {error}); pass the "
+            "zuko.flows.Flow module itself"
+        ) from error
+    shared = {id(t) for t in originals} & {id(item) for item in _reachable(frozen) if isinstance(item, Tensor)}
+    if shared:
+        raise TypeError(
+            "the flow's copy still shares tensors with the flow (they are held where a copy cannot "
+            "reach, e.g. in a lambda's closure): pass the zuko.flows.Flow module itself"
+        )
+    _freeze(frozen)
+    return frozen
+
+
+def _check_finite_parameters(flow: nn.Module | NormalizingFlow) -> None:
+    bad = sum(
+        int(not torch.isfinite(item).all())
+        for item in _reachable(flow)
+        if isinstance(item, Tensor) and item.is_floating_point()
+    )
+    if bad:
+        raise ValueError(
+            f"the flow has {bad} parameter tensor(s) with NaN or infinite values: it cannot be "
+            "sampled (was its fit diverging?)"
+        )
+
+
+def as_latent_flow(flow: LatentFlow | LazyDistribution | NormalizingFlow) -> LatentFlow:
+    """``flow`` itself if it is a :class:`LatentFlow`, else a frozen :class:`LatentFlow` of it."""
+    return flow if isinstance(flow, LatentFlow) else LatentFlow(flow)
+
+
 class LatentFlow:
     r"""A frozen, unconditional zuko flow read in the latent-to-data direction.
 
@@ -138,12 +232,13 @@ class LatentFlow:
 
     def __init__(self, flow: LazyDistribution | NormalizingFlow) -> None:
         if isinstance(flow, LazyDistribution):
-            module = copy.deepcopy(flow).eval().requires_grad_(False)
-            self._module: nn.Module | None = module
+            _check_finite_parameters(flow)
+            self._module: nn.Module | None = _frozen_copy(flow)
             self._distribution: NormalizingFlow | None = None
         elif isinstance(flow, NormalizingFlow):
+            _check_finite_parameters(flow)
             self._module = None
-            self._distribution = flow
+            self._distribution = _frozen_copy(flow)
         else:
             raise TypeError(
                 "flow must be an unconditional zuko flow (a zuko.flows.Flow such as "

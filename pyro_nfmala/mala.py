@@ -1,4 +1,4 @@
-r"""Pure, batched MALA in latent space (DESIGN.md section 4). No Pyro in here.
+r"""Pure, batched MALA in latent space: state, proposal, accept, and what counts as a divergence.
 
 One step from :math:`z`, with :math:`g = \nabla \log \pi(z)` and a preconditioner
 :math:`A(z)` (see :mod:`pyro_nfmala.precond`):
@@ -10,16 +10,22 @@ One step from :math:`z`, with :math:`g = \nabla \log \pi(z)` and a preconditione
     \log \alpha = \min\left(0, \log \pi(z') - \log \pi(z)
         + \log q(z \mid z') - \log q(z' \mid z)\right).
 
-A proposal whose log density, gradient or log acceptance ratio is not finite, or whose
-evaluation raises, is rejected (:math:`\alpha = 0`) and counted as divergent: a chain
-never moves to a NaN.
+A proposal whose log density, gradient or log acceptance ratio is not finite is rejected
+(:math:`\alpha = 0`) and counted as divergent: a chain never moves to a NaN. Errors raised
+while evaluating a proposal follow Pyro's policy for HMC and NUTS: those that a handler
+registered with :func:`pyro.ops.integrator.register_exception_handler` accepts (by default,
+singular or non-positive-definite matrices) are numerical failures, rejected and counted
+like non-finite values, and returned in :attr:`StepInfo.errors`; every other error
+(out of memory, a shape or programming error, a ``ValueError`` of the model) propagates at
+once. In a batch, a failing evaluation is split in halves until the failing chains are found,
+so the others still move: at most :math:`2 \log_2 n` extra evaluations per failing chain.
 
 Everything works on one chain (``z`` of shape ``(d,)``) and on a batch of independent
 chains (``(chains, d)``) alike.
 
 Example:
-    >>> flow = LatentFlow(zuko.flows.NSF(2, transforms=2))
-    >>> target = PosteriorPullback(flow, lambda x: -0.5 * (x**2).sum(-1))
+    >>> from pyro_nfmala.precond import IdentityPreconditioner
+    >>> target = PosteriorPullback(zuko.flows.NSF(2, transforms=2), lambda x: -0.5 * (x**2).sum(-1))
     >>> precond = IdentityPreconditioner()
     >>> state = init_state(target, precond, torch.zeros(8, 2))
     >>> state, info = mala_step(state, target, precond, step_size=0.1)
@@ -29,19 +35,18 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["MALAState", "StepInfo", "init_state", "mala_step", "evaluate"]
+__all__ = ["MALAState", "StepInfo", "evaluate", "finite_chains", "init_state", "is_numerical_error", "mala_step"]
 
-import logging
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
-from typing import NamedTuple
-
+import pyro.ops.integrator
 import torch
 
 from torch import Tensor
 
+from .precond import Preconditioner
 from .target import LatentTarget
-
-logger = logging.getLogger(__name__)
 
 
 class MALAState(NamedTuple):
@@ -53,8 +58,8 @@ class MALAState(NamedTuple):
         ladj: :math:`\log|\det J_f(z)|`, ``(...)``.
         log_density: :math:`\log \pi(z)`, ``(...)``.
         grad: :math:`\nabla_z \log \pi(z)`, ``(..., d)``.
-        grad_x: :math:`J_f(z)^{-T} \nabla_z \log \pi(z)`, the gradient in data space, filled
-            in by preconditioners that need it (``None`` otherwise).
+        cache: What the preconditioner keeps about this state (:meth:`Preconditioner.prepare`):
+            ``None``, a tensor or a tuple of tensors, each with the batch shape first.
     """
 
     z: Tensor
@@ -62,19 +67,51 @@ class MALAState(NamedTuple):
     ladj: Tensor
     log_density: Tensor
     grad: Tensor
-    grad_x: Tensor | None = None
+    cache: Any = None
 
 
 class StepInfo(NamedTuple):
-    """What happened in one step, per chain (shape ``(...)`` each)."""
+    """What happened in one step, per chain (shape ``(...)`` each), and the numerical errors
+    that evaluations raised and that were turned into rejections."""
 
     accept_prob: Tensor
     accepted: Tensor
     diverging: Tensor
     log_accept_ratio: Tensor
+    errors: tuple[BaseException, ...] = ()
 
 
-def evaluate(target: LatentTarget, precond, z: Tensor) -> MALAState:
+def _map_tensors(fn: Callable[..., Tensor], *caches: Any) -> Any:
+    """Applies ``fn`` to the tensors of one or more caches of the same structure."""
+    first = caches[0]
+    if first is None:
+        return None
+    if isinstance(first, Tensor):
+        return fn(*caches)
+    return type(first)(*(_map_tensors(fn, *parts) for parts in zip(*caches)))
+
+
+def _tensors(cache: Any) -> list[Tensor]:
+    if cache is None:
+        return []
+    if isinstance(cache, Tensor):
+        return [cache]
+    return [tensor for part in cache for tensor in _tensors(part)]
+
+
+def is_numerical_error(error: BaseException) -> bool:
+    """Whether an error raised at a proposal is a numerical failure (a divergence), as in Pyro's HMC.
+
+    True when a handler registered with :func:`pyro.ops.integrator.register_exception_handler`
+    accepts it; out-of-memory errors never are.
+    """
+    if isinstance(error, torch.OutOfMemoryError) or not isinstance(error, Exception):
+        return False
+    handlers = getattr(pyro.ops.integrator, "_EXCEPTION_HANDLERS", {})
+    return any(handler(error) for handler in list(handlers.values()))
+
+
+def evaluate(target: LatentTarget, precond: Preconditioner, z: Tensor) -> MALAState:
     r"""Evaluates :math:`\log \pi`, its gradient, :math:`f` and the preconditioner's cache at ``z``."""
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
@@ -83,16 +120,17 @@ def evaluate(target: LatentTarget, precond, z: Tensor) -> MALAState:
     if grad is None:
         grad = torch.zeros_like(z)
     state = MALAState(z.detach(), x.detach(), ladj.detach(), log_density.detach(), grad.detach())
-    return precond.prepare(target.flow, state)
+    return state._replace(cache=precond.prepare(target.flow, state))
 
 
-def init_state(target: LatentTarget, precond, z: Tensor) -> MALAState:
-    """The state at ``z``, for the first step.
+def init_state(target: LatentTarget, precond: Preconditioner, z: Tensor) -> MALAState:
+    """The state at ``z``, for the first step, after the target's check of a batch (:meth:`LatentTarget.check`).
 
     A target that computes on another device than the flow fails here with a ``ValueError``
     that names both, rather than with torch's error from deep inside the model.
     """
     try:
+        target.check(z)
         return evaluate(target, precond, z)
     except RuntimeError as error:
         if "device" not in str(error):
@@ -104,11 +142,11 @@ def init_state(target: LatentTarget, precond, z: Tensor) -> MALAState:
         ) from error
 
 
-def _finite(*tensors: Tensor, batch_shape: torch.Size) -> Tensor:
-    ok = torch.ones(batch_shape, dtype=torch.bool, device=tensors[0].device)
-    for tensor in tensors:
-        if tensor is None:
-            continue
+def finite_chains(state: MALAState) -> Tensor:
+    """Which chains of ``state`` have finite values everywhere (shape: the batch shape)."""
+    batch_shape = state.log_density.shape
+    ok = torch.ones(batch_shape, dtype=torch.bool, device=state.z.device)
+    for tensor in [state.z, state.x, state.ladj, state.log_density, state.grad, *_tensors(state.cache)]:
         finite = torch.isfinite(tensor)
         if finite.dim() > len(batch_shape):
             finite = finite.flatten(len(batch_shape)).all(-1)
@@ -116,15 +154,12 @@ def _finite(*tensors: Tensor, batch_shape: torch.Size) -> Tensor:
     return ok
 
 
-def _select(accept: Tensor, new: Tensor | None, old: Tensor | None) -> Tensor | None:
-    if new is None or old is None:
-        return None
-    mask = accept.reshape(accept.shape + (1,) * (new.dim() - accept.dim()))
-    return torch.where(mask, new, old)
+def _select(accept: Tensor, new: MALAState, old: MALAState) -> MALAState:
+    def where(a: Tensor, b: Tensor) -> Tensor:
+        return torch.where(accept.reshape(accept.shape + (1,) * (a.dim() - accept.dim())), a, b)
 
-
-#: Errors of the target or the flow at a proposal that reject it instead of stopping the run.
-EVALUATION_ERRORS = (ValueError, RuntimeError, ArithmeticError)
+    fields = [where(a, b) for a, b in zip(new[:5], old[:5])]
+    return MALAState(*fields, _map_tensors(where, new.cache, old.cache))
 
 
 def _evaluate_proposal(target, precond, state: MALAState, z_new: Tensor, step_size: Tensor) -> tuple[MALAState, Tensor]:
@@ -132,34 +167,75 @@ def _evaluate_proposal(target, precond, state: MALAState, z_new: Tensor, step_si
     return proposal, precond.log_proposal_density(target.flow, state.z, proposal, step_size)
 
 
-def _evaluate_chain_by_chain(target, precond, state: MALAState, z_new: Tensor, step_size: Tensor) -> tuple[MALAState, Tensor]:
-    """Evaluates each chain's proposal alone; a chain whose evaluation raises gets a NaN log density."""
+def _rows(state: MALAState, index: slice) -> MALAState:
+    """Rows ``index`` of a state whose batch shape is flattened to one dimension."""
+    return MALAState(*(t[index] for t in state[:5]), _map_tensors(lambda t: t[index], state.cache))
+
+
+def _flatten(state: MALAState, batch_shape: torch.Size) -> MALAState:
+    n, dims = batch_shape.numel(), len(batch_shape)
+
+    def flat(t: Tensor) -> Tensor:
+        return t.reshape((n,) + t.shape[dims:])
+
+    return MALAState(*(flat(t) for t in state[:5]), _map_tensors(flat, state.cache))
+
+
+def _unflatten(state: MALAState, like: MALAState) -> MALAState:
+    fields = [t.reshape(ref.shape) for t, ref in zip(state[:5], like[:5])]
+    return MALAState(*fields, _map_tensors(lambda t, ref: t.reshape(ref.shape), state.cache, like.cache))
+
+
+def _evaluate_isolating_failures(
+    target, precond, state: MALAState, z_new: Tensor, step_size: Tensor, errors: list[BaseException]
+) -> tuple[MALAState, Tensor]:
+    """Evaluates the proposals; where that raises a numerical error, splits the batch in halves
+    until the failing chains are found, and gives those a NaN log density (a rejection)."""
+    try:
+        return _evaluate_proposal(target, precond, state, z_new, step_size)
+    except Exception as error:
+        if not is_numerical_error(error):
+            _explain(error)
+            raise
+        errors.append(error)
     batch_shape = state.log_density.shape
     n = batch_shape.numel()
-    flat = MALAState(*(None if t is None else t.reshape((n,) + t.shape[len(batch_shape):]) for t in state))
-    steps = step_size.expand(batch_shape).reshape(n, 1) if step_size.dim() else step_size
-    pieces, log_qs = [], []
-    for i in range(n):
-        chain = MALAState(*(None if t is None else t[i : i + 1] for t in flat))
-        chain_step = steps[i] if step_size.dim() else steps
-        try:
-            proposal, log_q = _evaluate_proposal(target, precond, chain, z_new.reshape(n, -1)[i : i + 1], chain_step)
-        except EVALUATION_ERRORS as error:
-            logger.debug("proposal of chain %d rejected, evaluation raised %s: %s", i, type(error).__name__, error)
-            nan = torch.full((1,), float("nan"), dtype=state.z.dtype, device=state.z.device)
-            proposal, log_q = chain._replace(log_density=nan), nan
-        pieces.append(proposal)
-        log_qs.append(log_q.reshape(1))
-    fields = []
-    for values, like in zip(zip(*pieces), state):
-        fields.append(None if like is None or any(v is None for v in values) else torch.cat(values).reshape(like.shape))
-    return MALAState(*fields), torch.cat(log_qs).reshape(batch_shape)
+    if n == 1:
+        nan = torch.full_like(state.log_density, float("nan"))
+        return state._replace(log_density=nan), nan
+    flat_state = _flatten(state, batch_shape)
+    flat_z = z_new.reshape(n, -1)
+    flat_step = step_size.expand(batch_shape).reshape(n) if step_size.dim() else step_size
+    halves = []
+    for index in (slice(0, n // 2), slice(n // 2, n)):
+        step = flat_step[index] if flat_step.dim() else flat_step
+        halves.append(
+            _evaluate_isolating_failures(
+                target, precond, _rows(flat_state, index), flat_z[index], step, errors
+            )
+        )
+    (first, log_q_first), (second, log_q_second) = halves
+    joined = MALAState(
+        *(torch.cat([a, b]) for a, b in zip(first[:5], second[:5])),
+        _map_tensors(lambda a, b: torch.cat([a, b]), first.cache, second.cache),
+    )
+    return _unflatten(joined, state), torch.cat([log_q_first, log_q_second]).reshape(batch_shape)
+
+
+def _explain(error: BaseException) -> None:
+    if hasattr(error, "add_note") and not getattr(error, "_nfmala_explained", False):
+        error.add_note(
+            "pyro_nfmala: this error was raised while evaluating a MALA proposal. If it is a numerical "
+            "failure that should reject the proposal (a divergence), register it as for Pyro's HMC: "
+            "pyro.ops.integrator.register_exception_handler(name, lambda e: ...)."
+        )
+        error._nfmala_explained = True
 
 
 def mala_step(
     state: MALAState,
     target: LatentTarget,
-    precond,
+    precond: Preconditioner,
     step_size: float | Tensor,
     *,
     generator: torch.Generator | None = None,
@@ -182,24 +258,19 @@ def mala_step(
     uniform = torch.rand(batch_shape, generator=generator, dtype=state.z.dtype, device=state.z.device)
 
     z_new, log_q_forward = precond.propose(target.flow, state, step_size, noise)
-    try:
-        proposal, log_q_backward = _evaluate_proposal(target, precond, state, z_new, step_size)
-    except EVALUATION_ERRORS as error:
-        # The model or the flow failed at a proposal (e.g. out of support). Find which chains
-        # failed, one chain at a time, and reject only those.
-        logger.debug("batch evaluation raised %s: %s; evaluating chain by chain", type(error).__name__, error)
-        proposal, log_q_backward = _evaluate_chain_by_chain(target, precond, state, z_new, step_size)
+    errors: list[BaseException] = []
+    proposal, log_q_backward = _evaluate_isolating_failures(target, precond, state, z_new, step_size, errors)
 
     log_ratio = proposal.log_density - state.log_density + log_q_backward - log_q_forward
-    finite = _finite(log_ratio, proposal.z, proposal.x, proposal.ladj, proposal.grad, proposal.grad_x, batch_shape=batch_shape)
+    finite = finite_chains(proposal) & torch.isfinite(log_ratio)
     log_accept = torch.where(finite, log_ratio.clamp(max=0.0), torch.full_like(log_ratio, -float("inf")))
     accept = finite & (torch.log(uniform) < log_accept)
 
-    new_state = MALAState(*(_select(accept, new, old) for new, old in zip(proposal, state)))
     info = StepInfo(
         accept_prob=log_accept.exp(),
         accepted=accept,
         diverging=~finite,
         log_accept_ratio=torch.where(finite, log_ratio, torch.full_like(log_ratio, -float("inf"))),
+        errors=tuple(errors),
     )
-    return new_state, info
+    return _select(accept, proposal, state), info

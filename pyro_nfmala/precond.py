@@ -1,4 +1,4 @@
-r"""Preconditioners :math:`A(z)` for latent MALA (DESIGN.md section 4).
+r"""Preconditioners :math:`A(z)` for latent MALA.
 
 A preconditioner proposes :math:`z' \sim q(\cdot \mid z) = \mathcal{N}(\mu(z), 2\epsilon A(z)^{-1})`
 with :math:`\mu(z) = z + \epsilon A(z)^{-1} \nabla \log \pi(z)`, and evaluates the normalized
@@ -15,36 +15,62 @@ proposal log density
 - ``"dense_jacobian"``: the same with explicit Jacobians and linear solves; the reference
   the tests compare against, for small ``d`` only.
 
-Interface: ``prepare(flow, state)`` fills the state's cache, ``propose(flow, state,
-step_size, noise)`` returns :math:`(z', \log q(z' \mid z))`, and
-``log_proposal_density(flow, z_to, state_from, step_size)`` returns
-:math:`\log q(z_\mathrm{to} \mid z_\mathrm{from})`.
+Every preconditioner follows the :class:`Preconditioner` protocol: ``prepare(flow, state)``
+returns what it wants to keep about a state (its cache, stored in ``state.cache``, opaque to
+the step), ``propose(flow, state, step_size, noise)`` returns :math:`(z', \log q(z' \mid z))`,
+and ``log_proposal_density(flow, z_to, state_from, step_size)`` returns
+:math:`\log q(z_\mathrm{to} \mid z_\mathrm{from})`. The noise :math:`\xi` is drawn by the
+step, so the proposal is a deterministic function of it.
 
 Example:
-    >>> flow = LatentFlow(zuko.flows.NSF(2, transforms=2))
     >>> precond = get_preconditioner("jacobian")
-    >>> precond.name
-    'jacobian'
+    >>> precond.name, isinstance(precond, Preconditioner)
+    ('jacobian', True)
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "PRECONDITIONERS",
     "DenseJacobianPreconditioner",
     "IdentityPreconditioner",
     "JacobianPreconditioner",
-    "PRECONDITIONERS",
+    "Preconditioner",
     "get_preconditioner",
 ]
 
 import math
+
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
 from torch import Tensor
 
 from .flow import LatentFlow
-from .mala import MALAState
+
+if TYPE_CHECKING:
+    from .mala import MALAState
+
+
+@runtime_checkable
+class Preconditioner(Protocol):
+    r"""What the MALA step needs of a preconditioner :math:`A(z)`.
+
+    ``step_size`` is a 0-d tensor or one per chain (shape ``(...)``); states are batched, ``(..., d)``.
+    """
+
+    name: str
+
+    def prepare(self, flow: LatentFlow, state: MALAState) -> Any:
+        """What to keep about ``state`` for later proposals from it (``None``, or tensors with the
+        state's batch shape first): stored as ``state.cache``."""
+
+    def propose(self, flow: LatentFlow, state: MALAState, step_size: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Returns :math:`z' = \mu(z) + \sqrt{2\epsilon} A(z)^{-1/2} \xi` and :math:`\log q(z' \mid z)`."""
+
+    def log_proposal_density(self, flow: LatentFlow, z_to: Tensor, state_from: MALAState, step_size: Tensor) -> Tensor:
+        r"""Returns :math:`\log q(z_\mathrm{to} \mid z_\mathrm{from})`."""
 
 
 def _log_normalizer(dim: int, step_size: Tensor) -> Tensor:
@@ -56,8 +82,8 @@ class IdentityPreconditioner:
 
     name = "identity"
 
-    def prepare(self, flow: LatentFlow, state: MALAState) -> MALAState:
-        return state
+    def prepare(self, flow: LatentFlow, state: MALAState) -> None:
+        return None
 
     def propose(self, flow: LatentFlow, state: MALAState, step_size: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
         eps = step_size[..., None] if step_size.dim() else step_size
@@ -74,7 +100,7 @@ class JacobianPreconditioner:
     r""":math:`A(z) = J_f(z)^T J_f(z)`, matrix-free.
 
     With :math:`g_x = J_f(z)^{-T} g` (the gradient in data space, a vector-Jacobian product
-    through :math:`f^{-1}`, cached in the state):
+    through :math:`f^{-1}`, kept as the state's cache):
 
     .. math::
         z' = z + J_f(z)^{-1} (\epsilon g_x + \sqrt{2\epsilon}\, \xi), \qquad
@@ -91,19 +117,19 @@ class JacobianPreconditioner:
 
     name = "jacobian"
 
-    def prepare(self, flow: LatentFlow, state: MALAState) -> MALAState:
-        return state._replace(grad_x=flow.vjp_to_latent(state.x, state.grad))
+    def prepare(self, flow: LatentFlow, state: MALAState) -> Tensor:
+        return flow.vjp_to_latent(state.x, state.grad)
 
     def propose(self, flow: LatentFlow, state: MALAState, step_size: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
         eps = step_size[..., None] if step_size.dim() else step_size
-        data_step = eps * state.grad_x + torch.sqrt(2 * eps) * noise
+        data_step = eps * state.cache + torch.sqrt(2 * eps) * noise
         z_new = state.z + flow.jvp_to_latent(state.x, data_step)
         log_q = -0.5 * noise.square().sum(-1) + state.ladj + _log_normalizer(state.z.shape[-1], step_size)
         return z_new, log_q
 
     def log_proposal_density(self, flow: LatentFlow, z_to: Tensor, state_from: MALAState, step_size: Tensor) -> Tensor:
         eps = step_size[..., None] if step_size.dim() else step_size
-        residual = flow.jvp_to_data(state_from.z, z_to - state_from.z) - eps * state_from.grad_x
+        residual = flow.jvp_to_data(state_from.z, z_to - state_from.z) - eps * state_from.cache
         return (
             -residual.square().sum(-1) / (4 * step_size)
             + state_from.ladj
@@ -121,8 +147,8 @@ class DenseJacobianPreconditioner:
 
     name = "dense_jacobian"
 
-    def prepare(self, flow: LatentFlow, state: MALAState) -> MALAState:
-        return state
+    def prepare(self, flow: LatentFlow, state: MALAState) -> None:
+        return None
 
     def _metric(self, flow: LatentFlow, z: Tensor) -> tuple[Tensor, Tensor]:
         jac = flow.jacobian_to_data(z)
@@ -159,8 +185,11 @@ PRECONDITIONERS = {
 }
 
 
-def get_preconditioner(name: str):
-    """The preconditioner called ``name``: one of ``"identity"``, ``"jacobian"``, ``"dense_jacobian"``."""
+def get_preconditioner(name: str | Preconditioner) -> Preconditioner:
+    """The preconditioner called ``name`` (``"identity"``, ``"jacobian"``, ``"dense_jacobian"``),
+    or ``name`` itself if it already is a :class:`Preconditioner`."""
     if isinstance(name, str) and name in PRECONDITIONERS:
         return PRECONDITIONERS[name]()
+    if not isinstance(name, str) and isinstance(name, Preconditioner):
+        return name
     raise ValueError(f"unknown preconditioner {name!r}: expected one of {sorted(PRECONDITIONERS)}")

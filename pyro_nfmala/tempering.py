@@ -40,7 +40,7 @@ import torch
 
 from torch import Tensor
 
-from .flow import LatentFlow
+from .flow import as_latent_flow
 from .target import check_beta
 
 
@@ -93,7 +93,7 @@ def preview_tempering(
     ``flow`` is a zuko flow (or a :class:`~pyro_nfmala.LatentFlow`). Flow passes run without
     gradients, ``batch_size`` draws at a time; the result stays on the flow's device.
     """
-    flow = flow if isinstance(flow, LatentFlow) else LatentFlow(flow)
+    flow = as_latent_flow(flow)
     if int(num_samples) < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
     z = flow.sample_base((int(num_samples),), generator=generator)

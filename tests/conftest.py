@@ -2,6 +2,7 @@
 
 from collections.abc import Iterator
 
+import pyro.ops.integrator
 import pytest
 import torch
 import zuko
@@ -50,3 +51,16 @@ def trained_flow(mixture) -> zuko.flows.Flow:
 @pytest.fixture(scope="session")
 def latent_flow(trained_flow) -> LatentFlow:
     return LatentFlow(trained_flow)
+
+
+class OutOfDomain(ValueError):
+    """What a model raises outside its domain, in these tests; registered as a numerical failure."""
+
+
+@pytest.fixture(scope="session")
+def out_of_domain() -> type[OutOfDomain]:
+    """``OutOfDomain``, registered with Pyro's exception handlers (as a user would register theirs)."""
+    pyro.ops.integrator.register_exception_handler(
+        "pyro_nfmala_tests_out_of_domain", lambda error: isinstance(error, OutOfDomain), warn_on_overwrite=False
+    )
+    return OutOfDomain

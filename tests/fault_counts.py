@@ -18,7 +18,7 @@ if __name__ == "__main__":
     from pyro.infer import MCMC
     from test_faults import NFMALA, SCALE, ArmAfterWarmup, FaultyPotential, RaisesRightOf, exponential_flow
 
-    from pyro_nfmala import ChainSampler, LatentFlow, identity_flow, posterior_target
+    from pyro_nfmala import ChainSampler, LatentFlow, PosteriorPullback, identity_flow
 
     for value in [float("nan"), float("inf")]:
         for rate in [0.01, 0.2]:
@@ -35,7 +35,7 @@ if __name__ == "__main__":
             faulty = (torch.rand(x.shape[:-1], generator=g) < rate) & bool(armed)
             faults.append(int(faulty.sum()))
             return torch.where(faulty, torch.full_like(x[..., 0], float("nan")), -0.5 * x.square().sum(-1))
-        s = ChainSampler(posterior_target(LatentFlow(identity_flow(2)), log_prob), 64, preconditioner="identity", step_size=0.5, seed=0)
+        s = ChainSampler(PosteriorPullback(LatentFlow(identity_flow(2)), log_prob), 64, preconditioner="identity", step_size=0.5, seed=0)
         armed.append(1)
         idata = s.sample(200, progress=False)
         print(f"vectorized sampler, NaN for {rate:.0%} of chains per call: {sum(faults)} faults in 64 x 200 proposals, {int(idata.sample_stats['diverging'].sum())} counted, non-finite draws: {int((~torch.isfinite(torch.as_tensor(idata.posterior['x'].values))).sum())}")
@@ -47,6 +47,6 @@ if __name__ == "__main__":
         def log_normal(x):
             y = x.log(); return (-0.5 * (y / SCALE).square() - y).sum(-1)
         z0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)).clamp(-2.5, 2.5)
-        s = ChainSampler(posterior_target(LatentFlow(exponential_flow()), log_normal), 64, preconditioner=pc, step_size=1.0, initial_z=z0, seed=0)
+        s = ChainSampler(PosteriorPullback(LatentFlow(exponential_flow()), log_normal), 64, preconditioner=pc, step_size=1.0, initial_z=z0, seed=0)
         idata = s.sample(100, progress=False)
         print(f"overflowing flow x = exp(30 z), {pc}: {int(idata.sample_stats['diverging'].sum())} of 6400 proposals rejected, non-finite draws: {int((~torch.isfinite(torch.as_tensor(idata.posterior['x'].values))).sum())}")

@@ -9,7 +9,8 @@ comparison.
 
 import torch
 
-from pyro_nfmala import IdentityPreconditioner, JacobianPreconditioner, init_state, mala_step
+from pyro_nfmala.mala import init_state, mala_step
+from pyro_nfmala.precond import IdentityPreconditioner, JacobianPreconditioner
 
 NUM_PARTICLES = 5000  # particles, each an independent chain
 NUM_STEPS = 10

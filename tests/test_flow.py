@@ -74,10 +74,27 @@ def test_jvp_method_falls_back_when_double_backward_is_wrong():
     assert LatentFlow(zuko.flows.RealNVP(2)).jvp_methods == {"to_data": "double_backward", "to_latent": "double_backward"}
 
 
-def test_user_module_is_not_modified_and_later_training_is_not_seen():
+def graph_leaves(tensor):
+    """The leaves of the autograd graph behind ``tensor`` (the tensors gradients would flow to)."""
+    leaves, stack, seen = [], [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
+@pytest.mark.parametrize("built", [False, True], ids=["module", "normalizing_flow"])
+def test_user_flow_is_not_modified_and_later_training_is_not_seen(built):
+    """Both kinds of flow the adapter accepts are deep-copied and frozen: editing the user's
+    module afterwards changes nothing, and the sampler computes with no parameter gradients."""
     module = zuko.flows.RealNVP(2)
     module.train()
-    flow = LatentFlow(module)
+    flow = LatentFlow(module() if built else module)
     assert module.training
     assert all(p.requires_grad for p in module.parameters())
     z = torch.randn(3, 2)
@@ -86,9 +103,19 @@ def test_user_module_is_not_modified_and_later_training_is_not_seen():
         for p in module.parameters():
             p.add_(1.0)
     assert torch.equal(flow.to_data(z)[0], before)
-    x, _ = flow.to_data(z.requires_grad_())
-    assert x.requires_grad  # gradients flow to z, not to the frozen parameters
-    assert all(not p.requires_grad for p in flow._module.parameters())
+    z = z.requires_grad_()
+    x, ladj = flow.to_data(z)
+    leaves = graph_leaves(x.sum() + ladj.sum())
+    assert len(leaves) == 1 and leaves[0] is z  # gradients flow to z only, not to any parameter
+
+
+@pytest.mark.parametrize("built", [False, True], ids=["module", "normalizing_flow"])
+def test_a_flow_with_non_finite_parameters_is_refused(built):
+    module = zuko.flows.RealNVP(2)
+    with torch.no_grad():
+        next(module.parameters())[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        LatentFlow(module() if built else module)
 
 
 def test_pickles_and_evaluates_the_same():

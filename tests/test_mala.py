@@ -3,19 +3,18 @@ handling, and invariance of an exact law with a negative control."""
 
 import math
 
+import pyro.ops.integrator
 import pytest
 import torch
 
-from pyro_nfmala import (
+from pyro_nfmala import PosteriorPullback, TemperedFlow, identity_flow
+from pyro_nfmala.adaptation import find_reasonable_step_size
+from pyro_nfmala.mala import init_state, mala_step
+from pyro_nfmala.precond import (
     DenseJacobianPreconditioner,
     IdentityPreconditioner,
     JacobianPreconditioner,
-    PosteriorPullback,
-    TemperedFlow,
-    find_reasonable_step_size,
     get_preconditioner,
-    init_state,
-    mala_step,
 )
 
 from invariance import (
@@ -97,11 +96,50 @@ def test_detailed_balance_on_random_pairs(target, name):
     assert torch.allclose(back, state.z, atol=1e-8)
     assert torch.allclose(log_q_backward, precond.log_proposal_density(flow, state.z, state_new, EPS), atol=1e-8)
 
-    log_forward = state.log_density + log_q_forward
-    log_backward = state_new.log_density + log_q_backward
-    log_alpha_forward = (log_backward - log_forward).clamp(max=0)
-    log_alpha_backward = (log_forward - log_backward).clamp(max=0)
-    assert torch.allclose(log_forward + log_alpha_forward, log_backward + log_alpha_backward, atol=1e-8)
+
+def dense_log_accept_ratio(target, name, z, step_size, noise):
+    """The MALA log acceptance ratio by dense linear algebra and torch's multivariate normal, one chain
+    at a time: independent of the preconditioners' matrix-free code."""
+
+    def log_pi(u):
+        return target.log_density(u[None])[0][0]
+
+    def jacobian(u):
+        return torch.autograd.functional.jacobian(lambda v: target.flow.to_data(v[None])[0][0], u)
+
+    def proposal(u):  # mean and covariance of q(. | u), and the matrix square root A(u)^(1/2)
+        root = jacobian(u) if name == "jacobian" else torch.eye(len(u), dtype=u.dtype)
+        metric = root.T @ root
+        mean = u + step_size * torch.linalg.solve(metric, torch.autograd.functional.jacobian(log_pi, u))
+        return mean, 2 * step_size * torch.linalg.inv(metric), root
+
+    ratios = []
+    for u, xi in zip(z, noise):
+        mean, covariance, root = proposal(u)
+        u_new = mean + math.sqrt(2 * step_size) * torch.linalg.solve(root, xi)
+        mean_new, covariance_new, _ = proposal(u_new)
+        forward = torch.distributions.MultivariateNormal(mean, covariance).log_prob(u_new)
+        backward = torch.distributions.MultivariateNormal(mean_new, covariance_new).log_prob(u)
+        ratios.append(log_pi(u_new) - log_pi(u) + backward - forward)
+    return torch.stack(ratios).detach()
+
+
+@pytest.mark.parametrize(
+    "name, broken",
+    [("identity", IdentityWithFlippedReverseDrift()), ("jacobian", JacobianWithoutReverseLadj())],
+)
+def test_acceptance_ratio_matches_an_independent_dense_computation(target, name, broken):
+    """On fixed noise, the step's log acceptance ratio equals the dense one; a wrong reverse density does not."""
+    z = 0.7 * torch.randn(6, 2, dtype=torch.float64)
+    step_size = 0.3
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)  # the step's first draw
+    expected = dense_log_accept_ratio(target, name, z, step_size, noise)
+    precond = get_preconditioner(name)
+    info = mala_step(init_state(target, precond, z), target, precond, step_size, generator=torch.Generator().manual_seed(11))[1]
+    assert torch.isfinite(expected).all()
+    torch.testing.assert_close(info.log_accept_ratio, expected, atol=1e-8, rtol=1e-8)
+    wrong = mala_step(init_state(target, broken, z), target, broken, step_size, generator=torch.Generator().manual_seed(11))[1]
+    assert (wrong.log_accept_ratio - expected).abs().max() > 1e-3  # the comparison can fail
 
 
 def test_non_finite_proposals_are_rejected_and_counted(latent_flow):
@@ -124,17 +162,69 @@ def test_non_finite_proposals_are_rejected_and_counted(latent_flow):
         assert torch.all(state.x[:, 0] <= 0)
 
 
-def test_a_proposal_whose_evaluation_raises_is_rejected(latent_flow):
+def test_a_proposal_whose_evaluation_raises_a_registered_error_is_rejected(latent_flow, out_of_domain):
     def log_prob(x):
         if torch.any(x[..., 0] > 0):
-            raise ValueError("out of support")
+            raise out_of_domain("out of support")
         return -0.5 * x.square().sum(-1)
 
     target = PosteriorPullback(latent_flow, log_prob)
     state = init_state(target, IdentityPreconditioner(), latent_flow.to_latent(torch.tensor([-0.05, 0.0], dtype=torch.float64)))
     outcomes = [mala_step(state, target, IdentityPreconditioner(), 2.0)[1] for _ in range(20)]
     assert any(bool(info.diverging) for info in outcomes)
-    assert all(float(info.accept_prob) == 0 for info in outcomes if info.diverging)
+    assert all(float(info.accept_prob) == 0 and len(info.errors) == 1 for info in outcomes if info.diverging)
+    assert all(not info.errors for info in outcomes if not info.diverging)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ValueError("a model's own check"), RuntimeError("mat1 and mat2 shapes cannot be multiplied"), torch.OutOfMemoryError("CUDA out of memory")],
+    ids=["value_error", "shape_error", "out_of_memory"],
+)
+def test_errors_that_are_not_registered_numerical_failures_propagate(latent_flow, out_of_domain, error):
+    """Only what Pyro's exception handlers accept becomes a divergence; anything else stops the run."""
+    armed = []
+
+    def log_prob(x):
+        if armed:
+            raise error
+        return -0.5 * x.square().sum(-1)
+
+    pyro.ops.integrator.register_exception_handler("pyro_nfmala_tests_everything", lambda e: True, warn_on_overwrite=False)
+    try:
+        target = PosteriorPullback(latent_flow, log_prob)
+        state = init_state(target, IdentityPreconditioner(), torch.zeros(4, 2, dtype=torch.float64))
+        armed.append(True)
+        if isinstance(error, torch.OutOfMemoryError):  # never a divergence, whatever the handlers say
+            with pytest.raises(torch.OutOfMemoryError):
+                mala_step(state, target, IdentityPreconditioner(), 0.1)
+    finally:
+        pyro.ops.integrator.register_exception_handler("pyro_nfmala_tests_everything", lambda e: False, warn_on_overwrite=False)
+    if not isinstance(error, torch.OutOfMemoryError):
+        with pytest.raises(type(error)) as raised:
+            mala_step(state, target, IdentityPreconditioner(), 0.1)
+        assert any("register_exception_handler" in note for note in getattr(raised.value, "__notes__", []))
+
+
+def test_a_failing_batch_is_bisected_to_the_failing_chains(latent_flow, out_of_domain):
+    """One failing chain among 64 costs a bounded number of extra evaluations, not one per chain."""
+    sizes = []
+
+    def log_prob(x):
+        sizes.append(len(x))
+        if bool((x[..., 0] > 10.0).any()):
+            raise out_of_domain("too far right")
+        return -0.5 * x.square().sum(-1)
+
+    target = PosteriorPullback(identity_flow(2).double(), log_prob)
+    state = init_state(target, IdentityPreconditioner(), torch.zeros(64, 2, dtype=torch.float64))
+    # a drift of 20 for chain 17 only: its proposal lands near x = 20 (noise sd 0.63), the others near 0
+    pushed = state._replace(grad=torch.zeros_like(state.grad).index_fill_(0, torch.tensor([17]), 100.0))
+    sizes.clear()
+    _, info = mala_step(pushed, target, IdentityPreconditioner(), 0.2, generator=torch.Generator().manual_seed(0))
+    assert info.diverging.nonzero().flatten().tolist() == [17] and len(info.errors) >= 1
+    # bisection: the batch, then two halves per level down to the failing chain: 1 + 2 log2(64) evaluations
+    assert len(sizes) <= 1 + 2 * math.ceil(math.log2(64))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,8 +13,10 @@ import torch
 from pyro.infer import MCMC
 from pyro.ops.stats import effective_sample_size
 
-from pyro_nfmala import NFMALA, fit_flow_to_model, from_arrays, load_flow, model_density, neutra_nuts, save_flow
-from pyro_nfmala.posteriordb import (
+from pyro_nfmala import NFMALA, fit_flow_to_model, from_arrays, load_flow, save_flow
+from pyro_nfmala.examples.baselines import neutra_nuts
+from pyro_nfmala.model import model_density
+from pyro_nfmala.examples.posteriordb import (
     eight_schools_centered,
     load_data,
     load_reference,
@@ -117,7 +119,7 @@ def test_model_that_does_not_vectorize_falls_back_to_point_by_point():
 
 
 def test_ordered_normal_is_a_normalized_density_on_the_ordered_cone():
-    from pyro_nfmala.posteriordb import OrderedNormal
+    from pyro_nfmala.examples.posteriordb import OrderedNormal
 
     ordered = OrderedNormal(0.0, 2.0, 2)
     grid = torch.linspace(-12, 12, 801)
@@ -219,6 +221,8 @@ def test_eight_schools_matches_the_posteriordb_reference_in_mean_and_sd():
             assert_mean_and_sd(torch.as_tensor(flat[name]), float(ref.mean()), float(ref.std()), name, ref_draws=ref)
     rhat = {name: float(np.max(np.asarray(az.rhat(from_arrays({"x": flat[name]}))["x"]))) for name in ["mu", "log tau"]}
     assert max(rhat.values()) < 1.02, rhat
+    # Beyond the ESS-based checks above: the accuracy the tutorial states for this run, in reference
+    # sd units (a documented claim, not a statistical tolerance).
     errors = standardized_errors(samples, {k: v for k, v in reference.items() if k != "log tau"})
     assert max(abs(e["mean_error"]) for e in errors.values()) < 0.15
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 import zuko
 
-from pyro_nfmala import LatentFlow, preview_tempering, tempered_weights
+from pyro_nfmala import LatentFlow, preview_tempering
+from pyro_nfmala.tempering import tempered_weights
 
 
 def contracting_flow() -> LatentFlow:

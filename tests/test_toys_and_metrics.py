@@ -6,8 +6,9 @@ import pytest
 import torch
 import zuko
 
-from pyro_nfmala import energy_distance, fit_flow_to_samples, gap_mass, gap_threshold, load_flow, mode_weights, save_flow
-from pyro_nfmala.toys import Banana, ConcentricRings, DoubleMoon, GaussianMixture, GaussianRing, NealFunnel
+from pyro_nfmala import fit_flow_to_samples, load_flow, save_flow
+from pyro_nfmala.examples.metrics import energy_distance, gap_mass, gap_threshold, mode_weights
+from pyro_nfmala.examples.toys import Banana, ConcentricRings, DoubleMoon, GaussianMixture, GaussianRing, NealFunnel
 
 TOYS_2D = [DoubleMoon(), GaussianRing(), ConcentricRings()]
 
@@ -115,7 +116,7 @@ def test_fit_to_samples_improves_and_round_trips_through_save_and_load(tmp_path)
     after = float(-flow().log_prob(data).mean())
     assert after < before - 0.5 and len(result.losses) == 150
     path = tmp_path / "flow.pt"
-    save_flow(flow, path, losses=result.losses)
+    save_flow(flow, path, spec={"name": "RealNVP", "args": [2]}, losses=result.losses)
     loaded, metadata = load_flow(path, with_metadata=True)
     z = torch.randn(10, 2)
     assert torch.equal(loaded().transform.inv(z), flow().transform.inv(z))

@@ -33,8 +33,11 @@ import torch  # noqa: E402
 
 from pyro.infer import MCMC, NUTS  # noqa: E402
 
-from pyro_nfmala import NFMALA, diverging_draws, fit_flow_to_model, from_arrays, neutra_nuts, save_flow, to_inference_data  # noqa: E402
-from pyro_nfmala.posteriordb import (  # noqa: E402
+from pyro_nfmala import NFMALA, fit_flow_to_model, from_arrays, save_flow, to_inference_data  # noqa: E402
+from pyro_nfmala.arviz import diverging_draws  # noqa: E402
+from pyro_nfmala.examples.baselines import neutra_nuts  # noqa: E402
+from pyro_nfmala.model import model_density  # noqa: E402
+from pyro_nfmala.examples.posteriordb import (  # noqa: E402
     eight_schools_centered,
     load_data,
     load_reference,
@@ -87,8 +90,6 @@ save_flow(fit.flow, OUTPUTS / f"02_eight_schools_flow{SUFFIX}.pt", model="eight_
 
 def importance_ess_fraction(flow, model, kwargs, num_draws=4096):
     """ESS / N of self-normalized importance weights pi(f(z)) |det J_f| / q(z), z ~ q."""
-    from pyro_nfmala import model_density
-
     density = model_density(model, model_kwargs=kwargs)
     with torch.no_grad():
         q = flow()

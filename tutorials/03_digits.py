@@ -44,17 +44,16 @@ from sklearn.model_selection import train_test_split  # noqa: E402
 
 from pyro_nfmala import (  # noqa: E402
     ChainSampler,
+    TemperedFlow,
     default_flow,
     fit_flow_to_samples,
-    get_preconditioner,
-    init_state,
-    knn_precision_recall,
     load_flow,
-    mala_step,
     preview_tempering,
     save_flow,
-    tempered_target,
 )
+from pyro_nfmala.examples.metrics import knn_precision_recall  # noqa: E402
+from pyro_nfmala.mala import init_state, mala_step  # noqa: E402
+from pyro_nfmala.precond import get_preconditioner  # noqa: E402
 
 SMOKE = os.environ.get("SMOKE_TEST") == "1"
 HERE = Path(__file__).resolve().parent
@@ -184,7 +183,7 @@ configs = [(beta, "identity", NUM_CHAINS) for beta in BETAS] + [(JACOBIAN_BETA, 
 for beta, precond, chains in configs:
     label = f"T2 beta={beta}, {precond}"
     start = time.perf_counter()
-    sampler = ChainSampler(tempered_target(flow, beta), chains, preconditioner=precond, seed=1)
+    sampler = ChainSampler(TemperedFlow(flow, beta), chains, preconditioner=precond, seed=1)
     sampler.warmup(WARMUP, progress=not SMOKE)
     draws = sampler.sample(DRAWS, thin=THIN, keep_latent=False, progress=not SMOKE)
     samples[label] = to_pixels(torch.as_tensor(draws.posterior["x"].values).transpose(0, 1).reshape(-1, 64))  # draw-major: the first rows are one per chain
@@ -263,7 +262,7 @@ for beta, precond, _ in configs:
 
 # %%
 probe_flow = load_flow(path).to(dtype=torch.float64)
-probe_target = tempered_target(probe_flow, JACOBIAN_BETA)
+probe_target = TemperedFlow(probe_flow, JACOBIAN_BETA)
 probe_z = torch.randn(JACOBIAN_CHAINS, 64, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
 probe_steps = np.logspace(-8, -1, 8)
 

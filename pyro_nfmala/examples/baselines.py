@@ -4,7 +4,8 @@ NeuTra runs NUTS on the latent pull-back of the posterior through a flow,
 
 .. math:: U_Z(z) = U(f(z)) - \mathrm{ladj}(z),
 
-exactly the T1 target of :class:`~pyro_nfmala.NFMALA`, with NUTS instead of latent MALA. Pyro's
+exactly the T1 target of :class:`~pyro_nfmala.NFMALA`, with NUTS instead of latent MALA: the
+baseline the tutorials and benchmarks compare against. Pyro's
 ``NeuTraReparam`` needs an ``AutoContinuous`` guide and collapses all sites into one latent;
 :func:`neutra_nuts` takes any zuko flow on the model's flat unconstrained layout (the one
 :func:`~pyro_nfmala.fit_flow_to_model` fits) and maps the draws back to the model's own
@@ -26,9 +27,9 @@ import torch
 
 from pyro.infer import MCMC, NUTS
 
-from .arviz import diverging_draws, from_arrays
-from .flow import LatentFlow
-from .target import ModelDensity, check_flow_dim, model_density
+from ..arviz import diverging_draws, from_arrays
+from ..flow import as_latent_flow
+from ..model import check_flow_dim, model_density
 
 
 class NeuTraResult(NamedTuple):
@@ -46,11 +47,6 @@ class NeuTraResult(NamedTuple):
             groups={"latent": {"z": self.latent.detach().numpy()}},
         )
 
-
-def constrained_samples(density: ModelDensity, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Maps flat unconstrained draws ``(..., d)`` to the model's constrained sites."""
-    params = density.layout.unpack(x)
-    return {name: density.transforms[name].inv(value) if name in density.transforms else value for name, value in params.items()}
 
 
 def neutra_nuts(
@@ -70,7 +66,7 @@ def neutra_nuts(
     Chains start at draws of the flow; ``nuts_kwargs`` go to Pyro's :class:`~pyro.infer.NUTS`.
     """
     density = model_density(model, model_args, model_kwargs)
-    latent_flow = flow if isinstance(flow, LatentFlow) else LatentFlow(flow)
+    latent_flow = as_latent_flow(flow)
     check_flow_dim(latent_flow, density.layout)
 
     def potential(params):
@@ -90,5 +86,5 @@ def neutra_nuts(
     z = mcmc.get_samples(group_by_chain=True)["z"].detach()
     with torch.no_grad():
         x, _ = latent_flow.to_data(z.reshape(-1, z.shape[-1]))
-    samples = {name: value.reshape(z.shape[:2] + value.shape[1:]) for name, value in constrained_samples(density, x).items()}
+    samples = {name: value.reshape(z.shape[:2] + value.shape[1:]) for name, value in density.constrain(x).items()}
     return NeuTraResult(mcmc, samples, z)

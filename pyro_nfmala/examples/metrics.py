@@ -14,7 +14,7 @@ r"""Sample-quality metrics against a target with an explicit density and exact s
   the share of real samples on the generated one (recall), after Kynkäänniemi et al. (2019).
 
 Example:
-    >>> from pyro_nfmala.toys import DoubleMoon
+    >>> from pyro_nfmala.examples.toys import DoubleMoon
     >>> moon = DoubleMoon()
     >>> threshold = gap_threshold(moon, level=0.01)
     >>> round(float(gap_mass(moon.sample(20000), moon, threshold)), 2)

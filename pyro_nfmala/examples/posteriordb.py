@@ -1,7 +1,7 @@
 r"""Reference posteriors from posteriordb, their models written in Pyro, and the comparison.
 
 posteriordb's gold-standard draws (long Stan NUTS runs, 10 chains of 1,000 draws) ship with the
-package (``pyro_nfmala/data/posteriordb``, BSD 3-Clause), so checks run offline:
+package (``pyro_nfmala/examples/data/posteriordb``, BSD 3-Clause), so checks run offline:
 
 - ``"eight_schools"``: the classic hierarchical funnel, :math:`(\mu, \tau, \theta_{1..8})`;
   :func:`eight_schools_centered` is the centred Pyro model (the hard one, with the funnel);

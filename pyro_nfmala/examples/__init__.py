@@ -1,0 +1,12 @@
+r"""What the tutorials, tests and benchmarks use around the library, kept out of its core.
+
+Nothing here is imported by ``import pyro_nfmala``; import the submodules themselves:
+
+- :mod:`pyro_nfmala.examples.toys`: toy targets with an explicit density and an exact sampler
+  (double moon, Gaussian ring and mixture, concentric rings, Neal's funnel, banana);
+- :mod:`pyro_nfmala.examples.metrics`: sample-quality metrics against such targets (energy
+  distance, mass in the gaps between modes, mode weights, k-NN precision and recall);
+- :mod:`pyro_nfmala.examples.posteriordb`: reference posteriors from posteriordb (models in
+  Pyro, data and gold-standard draws shipped with the package) and standardized errors;
+- :mod:`pyro_nfmala.examples.baselines`: NeuTra-NUTS on the same flow, the comparator.
+"""

@@ -1,0 +1,234 @@
+r"""The zuko flows the library builds, and saving and loading flows safely.
+
+- :func:`default_flow`: a coupling flow sized by dimension (one pass in both directions);
+- :func:`identity_flow`: the identity map as a zuko flow (NFMALA with it is plain MALA);
+- :func:`save_flow` / :func:`load_flow`: a flow file holds the flow's *constructor spec* (which
+  builder, with which arguments) and its ``state_dict``, never pickled code. Loading uses
+  ``torch.load(..., weights_only=True)`` and rebuilds the flow from an allowlist of builders
+  (zuko's flow classes and the two above), so a file cannot run code. Writing is atomic
+  (a temporary file, then a rename): a failed save leaves an existing file intact.
+
+Flows built by :func:`default_flow` and :func:`identity_flow` record their spec, and so do the
+fits that build them; for a zuko flow built by hand, give the spec to :func:`save_flow`:
+``spec={"name": "NSF", "args": [3], "kwargs": {"transforms": 2}}``.
+
+Example:
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "flow.pt")
+    >>> flow = default_flow(3, kind="affine")
+    >>> save_flow(flow, path, note="demo")
+    >>> loaded, metadata = load_flow(path, with_metadata=True)
+    >>> metadata, torch.equal(loaded().transform.inv(torch.ones(3)), flow().transform.inv(torch.ones(3)))
+    ({'note': 'demo'}, True)
+"""
+
+from __future__ import annotations
+
+__all__ = ["default_flow", "flow_spec", "identity_flow", "load_flow", "save_flow"]
+
+import os
+import tempfile
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import zuko
+
+from zuko.lazy import LazyDistribution
+
+#: The format tag of flow files written by :func:`save_flow`.
+FORMAT = "pyro_nfmala.flow/2"
+_SPEC_ATTRIBUTE = "_pyro_nfmala_spec"
+
+
+def _record(flow: zuko.flows.Flow, name: str, args: tuple, kwargs: dict) -> zuko.flows.Flow:
+    setattr(flow, _SPEC_ATTRIBUTE, {"name": name, "args": list(args), "kwargs": dict(kwargs)})
+    return flow
+
+
+def default_flow(dim: int, kind: str = "spline", **kwargs) -> zuko.flows.Flow:
+    r"""A coupling flow sized by dimension: one pass in both directions.
+
+    - ``kind="spline"``: ``NSF(dim, passes=2)``, monotonic rational-quadratic splines on
+      :math:`[-5, 5]` (identity outside). Flexible shapes (several modes, curved ridges) for
+      standardized data: the default for :func:`~pyro_nfmala.fit_flow_to_samples`.
+    - ``kind="affine"``: ``RealNVP(dim)``, affine coupling with unbounded shifts and scales. It
+      rescales whole coordinates as functions of the others (a funnel's :math:`\theta \mid \tau`)
+      and reaches parameters far from the origin: the default for
+      :func:`~pyro_nfmala.fit_flow_to_model`.
+
+    ``hidden_features`` and ``transforms`` grow mildly with ``dim``; keyword arguments
+    override the defaults.
+
+    Example:
+        >>> default_flow(3)().sample().shape
+        torch.Size([3])
+        >>> default_flow(3, kind="affine")().sample().shape
+        torch.Size([3])
+    """
+    width = 64 if dim <= 8 else 128 if dim <= 64 else 256
+    if kind == "spline":
+        options = dict(transforms=3 if dim <= 2 else 4, hidden_features=(width, width))
+        if dim > 1:
+            options["passes"] = 2
+        options.update(kwargs)
+        flow = zuko.flows.NSF(dim, **options)
+    elif kind == "affine":
+        options = dict(transforms=6, hidden_features=(width, width))
+        options.update(kwargs)
+        flow = zuko.flows.RealNVP(dim, **options)
+    else:
+        raise ValueError(f"unknown flow kind {kind!r}: expected 'spline' or 'affine'")
+    return _record(flow, "default_flow", (dim, kind), kwargs)
+
+
+def identity_flow(dim: int) -> zuko.flows.Flow:
+    """The identity map as a zuko flow (an element-wise affine map with zero shift and log-scale).
+
+    NFMALA with this flow is plain MALA on the target itself: the baseline that shows what a
+    fitted flow buys.
+
+    Example:
+        >>> flow = identity_flow(3)
+        >>> z = torch.randn(5, 3)
+        >>> torch.equal(flow().transform.inv(z), z)
+        True
+    """
+    transform = zuko.flows.ElementWiseTransform(dim)
+    for parameter in transform.phi:
+        torch.nn.init.zeros_(parameter)
+    base = zuko.flows.UnconditionalDistribution(
+        zuko.distributions.DiagNormal, torch.zeros(dim), torch.ones(dim), buffer=True
+    )
+    return _record(zuko.flows.Flow([transform], base), "identity_flow", (dim,), {})
+
+
+_BUILDERS = {"default_flow": default_flow, "identity_flow": identity_flow}
+
+
+def _builder(name: object):
+    """The builder called ``name``: one of ours, or a zuko flow class (``"NSF"``, ``"zuko.flows.MAF"``)."""
+    if isinstance(name, str):
+        if name in _BUILDERS:
+            return _BUILDERS[name]
+        short = name.removeprefix("zuko.flows.")
+        builder = getattr(zuko.flows, short, None)
+        if isinstance(builder, type) and issubclass(builder, LazyDistribution):
+            return builder
+    raise ValueError(
+        f"unknown flow builder {name!r}: expected 'default_flow', 'identity_flow' or the name of a "
+        "zuko flow class (e.g. 'NSF', 'MAF', 'RealNVP')"
+    )
+
+
+def _check_plain(value: object, where: str) -> None:
+    """Raises unless ``value`` is made of what ``torch.load(weights_only=True)`` reads back."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor, torch.dtype)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where} has a non-string key {key!r}")
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    raise TypeError(
+        f"{where} is a {type(value).__name__}: a flow file holds only numbers, strings, tensors, lists "
+        "and dicts (no objects or functions)"
+    )
+
+
+def flow_spec(flow: zuko.flows.Flow) -> dict | None:
+    """The constructor spec recorded on ``flow`` by :func:`default_flow` / :func:`identity_flow`, or ``None``."""
+    spec = getattr(flow, _SPEC_ATTRIBUTE, None)
+    return None if spec is None else {"name": spec["name"], "args": list(spec["args"]), "kwargs": dict(spec["kwargs"])}
+
+
+def _build(spec: Mapping) -> zuko.flows.Flow:
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise ValueError(f"a flow spec is a dict with 'name', 'args' and 'kwargs', got {spec!r}")
+    builder = _builder(spec["name"])
+    return builder(*spec.get("args", ()), **spec.get("kwargs", {}))
+
+
+def save_flow(flow: zuko.flows.Flow, path, *, spec: Mapping | None = None, **metadata) -> None:
+    """Saves a zuko flow's constructor spec and weights, with optional ``metadata`` (e.g. its loss history).
+
+    Arguments:
+        flow: A zuko flow module (:class:`zuko.flows.Flow` or another lazy distribution of zuko).
+        path: The file to write; replaced atomically.
+        spec: How to rebuild the flow, ``{"name": ..., "args": [...], "kwargs": {...}}`` with
+            ``name`` a zuko flow class (``"NSF"``) or ``"default_flow"`` / ``"identity_flow"``.
+            Not needed for flows those two built (they record it).
+        metadata: Numbers, strings, tensors, lists and dicts only.
+    """
+    if not isinstance(flow, LazyDistribution):
+        raise TypeError(f"save_flow saves a zuko flow module (e.g. zuko.flows.NSF), got {type(flow).__name__}")
+    spec = dict(spec) if spec is not None else flow_spec(flow)
+    if spec is None:
+        raise ValueError(
+            "save_flow needs the flow's constructor to rebuild it at load time: pass "
+            "spec={'name': 'NSF', 'args': [features], 'kwargs': {...}} with the arguments the flow was "
+            "built with (flows from default_flow and identity_flow record theirs)"
+        )
+    spec.setdefault("args", [])
+    spec.setdefault("kwargs", {})
+    _builder(spec["name"])
+    _check_plain(spec, "spec")
+    _check_plain(metadata, "metadata")
+    state = {name: tensor.detach().cpu() for name, tensor in flow.state_dict().items()}
+    floating = [tensor.dtype for tensor in state.values() if tensor.is_floating_point()]
+    payload = {
+        "format": FORMAT,
+        "spec": spec,
+        "dtype": str(floating[0]).removeprefix("torch.") if floating else "float32",
+        "state_dict": state,
+        "metadata": metadata,
+    }
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load_flow(path, map_location=None, *, with_metadata: bool = False):
+    """Loads a flow written by :func:`save_flow` (in ``eval()`` mode); optionally with its metadata.
+
+    The file is read with ``torch.load(weights_only=True)`` and the flow rebuilt from its spec:
+    nothing in the file is run. A file that is not such a flow file, or is damaged, gives a
+    ``ValueError`` naming it.
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever torch.load makes of a damaged or foreign file
+        raise ValueError(
+            f"{path} is not a flow file of pyro_nfmala.save_flow, or it is damaged (files written by "
+            f"pyro_nfmala 0.1 held pickled code and are not read): {type(error).__name__}: {error}"
+        ) from error
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} was not written by pyro_nfmala.save_flow (format {FORMAT})")
+    try:
+        with torch.random.fork_rng(devices=[]):  # building initializes weights: leave the caller's RNG alone
+            flow = _build(payload["spec"])
+        flow.to(getattr(torch, payload["dtype"]))
+        flow.load_state_dict(payload["state_dict"])
+    except Exception as error:  # noqa: BLE001 - a spec or weights that do not fit each other
+        raise ValueError(f"{path}: the flow could not be rebuilt from its spec and weights: {error}") from error
+    if map_location is not None:
+        flow.to(map_location)
+    _record(flow, payload["spec"]["name"], tuple(payload["spec"]["args"]), payload["spec"]["kwargs"])
+    flow.eval()
+    return (flow, payload["metadata"]) if with_metadata else flow

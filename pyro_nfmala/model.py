@@ -1,0 +1,320 @@
+r"""The Pyro-model adapter: a model's posterior as a log density on one flat vector.
+
+A Pyro model's latent sites, in their unconstrained spaces, are packed into one vector
+
+.. math:: x = (x_{s_1}, \dots, x_{s_k}) \in \mathbb{R}^d,
+
+sites in the order the model runs them, each flattened in row-major order
+(:class:`ParamLayout`). On that space the posterior is :math:`\log \pi_X(x) = -U(x)`, with
+:math:`U` Pyro's potential energy (constraint Jacobians included): :class:`ModelDensity`. The
+flow of a sampler lives on this space.
+
+Example:
+    >>> def model():
+    ...     pyro.sample("scale", dist.HalfNormal(1.0))
+    ...     pyro.sample("loc", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+    >>> density = model_density(model)
+    >>> density.layout
+    ParamLayout(dim=3, {scale: (), loc: (2,)})
+    >>> density.log_prob(torch.zeros(5, 3)).shape
+    torch.Size([5])
+"""
+
+from __future__ import annotations
+
+__all__ = ["ModelDensity", "ParamLayout", "check_flow_dim", "discrete_latent_sites", "model_density"]
+
+import logging
+
+from collections.abc import Callable, Mapping
+
+import pyro
+import torch
+
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample, init_to_uniform
+from pyro.infer.mcmc.util import initialize_model
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+
+class ParamLayout:
+    r"""The flat layout of Pyro's unconstrained ``params``: :math:`x = (x_{s_1}, \dots, x_{s_k})`.
+
+    Sites are laid out in the order of ``shapes`` (for a Pyro model: the order in which its
+    latent sample sites run), each flattened in row-major order.
+
+    Arguments:
+        shapes: Mapping from site name to the shape of its unconstrained value.
+
+    Example:
+        >>> layout = ParamLayout({"loc": torch.Size([2]), "scale": torch.Size([])})
+        >>> layout.dim
+        3
+        >>> params = layout.unpack(torch.arange(3.0))
+        >>> params["loc"], params["scale"]
+        (tensor([0., 1.]), tensor(2.))
+        >>> layout.pack(params)
+        tensor([0., 1., 2.])
+    """
+
+    def __init__(self, shapes: Mapping[str, torch.Size]) -> None:
+        self.shapes = {name: torch.Size(shape) for name, shape in shapes.items()}
+        self.sizes = {name: shape.numel() for name, shape in self.shapes.items()}
+        self.dim = sum(self.sizes.values())
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Tensor]) -> ParamLayout:
+        """The layout of a ``params`` dict of single (unbatched) values."""
+        return cls({name: torch.as_tensor(value).shape for name, value in params.items()})
+
+    def pack(self, params: Mapping[str, Tensor]) -> Tensor:
+        """Flattens ``{site: (..., *shape)}`` into ``(..., d)``."""
+        missing = set(self.shapes) - set(params)
+        if missing:
+            raise KeyError(f"params lack the sites {sorted(missing)}")
+        pieces = []
+        for name, shape in self.shapes.items():
+            value = params[name]
+            batch = value.shape[: value.dim() - len(shape)]
+            pieces.append(value.reshape(batch + (self.sizes[name],)))
+        if not pieces:
+            return torch.zeros(0)
+        return torch.cat(pieces, dim=-1)
+
+    def unpack(self, x: Tensor) -> dict[str, Tensor]:
+        """Splits ``(..., d)`` into ``{site: (..., *shape)}``."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"expected a last dimension of {self.dim}, got shape {tuple(x.shape)}")
+        pieces = torch.split(x, list(self.sizes.values()), dim=-1)
+        return {
+            name: piece.reshape(x.shape[:-1] + shape)
+            for (name, shape), piece in zip(self.shapes.items(), pieces)
+        }
+
+    def check_point(self, params: Mapping[str, Tensor], what: str = "initial_params") -> None:
+        """Raises a ``ValueError`` unless ``params`` holds exactly one value of each site's shape."""
+        missing, extra = set(self.shapes) - set(params), set(params) - set(self.shapes)
+        if missing or extra:
+            raise ValueError(
+                f"{what} must have the sites {sorted(self.shapes)}; missing {sorted(missing)}, "
+                f"unknown {sorted(extra)}"
+            )
+        for name, shape in self.shapes.items():
+            got = tuple(torch.as_tensor(params[name]).shape)
+            if got != tuple(shape):
+                raise ValueError(
+                    f"{what}[{name!r}] must have the site's unconstrained shape {tuple(shape)}, got {got} "
+                    "(one value per chain: no batch dimension)"
+                )
+
+    def __repr__(self) -> str:
+        sites = ", ".join(f"{name}: {tuple(shape)}" for name, shape in self.shapes.items())
+        return f"ParamLayout(dim={self.dim}, {{{sites}}})"
+
+
+def check_flow_dim(flow, layout: ParamLayout) -> None:
+    """Raises a ``ValueError`` naming both dimensions when ``flow`` does not fit ``layout``."""
+    if flow.dim != layout.dim:
+        raise ValueError(
+            f"the flow has dimension {flow.dim} but the model's unconstrained parameters "
+            f"have dimension {layout.dim} ({layout}): fit the flow on this model's layout"
+        )
+
+
+class ModelDensity:
+    r"""A posterior on the flat unconstrained space: :math:`\log \pi_X(x) = -U(\mathrm{unpack}(x))`.
+
+    Built by :func:`model_density` for a Pyro model, or by :meth:`from_potential` for a
+    ``potential_fn``.
+
+    Attributes:
+        layout: The flat layout of the unconstrained sites.
+        potential_fn: Pyro's potential energy of a ``params`` dict.
+        transforms: Pyro's transforms from constrained to unconstrained space, by site.
+        initial_params: One valid point (for a model: where Pyro's ``initialize_model`` found it).
+        vectorized: Whether a batch of points is evaluated in one vectorized model run
+            (an outer particle plate) rather than point by point.
+    """
+
+    def __init__(self, layout, potential_fn, transforms, initial_params, batched_log_prob=None) -> None:
+        self.layout = layout
+        self.potential_fn = potential_fn
+        self.transforms = dict(transforms or {})
+        self.initial_params = initial_params
+        self._batched_log_prob = batched_log_prob
+
+    @classmethod
+    def from_potential(cls, potential_fn: Callable, initial_params: Mapping[str, Tensor]) -> ModelDensity:
+        """The density :math:`-U` of a Pyro-style ``potential_fn`` on the layout of ``initial_params``."""
+        params = {name: torch.as_tensor(value) for name, value in initial_params.items()}
+        return cls(ParamLayout.from_params(params), potential_fn, {}, params)
+
+    @property
+    def vectorized(self) -> bool:
+        return self._batched_log_prob is not None
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        r""":math:`-U(\mathrm{unpack}(x))` for ``x`` of shape ``(d,)`` or ``(..., d)``."""
+        if x.dim() == 1:
+            return self._point_log_prob(x)
+        flat = x.reshape(-1, x.shape[-1])
+        if self._batched_log_prob is not None:
+            values = self._batched_log_prob(flat)
+        else:
+            values = torch.stack([self._point_log_prob(row) for row in flat])
+        return values.reshape(x.shape[:-1])
+
+    def _point_log_prob(self, x: Tensor) -> Tensor:
+        energy = self.potential_fn(self.layout.unpack(x))
+        if not isinstance(energy, Tensor) or energy.numel() != 1:
+            shape = tuple(energy.shape) if isinstance(energy, Tensor) else type(energy).__name__
+            raise ValueError(f"the potential energy must be a single number (a tensor of one element), got {shape}")
+        return -energy.reshape(())
+
+    def constrain(self, x: Tensor) -> dict[str, Tensor]:
+        """Maps flat unconstrained points ``(..., d)`` to the model's constrained sites ``{site: (..., *shape)}``."""
+        return {
+            name: self.transforms[name].inv(value) if name in self.transforms else value
+            for name, value in self.layout.unpack(x).items()
+        }
+
+
+def _vectorized_log_prob(model, model_args, model_kwargs, layout, transforms, trace) -> Callable[[Tensor], Tensor]:
+    """The log joint of ``n`` points in one run of the model inside an outer particle plate."""
+    nesting = max(
+        [
+            -frame.dim
+            for site in trace.nodes.values()
+            if site["type"] == "sample"
+            for frame in site["cond_indep_stack"]
+            if frame.vectorized
+        ]
+        + [0]
+    )
+    batch_dims = {name: len(trace.nodes[name]["fn"].batch_shape) for name in layout.shapes}
+
+    def log_prob(x: Tensor) -> Tensor:
+        n = x.shape[0]
+        constrained, log_det = {}, torch.zeros(n, dtype=x.dtype, device=x.device)
+        for name, value in layout.unpack(x).items():
+            value = value.reshape((n,) + (1,) * (nesting - batch_dims[name]) + layout.shapes[name])
+            if name in transforms:
+                inverse = transforms[name].inv
+                constrained[name] = inverse(value)
+                log_det = log_det + inverse.log_abs_det_jacobian(value, constrained[name]).reshape(n, -1).sum(-1)
+            else:
+                constrained[name] = value
+        with pyro.plate("_nfmala_particles", n, dim=-(nesting + 1)):
+            conditioned = pyro.poutine.condition(model, constrained)
+            particle_trace = pyro.poutine.trace(conditioned).get_trace(*model_args, **model_kwargs)
+        particle_trace.compute_log_prob()
+        total = log_det
+        for site in particle_trace.nodes.values():
+            if site["type"] == "sample" and not site_is_subsample(site):
+                site_log_prob = site["log_prob"]
+                site_log_prob = site_log_prob.reshape((1,) * (nesting + 1 - site_log_prob.dim()) + site_log_prob.shape)
+                site_log_prob = site_log_prob.movedim(-(nesting + 1), 0)  # particles first (or 1: shared by all)
+                total = total + site_log_prob.reshape(site_log_prob.shape[0], -1).sum(-1)
+        return total
+
+    return log_prob
+
+
+def _uniform_or_sample(site):
+    try:
+        return init_to_uniform(site)
+    except NotImplementedError:  # discrete sites have no bijection to the reals
+        return init_to_sample(site)
+
+
+def _trace(model, model_args, model_kwargs):
+    """One run of the model, with latent values drawn as Pyro's HMC does at initialization."""
+    return pyro.poutine.trace(InitMessenger(_uniform_or_sample)(model)).get_trace(*model_args, **model_kwargs)
+
+
+def _latent_sites(trace) -> dict[str, dict]:
+    return {
+        name: site
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+    }
+
+
+def _check_static_support(model, model_args, model_kwargs, shapes: Mapping[str, torch.Size], tries: int = 10) -> None:
+    """Raises if the model's latent sites (their names or shapes) change between runs."""
+    expected = {name: tuple(shape) for name, shape in shapes.items()}
+    for _ in range(tries):
+        latent = {name: tuple(site["value"].shape) for name, site in _latent_sites(_trace(model, model_args, model_kwargs)).items()}
+        if latent != expected:
+            raise ValueError(
+                "the model's latent sites change between runs (dynamic support): "
+                f"{expected} in one run, {latent} in another. NFMALA needs a fixed set of "
+                "continuous latent sites of fixed shapes, hence a fixed unconstrained dimension."
+            )
+
+
+def discrete_latent_sites(model: Callable, *args, **kwargs) -> list[str]:
+    """Names of the latent (unobserved) sample sites of ``model`` with a discrete support."""
+    return [
+        name
+        for name, site in _latent_sites(_trace(model, args, kwargs)).items()
+        if getattr(site["fn"], "support", None) is not None and site["fn"].support.is_discrete
+    ]
+
+
+def model_density(
+    model: Callable,
+    model_args: tuple = (),
+    model_kwargs: dict | None = None,
+    *,
+    vectorize: bool = True,
+    **initialize_kwargs,
+) -> ModelDensity:
+    """The posterior of a Pyro model on its flat unconstrained parameters.
+
+    Runs :func:`pyro.infer.mcmc.util.initialize_model` (``initialize_kwargs`` are passed to it:
+    ``transforms``, ``max_plate_nesting``, ``jit_compile``, ``init_strategy``, ...). Sites are
+    laid out in the order the model's latent sites run. Raises ``ValueError`` for a model with
+    discrete latent sites or with latent sites that change between runs.
+
+    With ``vectorize=True``, a batch of points is evaluated in one run of the model inside an
+    outer particle plate, when that agrees with Pyro's potential on three test points; otherwise
+    (and with ``vectorize=False``) point by point.
+    """
+    model_kwargs = model_kwargs or {}
+    discrete = discrete_latent_sites(model, *model_args, **model_kwargs)
+    if discrete:
+        raise ValueError(
+            f"NFMALA samples continuous latent sites only; the model has discrete latent sites "
+            f"{discrete}. Marginalize them out (e.g. with a mixture distribution) or observe them."
+        )
+    initialize_kwargs = {key: value for key, value in initialize_kwargs.items() if value is not None}
+    init_params, potential_fn, transforms, trace = initialize_model(
+        model, model_args=model_args, model_kwargs=model_kwargs, **initialize_kwargs
+    )
+    layout = ParamLayout.from_params(init_params)
+    constrained_shapes = {name: trace.nodes[name]["value"].shape for name in layout.shapes}
+    _check_static_support(model, model_args, model_kwargs, constrained_shapes)
+    density = ModelDensity(layout, potential_fn, transforms, init_params)
+    if vectorize and layout.dim > 0:
+        density._batched_log_prob = _checked_vectorized_log_prob(density, model, model_args, model_kwargs, trace)
+    return density
+
+
+def _checked_vectorized_log_prob(density: ModelDensity, model, model_args, model_kwargs, trace):
+    """The vectorized log joint if it agrees with Pyro's potential on three points, else ``None``."""
+    try:
+        batched = _vectorized_log_prob(model, model_args, model_kwargs, density.layout, density.transforms, trace)
+        x = density.layout.pack(density.initial_params).detach()
+        points = torch.stack([x, x + 0.1, x - 0.1])
+        expected = density.log_prob(points)
+        got = batched(points)
+    except Exception as error:  # noqa: BLE001 - any model that does not vectorize
+        logger.info("model does not vectorize over particles (%s): evaluating point by point", error)
+        return None
+    if got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
+        return batched
+    logger.info("vectorized model evaluation disagrees with Pyro's potential: evaluating point by point")
+    return None
