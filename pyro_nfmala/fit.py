@@ -1,5 +1,5 @@
 r"""Fitting a zuko flow: to an unnormalized density by variational inference (reverse KL), or
-to samples by maximum likelihood; saving and loading a fitted flow.
+to samples by maximum likelihood.
 
 With :math:`z \sim q_Z` and the latent pull-back :math:`\log \pi(z) = \log \pi_X(f(z)) +
 \mathrm{ladj}(z)`, the flow :math:`f` is fitted by stochastic gradient descent on
@@ -11,12 +11,14 @@ minus the ELBO. A poorly fitted flow never makes NFMALA wrong (the T1 target is 
 flow); it makes the latent target far from :math:`N(0, I)`, so chains mix slower: small
 adapted step sizes and low ESS per draw are the signs to look for.
 
-A step whose loss or gradient is not finite is skipped; when no step of the first
-:data:`MAX_NONFINITE_STEPS` is finite, or the flow's parameters end non-finite, the fit raises
-(the usual cause: a posterior that is improper, or not finite where the flow puts its mass).
+Both fits run Adam with cosine annealing of the learning rate. A step whose loss or gradient
+is not finite is skipped; when none of the first :data:`MAX_NONFINITE_STEPS` steps is finite, or
+the flow's parameters end non-finite, the fit raises (for reverse KL the usual cause is a
+posterior that is improper, or not finite where the flow puts its mass).
 
-The flow's latent-to-data direction is used for training and sampling alike: prefer coupling
-flows (``RealNVP``, ``NSF(..., passes=2)``), which are one pass in both directions.
+Reverse KL trains through the latent-to-data direction (:math:`f`, as the sampler uses it),
+maximum likelihood through the data-to-latent one (:math:`f^{-1}`): prefer coupling flows
+(``RealNVP``, ``NSF(..., passes=2)``), which are one pass in both directions.
 """
 
 from __future__ import annotations
@@ -80,30 +82,40 @@ def fit_flow(
     """
     if num_steps < 1 or num_particles < 1:
         raise ValueError(f"num_steps and num_particles must be >= 1, got {num_steps} and {num_particles}")
+
+    def loss() -> Tensor:
+        distribution = flow()
+        z = distribution.base.rsample((num_particles,))
+        x, ladj = distribution.transform.inv.call_and_ladj(z)
+        return (distribution.base.log_prob(z) - log_prob(x) - ladj).mean()
+
+    return _train(flow, loss, num_steps=num_steps, lr=lr, progress=progress, name="loss")
+
+
+def _train(flow: zuko.flows.Flow, loss: Callable[[], Tensor], *, num_steps: int, lr: float, progress: bool, name: str) -> FitResult:
+    """Adam with cosine annealing on ``loss()``; non-finite steps skipped, a fit never finite raises."""
     optimizer = torch.optim.Adam(flow.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, num_steps, eta_min=lr / 100)
     losses: list[float] = []
     flow.train()
     bar = tqdm(range(num_steps), desc="fitting flow", disable=not progress)
     for step in bar:
-        distribution = flow()
-        z = distribution.base.rsample((num_particles,))
-        x, ladj = distribution.transform.inv.call_and_ladj(z)
-        loss = (distribution.base.log_prob(z) - log_prob(x) - ladj).mean()
+        value = loss()
         optimizer.zero_grad()
-        if torch.isfinite(loss):
-            loss.backward()
-        if not torch.isfinite(loss) or not _finite_gradients(flow):
+        if torch.isfinite(value):
+            value.backward()
+        if not torch.isfinite(value) or not _finite_gradients(flow):
             losses.append(float("nan"))
-            if step + 1 == MAX_NONFINITE_STEPS and all(math.isnan(value) for value in losses):
+            if step + 1 == MAX_NONFINITE_STEPS and all(math.isnan(v) for v in losses):
                 bar.close()
+                flow.eval()
                 raise FloatingPointError(_nonfinite_message(MAX_NONFINITE_STEPS))
             continue
         optimizer.step()
         schedule.step()
-        losses.append(loss.item())
+        losses.append(value.item())
         if len(losses) % 25 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-25:]) / 25:.3f}")
+            bar.set_postfix({name: f"{sum(losses[-25:]) / 25:.3f}"})
     flow.eval()
     _check_fit(flow, losses)
     return FitResult(flow, losses)
@@ -115,10 +127,10 @@ def _finite_gradients(flow: torch.nn.Module) -> bool:
 
 def _nonfinite_message(steps: int) -> str:
     return (
-        f"the loss (minus the ELBO) or its gradient was not finite in any of {steps} steps: the target's "
-        "log density is not finite where the flow puts its mass, or the posterior is improper (e.g. a flat "
-        "prior on a parameter that the data do not constrain). Check the model, or start the flow nearer "
-        "the posterior."
+        f"the loss or its gradient was not finite in any of {steps} steps. Fitting to a density (minus the "
+        "ELBO): the log density is not finite where the flow puts its mass, or the posterior is improper "
+        "(e.g. a flat prior on a parameter that the data do not constrain); check the model, or start the "
+        "flow nearer the posterior. Fitting to samples: some samples are NaN or infinite."
     )
 
 
@@ -192,20 +204,9 @@ def fit_flow_to_samples(
         raise ValueError(f"samples must have shape (n, d), got {tuple(samples.shape)}")
     if flow is None:
         flow = default_flow(samples.shape[-1])
-    optimizer = torch.optim.Adam(flow.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, num_steps, eta_min=lr / 100)
-    losses: list[float] = []
-    flow.train()
-    bar = tqdm(range(num_steps), desc="fitting flow", disable=not progress)
-    for _ in bar:
+
+    def loss() -> Tensor:
         index = torch.randint(len(samples), (min(batch_size, len(samples)),), generator=generator)
-        loss = -flow().log_prob(samples[index]).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if len(losses) % 25 == 0:
-            bar.set_postfix(nll=f"{sum(losses[-25:]) / 25:.3f}")
-    flow.eval()
-    return FitResult(flow, losses)
+        return -flow().log_prob(samples[index]).mean()
+
+    return _train(flow, loss, num_steps=num_steps, lr=lr, progress=progress, name="nll")

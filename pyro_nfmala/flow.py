@@ -14,9 +14,11 @@ matrix-free Jacobian preconditioner needs:
 .. math:: J_f(z)^{-1} v = J_{f^{-1}}(x)\, v, \qquad J_f(z)^{-T} v = J_{f^{-1}}(x)^T v .
 
 Vector-Jacobian products are one backward pass. Jacobian-vector products use the
-double-backward identity :math:`J v = \nabla_u (u^T J) v`, which works with plain
-:mod:`torch.autograd` and hence with every zuko flow, including those built on custom
-autograd functions (NAF, UNAF, ...), where :mod:`torch.func` fails.
+double-backward identity :math:`J v = \nabla_u (u^T J) v`, which needs only plain
+:mod:`torch.autograd` (affine, spline and coupling flows: MAF, NSF, NCSF, RealNVP, NICE), else
+:func:`torch.func.jvp`; each is checked once on the flow by a dot-product test. Flows built on
+custom autograd functions (NAF, UNAF, BPF, SOSPF, GF, CNF) support neither in some direction,
+and fall back to ``d`` vector-Jacobian products there (exact, ``d`` times the cost).
 
 Freezing: :class:`LatentFlow` keeps a private deep copy of the user's flow (a zuko module or
 the :class:`~zuko.distributions.NormalizingFlow` it builds), in ``eval()`` mode with every

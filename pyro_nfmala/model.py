@@ -168,6 +168,8 @@ class ModelDensity:
 
     def _point_log_prob(self, x: Tensor) -> Tensor:
         energy = self.potential_fn(self.layout.unpack(x))
+        if isinstance(energy, (int, float)):  # e.g. Pyro's potential of a model with no latent sites
+            energy = torch.tensor(float(energy), dtype=x.dtype, device=x.device)
         if not isinstance(energy, Tensor) or energy.numel() != 1:
             shape = tuple(energy.shape) if isinstance(energy, Tensor) else type(energy).__name__
             raise ValueError(f"the potential energy must be a single number (a tensor of one element), got {shape}")

@@ -193,3 +193,27 @@ def test_interrupted_warmup_keeps_the_adapted_step_size(latent_flow):
     with pytest.raises(KeyboardInterrupt):
         sampler.warmup(200, progress=False)
     assert float(sampler.step_size[0]) > 1e-3  # adapted up from 1e-4 before the interrupt
+
+
+@pytest.mark.parametrize(
+    "log_prob, num_chains",
+    [
+        (lambda x: -(x**2).sum(), 8),  # no dim=-1: one number for the whole batch
+        (lambda x: -0.5 * x[0] ** 2 - 0.5 * x[1] ** 2, 8),  # indexes rows, not coordinates: shape (d,)
+        (lambda x: -0.5 * x[0] ** 2 - 0.5 * x[1] ** 2, 2),  # ... which has the right shape when n = d
+        (lambda x: -0.5 * (x - x.mean(0)).square().sum(-1), 4),  # mixes the points of a batch
+    ],
+    ids=["sum_without_dim", "row_indexing", "row_indexing_n_equals_d", "batch_mean"],
+)
+def test_a_log_density_that_does_not_treat_rows_alone_is_refused(log_prob, num_chains):
+    """Each of these ran and sampled silently wrong before the check."""
+    target = PosteriorPullback(zuko.flows.RealNVP(2), log_prob)
+    with pytest.raises(ValueError, match=r"log_prob (must return one value per point|gives the points of a batch|fails on a batch of one)"):
+        ChainSampler(target, num_chains, seed=0)
+    with pytest.raises(ValueError, match="x\\[..., i\\]"):
+        init_state(target, get_preconditioner("identity"), torch.randn(num_chains, 2))
+
+
+def test_a_log_density_that_treats_rows_alone_passes_the_check():
+    target = PosteriorPullback(zuko.flows.RealNVP(2), lambda x: -0.5 * x[..., 0] ** 2 - 0.5 * x[..., 1] ** 2)
+    assert ChainSampler(target, 8, seed=0).state.z.shape == (8, 2)
