@@ -52,7 +52,12 @@ from pyro_nfmala import (
     identity_flow,
 )
 from pyro_nfmala.examples.metrics import energy_distance, gap_mass, gap_threshold, mode_weights
-from pyro_nfmala.examples.posteriordb import eight_schools_centered, load_data, load_reference, standardized_errors
+from pyro_nfmala.examples.posteriordb import (
+    eight_schools_centered,
+    load_data,
+    load_reference,
+    standardized_errors,
+)
 from pyro_nfmala.examples.toys import Banana, DoubleMoon, GaussianMixture, GaussianRing, NealFunnel
 from pyro_nfmala.model import model_density
 
@@ -60,7 +65,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 NUM_CHAINS = 4
 RHAT_OK = 1.1
 # target groups from the costliest (measured in the full run) to the cheapest
-COST_ORDER = ["mixture16", "mixture8", "ring8", "double_moon", "eight_schools", "banana20", "funnel10", "banana2"]
+COST_ORDER = [
+    "mixture16",
+    "mixture8",
+    "ring8",
+    "double_moon",
+    "eight_schools",
+    "banana20",
+    "funnel10",
+    "banana2",
+]
 
 
 @dataclass
@@ -75,8 +89,18 @@ class Budget:
     fit_samples: int = 20_000
 
 
-QUICK = Budget(warmup=30, draws=60, fit_steps=200, tree_depth=4, neutra_tree_depth=4, neutra_warmup=30, neutra_draws=60)
-FULL = Budget(warmup=150, draws=300, fit_steps=2000, tree_depth=5, neutra_tree_depth=4, neutra_warmup=100, neutra_draws=150)
+QUICK = Budget(
+    warmup=30, draws=60, fit_steps=200, tree_depth=4, neutra_tree_depth=4, neutra_warmup=30, neutra_draws=60
+)
+FULL = Budget(
+    warmup=150,
+    draws=300,
+    fit_steps=2000,
+    tree_depth=5,
+    neutra_tree_depth=4,
+    neutra_warmup=100,
+    neutra_draws=150,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,7 +126,14 @@ class Target:
 
 
 def toy_target(name, toy, **kwargs) -> Target:
-    return Target(name, toy.dim, toy.log_prob, toy.sample(20_000, generator=torch.Generator().manual_seed(123)), toy=toy, **kwargs)
+    return Target(
+        name,
+        toy.dim,
+        toy.log_prob,
+        toy.sample(20_000, generator=torch.Generator().manual_seed(123)),
+        toy=toy,
+        **kwargs,
+    )
 
 
 def eight_schools_target() -> Target:
@@ -110,7 +141,9 @@ def eight_schools_target() -> Target:
     density = model_density(eight_schools_centered, model_kwargs=data)
     reference = load_reference("eight_schools")
     # the reference in the flat unconstrained layout (mu, log tau, theta_1..8)
-    flat = np.stack([reference["mu"], np.log(reference["tau"])] + [reference[f"theta[{j}]"] for j in range(1, 9)], -1)
+    flat = np.stack(
+        [reference["mu"], np.log(reference["tau"])] + [reference[f"theta[{j}]"] for j in range(1, 9)], -1
+    )
     return Target(
         "eight_schools",
         density.layout.dim,
@@ -149,11 +182,19 @@ def train_flow(target: Target, budget: Budget):
     pyro.set_rng_seed(0)
     start = time.perf_counter()
     if target.flow_from == "model":
-        fit = fit_flow_to_model(target.model, model_kwargs=target.extra["data"], num_steps=budget.fit_steps, progress=False)
+        fit = fit_flow_to_model(
+            target.model, model_kwargs=target.extra["data"], num_steps=budget.fit_steps, progress=False
+        )
     else:
         samples = target.toy.sample(budget.fit_samples, generator=torch.Generator().manual_seed(7))
         flow = default_flow(target.dim, kind=target.flow_kind)
-        fit = fit_flow_to_samples(samples, flow, num_steps=budget.fit_steps, progress=False, generator=torch.Generator().manual_seed(8))
+        fit = fit_flow_to_samples(
+            samples,
+            flow,
+            num_steps=budget.fit_steps,
+            progress=False,
+            generator=torch.Generator().manual_seed(8),
+        )
     return fit.flow, time.perf_counter() - start
 
 
@@ -187,7 +228,9 @@ def run_chain_sampler(target_fn, flow, z0, budget: Budget, preconditioner: str) 
     )
 
 
-def run_nuts(potential, init: torch.Tensor, warmup: int, draws: int, tree_depth: int) -> tuple[torch.Tensor, float, int, float, int]:
+def run_nuts(
+    potential, init: torch.Tensor, warmup: int, draws: int, tree_depth: int
+) -> tuple[torch.Tensor, float, int, float, int]:
     """Pyro NUTS on ``potential({"q": q})``; returns draws of q and the number of potential calls."""
     calls = [0]
 
@@ -196,7 +239,14 @@ def run_nuts(potential, init: torch.Tensor, warmup: int, draws: int, tree_depth:
         return potential(params)
 
     kernel = NUTS(potential_fn=counted, max_tree_depth=tree_depth)
-    mcmc = MCMC(kernel, num_samples=draws, warmup_steps=warmup, num_chains=NUM_CHAINS, initial_params={"q": init}, disable_progbar=True)
+    mcmc = MCMC(
+        kernel,
+        num_samples=draws,
+        warmup_steps=warmup,
+        num_chains=NUM_CHAINS,
+        initial_params={"q": init},
+        disable_progbar=True,
+    )
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "chains will be drawn sequentially"
@@ -212,7 +262,9 @@ def nuts_on_target(target: Target, x0: torch.Tensor, budget: Budget) -> Run:
     def potential(params):
         return -target.log_prob(params["q"])
 
-    x, seconds, gradients, accept, divergences = run_nuts(potential, x0, budget.warmup, budget.draws, budget.tree_depth)
+    x, seconds, gradients, accept, divergences = run_nuts(
+        potential, x0, budget.warmup, budget.draws, budget.tree_depth
+    )
     return Run(x, seconds, gradients, accept, divergences)
 
 
@@ -221,7 +273,9 @@ def neutra_nuts_on_target(target: Target, flow: LatentFlow, z0: torch.Tensor, bu
         x, ladj = flow.to_data(params["q"])
         return -(target.log_prob(x) + ladj)
 
-    z, seconds, gradients, accept, divergences = run_nuts(potential, z0, budget.neutra_warmup, budget.neutra_draws, budget.neutra_tree_depth)
+    z, seconds, gradients, accept, divergences = run_nuts(
+        potential, z0, budget.neutra_warmup, budget.neutra_draws, budget.neutra_tree_depth
+    )
     with torch.no_grad():
         x = flow.to_data(z)[0]
     return Run(x, seconds, gradients, accept, divergences)
@@ -230,7 +284,9 @@ def neutra_nuts_on_target(target: Target, flow: LatentFlow, z0: torch.Tensor, bu
 def naive(flow: LatentFlow, budget: Budget) -> Run:
     start = time.perf_counter()
     with torch.no_grad():
-        x = flow.to_data(flow.sample_base((NUM_CHAINS, budget.draws), generator=torch.Generator().manual_seed(2)))[0]
+        x = flow.to_data(
+            flow.sample_base((NUM_CHAINS, budget.draws), generator=torch.Generator().manual_seed(2))
+        )[0]
     return Run(x, time.perf_counter() - start, 0, float("nan"), 0)
 
 
@@ -257,11 +313,17 @@ def score(target: Target, run: Run, threshold: float | None) -> dict:
     }
     row["ess_bulk_per_s"] = row["ess_bulk_min"] / run.seconds
     row["ess_tail_per_s"] = row["ess_tail_min"] / run.seconds
-    row["ess_bulk_per_1k_grad"] = 1000 * row["ess_bulk_min"] / run.gradients if run.gradients else float("nan")
+    row["ess_bulk_per_1k_grad"] = (
+        1000 * row["ess_bulk_min"] / run.gradients if run.gradients else float("nan")
+    )
     flat = x.reshape(-1, target.dim).float()
-    row["energy_distance"] = energy_distance(flat, target.reference, generator=torch.Generator().manual_seed(3))
+    row["energy_distance"] = energy_distance(
+        flat, target.reference, generator=torch.Generator().manual_seed(3)
+    )
     if target.toy is not None and len(target.toy.weights) > 1:
-        row["mode_weight_error"] = float((mode_weights(flat, target.toy) - target.toy.weights.double()).abs().max())
+        row["mode_weight_error"] = float(
+            (mode_weights(flat, target.toy) - target.toy.weights.double()).abs().max()
+        )
         row["gap_mass"] = gap_mass(flat, target.toy, threshold)
     if target.name == "eight_schools":
         density = target.extra["density"]
@@ -294,17 +356,27 @@ def starting_points(target: Target, flow: LatentFlow) -> tuple[torch.Tensor, tor
 def run_target(target: Target, flow, budget: Budget) -> dict[str, dict]:
     latent_flow = LatentFlow(flow)
     z0, x0 = starting_points(target, latent_flow)
-    threshold = gap_threshold(target.toy, level=0.001) if target.toy is not None and len(target.toy.weights) > 1 else None
+    threshold = (
+        gap_threshold(target.toy, level=0.001)
+        if target.toy is not None and len(target.toy.weights) > 1
+        else None
+    )
     runs: dict[str, Run] = {}
     if not target.one_mode:
         runs["naive flow"] = naive(latent_flow, budget)
     exact = PosteriorPullback(latent_flow, target.log_prob, target.dim)
     for preconditioner in ["identity", "jacobian"]:
-        runs[f"NFMALA {preconditioner} (T1)"] = run_chain_sampler(exact, latent_flow, z0, budget, preconditioner)
+        runs[f"NFMALA {preconditioner} (T1)"] = run_chain_sampler(
+            exact, latent_flow, z0, budget, preconditioner
+        )
     if target.tempered:
-        runs["NFMALA jacobian (T2, beta=1)"] = run_chain_sampler(TemperedFlow(latent_flow, 1.0), latent_flow, z0, budget, "jacobian")
+        runs["NFMALA jacobian (T2, beta=1)"] = run_chain_sampler(
+            TemperedFlow(latent_flow, 1.0), latent_flow, z0, budget, "jacobian"
+        )
     plain = LatentFlow(identity_flow(target.dim))
-    runs["plain MALA"] = run_chain_sampler(PosteriorPullback(plain, target.log_prob, target.dim), plain, x0, budget, "identity")
+    runs["plain MALA"] = run_chain_sampler(
+        PosteriorPullback(plain, target.log_prob, target.dim), plain, x0, budget, "identity"
+    )
     pyro.set_rng_seed(6)
     runs["NUTS"] = nuts_on_target(target, x0, budget)
     if not target.one_mode:
@@ -339,20 +411,31 @@ def markdown(results: dict, header: str) -> str:
             cells = []
             for key, _, fmt in used:
                 value = row.get(key)
-                cell = "" if value is None or (isinstance(value, float) and np.isnan(value)) else fmt.format(value)
+                cell = (
+                    ""
+                    if value is None or (isinstance(value, float) and np.isnan(value))
+                    else fmt.format(value)
+                )
                 if cell and key.startswith("ess") and row.get("rhat_max", 1.0) > RHAT_OK:
                     cell += "*"
                 cells.append(cell)
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += [
-        f"\\* R-hat above {RHAT_OK}: the chains disagree, so this ESS describes no converged run (a stuck",
-        "sampler can show a high ESS within the region it is stuck in). Read ESS only where R-hat is",
-        "close to 1, and the energy distance and mode weights everywhere.",
-        "",
-        "## Goals",
-        "",
-    ] + [f"- {line}" for line in results["goals"]] + [""]
+    lines += (
+        [
+            (
+                f"\\* R-hat above {RHAT_OK}: the chains disagree, so this ESS describes no converged run "
+                "(a stuck"
+            ),
+            "sampler can show a high ESS within the region it is stuck in). Read ESS only where R-hat is",
+            "close to 1, and the energy distance and mode weights everywhere.",
+            "",
+            "## Goals",
+            "",
+        ]
+        + [f"- {line}" for line in results["goals"]]
+        + [""]
+    )
     return "\n".join(lines)
 
 
@@ -365,29 +448,39 @@ def goals(results: dict) -> list[str]:
             continue
         methods = targets[name]["methods"]
         best = max(  # the faster of the converged, if any
-            ["NFMALA identity (T1)", "NFMALA jacobian (T1)"], key=lambda m: (methods[m]["rhat_max"] <= RHAT_OK, methods[m]["ess_bulk_per_s"])
+            ["NFMALA identity (T1)", "NFMALA jacobian (T1)"],
+            key=lambda m: (methods[m]["rhat_max"] <= RHAT_OK, methods[m]["ess_bulk_per_s"]),
         )
         ratio = methods[best]["ess_bulk_per_s"] / methods["NUTS"]["ess_bulk_per_s"]
         ours_ok, nuts_ok = methods[best]["rhat_max"] <= RHAT_OK, methods["NUTS"]["rhat_max"] <= RHAT_OK
         if ours_ok and nuts_ok:
             verdict = "met" if ratio >= 2 else "NOT met"
         elif ours_ok:
-            verdict = f"met: NFMALA converged and NUTS did not (R-hat above {RHAT_OK}), so NUTS's ESS counts no usable draws"
+            verdict = (
+                f"met: NFMALA converged and NUTS did not (R-hat above {RHAT_OK}), "
+                "so NUTS's ESS counts no usable draws"
+            )
         elif nuts_ok:
             verdict = f"NOT met: NFMALA did not converge (R-hat above {RHAT_OK}) and NUTS did"
         else:
             verdict = f"not measurable: neither converged (R-hat above {RHAT_OK})"
         lines.append(
-            f"{name}: {best} ESS bulk/s {methods[best]['ess_bulk_per_s']:.1f} (R-hat {methods[best]['rhat_max']:.2f}) vs NUTS "
-            f"{methods['NUTS']['ess_bulk_per_s']:.1f} (R-hat {methods['NUTS']['rhat_max']:.2f}): {ratio:.1f}x (goal >= 2x: {verdict})"
+            f"{name}: {best} ESS bulk/s {methods[best]['ess_bulk_per_s']:.1f} "
+            f"(R-hat {methods[best]['rhat_max']:.2f}) vs NUTS "
+            f"{methods['NUTS']['ess_bulk_per_s']:.1f} (R-hat {methods['NUTS']['rhat_max']:.2f}): "
+            f"{ratio:.1f}x (goal >= 2x: {verdict})"
         )
     if "double_moon" in targets:
         methods = targets["double_moon"]["methods"]
-        naive_gap, t2_gap = methods["naive flow"]["gap_mass"], methods["NFMALA jacobian (T2, beta=1)"]["gap_mass"]
+        naive_gap, t2_gap = (
+            methods["naive flow"]["gap_mass"],
+            methods["NFMALA jacobian (T2, beta=1)"]["gap_mass"],
+        )
         draws = NUM_CHAINS * results["budget"]["draws"]
         ratio = naive_gap / max(t2_gap, 1 / draws)
         lines.append(
-            f"double_moon: gap mass naive {naive_gap:.4f} vs T2 (beta=1, jacobian) {t2_gap:.4f}: {ratio:.1f}x lower "
+            f"double_moon: gap mass naive {naive_gap:.4f} vs T2 (beta=1, jacobian) {t2_gap:.4f}: "
+            f"{ratio:.1f}x lower "
             f"(goal >= 5x: {'met' if ratio >= 5 else 'NOT met'})"
         )
     return lines
@@ -408,7 +501,13 @@ def ess_figure(results: dict, suffix: str) -> None:
         present = [i for i, n in enumerate(names) if method in results["targets"][n]["methods"]]
         rows = [results["targets"][names[i]]["methods"][method] for i in present]
         values = [max(row["ess_bulk_per_s"], 1e-2) for row in rows]
-        bars = ax.bar(np.array(present) + (k - len(methods) / 2 + 0.5) * width, values, width, label=method, color=f"C{k}")
+        bars = ax.bar(
+            np.array(present) + (k - len(methods) / 2 + 0.5) * width,
+            values,
+            width,
+            label=method,
+            color=f"C{k}",
+        )
         for bar, row in zip(bars, rows):
             if row["rhat_max"] > RHAT_OK:
                 bar.set_alpha(0.3)
@@ -438,8 +537,19 @@ def figures(results: dict, all_runs: dict, suffix: str) -> None:
     shown = [n for n in ["double_moon", "ring8", "banana2", "funnel10"] if n in all_runs]
     if not shown:
         return
-    labels = ["exact", "naive flow", "NFMALA identity (T1)", "NFMALA jacobian (T1)", "NFMALA jacobian (T2, beta=1)", "plain MALA", "NUTS", "NeuTra-NUTS"]
-    fig, axes = plt.subplots(len(shown), len(labels), figsize=(2.2 * len(labels), 2.2 * len(shown)), squeeze=False)
+    labels = [
+        "exact",
+        "naive flow",
+        "NFMALA identity (T1)",
+        "NFMALA jacobian (T1)",
+        "NFMALA jacobian (T2, beta=1)",
+        "plain MALA",
+        "NUTS",
+        "NeuTra-NUTS",
+    ]
+    fig, axes = plt.subplots(
+        len(shown), len(labels), figsize=(2.2 * len(labels), 2.2 * len(shown)), squeeze=False
+    )
     for row, name in enumerate(shown):
         target, runs = all_runs[name]
         limits = [np.quantile(target.reference[:, k].numpy(), [0.001, 0.999]) for k in (0, 1)]
@@ -473,7 +583,11 @@ def run_group(names: list[str], quick: bool, threads: int) -> dict:
         if flow is None or target.shares_flow_with is None:
             flow, training = train_flow(target, budget)
         rows, runs = run_target(target, flow, budget)
-        out[target.name] = {"flow_training_s": training, "methods": rows, "draws": {label: run.x for label, run in runs.items()}}
+        out[target.name] = {
+            "flow_training_s": training,
+            "methods": rows,
+            "draws": {label: run.x for label, run in runs.items()},
+        }
         print(f"{target.name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     return out
 
@@ -484,11 +598,22 @@ def main() -> None:
     from concurrent.futures import ProcessPoolExecutor
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short chains and flow fits: a few minutes on 2 cores")
+    parser.add_argument(
+        "--quick", action="store_true", help="short chains and flow fits: a few minutes on 2 cores"
+    )
     parser.add_argument("--targets", nargs="*", help="run only these targets")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job (default 1)")
-    parser.add_argument("--jobs", type=int, default=2, help="targets run in this many processes at once (default 2: one per core)")
-    parser.add_argument("--report-only", action="store_true", help="rewrite the markdown table from the saved JSON, without sampling")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="targets run in this many processes at once (default 2: one per core)",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the markdown table from the saved JSON, without sampling",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     budget = QUICK if args.quick else FULL
@@ -508,15 +633,29 @@ def main() -> None:
         groups.setdefault(target.shares_flow_with or target.name, []).append(target.name)
     results = {
         "command": "python benchmarks/compare.py" + (" --quick" if args.quick else ""),
-        "machine": f"{platform.machine()}, {args.jobs} jobs x {args.threads} torch thread(s), torch {torch.__version__}, pyro {pyro.__version__}",
+        "machine": (
+            f"{platform.machine()}, {args.jobs} jobs x {args.threads} torch thread(s), "
+            f"torch {torch.__version__}, pyro {pyro.__version__}"
+        ),
         "date": time.strftime("%Y-%m-%d"),
-        "budget": {"chains": NUM_CHAINS, "warmup": budget.warmup, "draws": budget.draws, "flow_fit_steps": budget.fit_steps, "nuts_max_tree_depth": budget.tree_depth, "neutra_max_tree_depth": budget.neutra_tree_depth, "neutra_warmup": budget.neutra_warmup, "neutra_draws": budget.neutra_draws},
+        "budget": {
+            "chains": NUM_CHAINS,
+            "warmup": budget.warmup,
+            "draws": budget.draws,
+            "flow_fit_steps": budget.fit_steps,
+            "nuts_max_tree_depth": budget.tree_depth,
+            "neutra_max_tree_depth": budget.neutra_tree_depth,
+            "neutra_warmup": budget.neutra_warmup,
+            "neutra_draws": budget.neutra_draws,
+        },
         "targets": {},
     }
     start = time.perf_counter()
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("fork")) as pool:
         # the costliest groups first, so that the two jobs finish at about the same time
-        order = sorted(groups, key=lambda name: COST_ORDER.index(name) if name in COST_ORDER else len(COST_ORDER))
+        order = sorted(
+            groups, key=lambda name: COST_ORDER.index(name) if name in COST_ORDER else len(COST_ORDER)
+        )
         futures = [pool.submit(run_group, groups[name], args.quick, args.threads) for name in order]
         done = {}
         for future in futures:
@@ -532,8 +671,9 @@ def main() -> None:
     (RESULTS / f"compare{suffix}.json").write_text(json.dumps(results, indent=1))
     header = (
         f"Command: `{results['command']}`; {results['date']}; {results['machine']}; "
-        f"{NUM_CHAINS} chains x ({budget.warmup} warmup + {budget.draws} draws) per method, NUTS max_tree_depth "
-        f"{budget.tree_depth}; NeuTra-NUTS {budget.neutra_warmup} warmup + {budget.neutra_draws} draws, max_tree_depth "
+        f"{NUM_CHAINS} chains x ({budget.warmup} warmup + {budget.draws} draws) per method, "
+        f"NUTS max_tree_depth {budget.tree_depth}; "
+        f"NeuTra-NUTS {budget.neutra_warmup} warmup + {budget.neutra_draws} draws, max_tree_depth "
         f"{budget.neutra_tree_depth}, not on the one-mode variants; total {results['total_s'] / 60:.1f} min."
     )
     results["header"] = header

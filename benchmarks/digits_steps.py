@@ -38,7 +38,9 @@ def main() -> None:
         sys.exit(f"{FLOW} not found: run `python tutorials/03_digits.py` first")
     flow = load_flow(FLOW)
     digits = load_digits()
-    images, _, labels, _ = train_test_split(digits.data, digits.target, test_size=600, stratify=digits.target, random_state=0)
+    images, _, labels, _ = train_test_split(
+        digits.data, digits.target, test_size=600, stratify=digits.target, random_state=0
+    )
     classifier = LogisticRegression(max_iter=5_000).fit(images / 16, labels)
 
     def score(pixels: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[float, float]:
@@ -47,7 +49,10 @@ def main() -> None:
         balance = np.bincount(probs.argmax(-1), weights=w, minlength=10)
         return float(w @ (probs.max(-1) < 0.5)), float(100 * np.abs(balance - 0.1).max())
 
-    print(f"{NUM_CHAINS} chains from naive draws, identity preconditioner, step size adapted in {WARMUP} warmup steps")
+    print(
+        f"{NUM_CHAINS} chains from naive draws, identity preconditioner, "
+        f"step size adapted in {WARMUP} warmup steps"
+    )
     print("| beta | steps after warmup | between classes | worst class share - 10% |")
     print("| --- | --- | --- | --- |")
     preview = preview_tempering(flow, BETAS, num_samples=20_000, generator=torch.Generator().manual_seed(2))
@@ -61,7 +66,13 @@ def main() -> None:
             low, balance = score(to_pixels(state.x))
             print(f"| {beta} | {k} | {low:.3f} | {balance:.1f} pts |", flush=True)
         low, balance = score(to_pixels(preview.x), preview.weights[row])
-        print(f"| {beta} | T2 itself (preview, ESS {float(preview.ess[row]):.0f}) | {low:.3f} | {balance:.1f} pts |", flush=True)
+        print(
+            (
+                f"| {beta} | T2 itself (preview, ESS {float(preview.ess[row]):.0f}) "
+                f"| {low:.3f} | {balance:.1f} pts |"
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

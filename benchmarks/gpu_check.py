@@ -40,24 +40,42 @@ def main() -> int:
             flow = zuko.flows.NSF(4, transforms=2, passes=2).to(device=device, dtype=dtype)
             target = PosteriorPullback(flow, lambda x: -0.5 * x.square().sum(-1))
             start = time.perf_counter()
-            idata = ChainSampler(target, 4096, preconditioner=preconditioner, seed=0).run(100, 100, progress=False)
+            idata = ChainSampler(target, 4096, preconditioner=preconditioner, seed=0).run(
+                100, 100, progress=False
+            )
             x = torch.as_tensor(idata.posterior["x"].values)
             ok = bool(torch.isfinite(x).all()) and abs(float(x.var()) - 1) < 0.1
-            print(f"ChainSampler {dtype} {preconditioner}: var {float(x.var()):.3f} in {time.perf_counter() - start:.1f} s {'ok' if ok else 'FAILED'}")
+            print(
+                f"ChainSampler {dtype} {preconditioner}: var {float(x.var()):.3f} "
+                f"in {time.perf_counter() - start:.1f} s {'ok' if ok else 'FAILED'}"
+            )
             if not ok:
                 failures.append(f"ChainSampler {dtype} {preconditioner}")
     data = torch.randn(50, device=device) + 3.0
     pyro.set_rng_seed(0)
-    mcmc = MCMC(NFMALA(model, flow=zuko.flows.RealNVP(1).to(device)), num_samples=300, warmup_steps=200, disable_progbar=True)
+    mcmc = MCMC(
+        NFMALA(model, flow=zuko.flows.RealNVP(1).to(device)),
+        num_samples=300,
+        warmup_steps=200,
+        disable_progbar=True,
+    )
     mcmc.run(data)
     loc = mcmc.get_samples()["loc"]
     expected = float(data.sum() / (len(data) + 0.01))
     ok = loc.is_cuda and bool(torch.isfinite(loc).all()) and abs(float(loc.mean()) - expected) < 0.1
-    print(f"NFMALA kernel on CUDA: mean {float(loc.mean()):.3f} (exact {expected:.3f}) {'ok' if ok else 'FAILED'}")
+    print(
+        f"NFMALA kernel on CUDA: mean {float(loc.mean()):.3f} (exact {expected:.3f}) "
+        f"{'ok' if ok else 'FAILED'}"
+    )
     if not ok:
         failures.append("kernel")
     try:
-        MCMC(NFMALA(model, flow=zuko.flows.RealNVP(1).to(device)), num_samples=5, warmup_steps=5, disable_progbar=True).run(data.cpu())
+        MCMC(
+            NFMALA(model, flow=zuko.flows.RealNVP(1).to(device)),
+            num_samples=5,
+            warmup_steps=5,
+            disable_progbar=True,
+        ).run(data.cpu())
         failures.append("device mismatch: no error")
     except ValueError as error:
         print(f"device mismatch: ValueError ok ({str(error)[:80]}...)")

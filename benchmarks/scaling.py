@@ -79,7 +79,15 @@ def _memory_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure(kind: str, dim: int, num_chains: int, method: str, repeats: tuple[int, float], device: str, what: str = "time") -> float:
+def measure(
+    kind: str,
+    dim: int,
+    num_chains: int,
+    method: str,
+    repeats: tuple[int, float],
+    device: str,
+    what: str = "time",
+) -> float:
     """Time in ms (``what="time"``) or peak extra memory in MB (``what="memory"``) of one flow
     pass or one step of ``method``."""
     cpu_memory = what == "memory" and not device.startswith("cuda")
@@ -133,15 +141,21 @@ def _child(queue, threads: int, *args) -> None:
         queue.put(f"{type(error).__name__}: {error}")
 
 
-def measure_isolated(kind: str, dim: int, num_chains: int, method: str, repeats, device: str, threads: int) -> dict:
+def measure_isolated(
+    kind: str, dim: int, num_chains: int, method: str, repeats, device: str, threads: int
+) -> dict:
     """:func:`measure` of time, then of memory, each in a fresh forked process on CPU."""
     if device.startswith("cuda"):
-        return {what: measure(kind, dim, num_chains, method, repeats, device, what) for what in ("time", "memory")}
+        return {
+            what: measure(kind, dim, num_chains, method, repeats, device, what) for what in ("time", "memory")
+        }
     context = multiprocessing.get_context("fork")
     result = {}
     for what in ("time", "memory"):
         queue = context.Queue()
-        process = context.Process(target=_child, args=(queue, threads, kind, dim, num_chains, method, repeats, device, what))
+        process = context.Process(
+            target=_child, args=(queue, threads, kind, dim, num_chains, method, repeats, device, what)
+        )
         process.start()
         value = queue.get()
         process.join()
@@ -155,9 +169,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="d up to 256, fewer repeats")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--flows", nargs="*", default=list(FLOWS), choices=list(FLOWS), help="flow architectures (default: all)")
+    parser.add_argument(
+        "--flows",
+        nargs="*",
+        default=list(FLOWS),
+        choices=list(FLOWS),
+        help="flow architectures (default: all)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dense-cap", type=float, default=None, help="skip the dense reference beyond this predicted step time (s)")
+    parser.add_argument(
+        "--dense-cap",
+        type=float,
+        default=None,
+        help="skip the dense reference beyond this predicted step time (s)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dims = [2, 16, 64, 256] if args.quick else [2, 8, 32, 64, 128, 256, 512, 784]
@@ -195,7 +220,9 @@ def main() -> None:
     meta = {
         "command": "python benchmarks/scaling.py" + (" --quick" if args.quick else ""),
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {args.device}, {args.threads} torch threads, torch {torch.__version__}",
+        "machine": (
+            f"{platform.machine()}, {args.device}, {args.threads} torch threads, torch {torch.__version__}"
+        ),
         "flows": {kind: describe_flow(kind) for kind in args.flows},
         "jvp_methods": {kind: build_flow(kind, 2).jvp_methods for kind in args.flows},
         "dense_cap_s": dense_cap,
@@ -217,7 +244,11 @@ def format_row(r: dict) -> str:
     def cell(method):
         if f"{method}_ms" not in r:
             predicted = r["dense_jacobian_skipped_s"]
-            return ("skipped (past DENSE_MAX_DIM)" if predicted != predicted else f"skipped (predicted {predicted:.0f} s)") + " | |"
+            return (
+                "skipped (past DENSE_MAX_DIM)"
+                if predicted != predicted
+                else f"skipped (predicted {predicted:.0f} s)"
+            ) + " | |"
         ratio = f"{r[f'{method}_ratio']:.2f}x" if method != "flow_pass" else ""
         return f"{r[f'{method}_ms']:.2f} ({ratio or 'ref'}) | {r[f'{method}_mb']:.1f} |"
 
@@ -233,12 +264,19 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "Time per step in ms (ratio to one flow forward+backward pass), and peak memory above the "
         "flow's in MB.",
         "",
-        "| flow | chains | d | flow pass ms | MB | identity ms | MB | jacobian ms | MB | dense Jacobian ms | MB |",
+        (
+            "| flow | chains | d | flow pass ms | MB | identity ms | MB | jacobian ms | MB "
+            "| dense Jacobian ms | MB |"
+        ),
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     lines += [format_row(r) for r in rows]
     verdict = "met" if meta["goal_met"] else "not met"
-    lines += ["", f"Goal ({meta['goal']}): {verdict}; worst jacobian ratio {meta['worst_jacobian_ratio']:.2f}x.", ""]
+    lines += [
+        "",
+        f"Goal ({meta['goal']}): {verdict}; worst jacobian ratio {meta['worst_jacobian_ratio']:.2f}x.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -260,14 +298,22 @@ def figure(rows: list[dict], path: Path, meta: dict) -> None:
                 points = [(r["dim"], r[f"{method}_ratio"]) for r in subset if f"{method}_ratio" in r]
                 ax.loglog(*zip(*points), style, label=method.replace("_", " "))
             ax.axhline(GOAL, color="grey", lw=0.8, ls=":", label=f"goal: {GOAL:g}x")
-            ax.set(xlabel="dimension d", ylabel="step time / flow pass", title=f"{kind}, {num_chains} chain{'s' if num_chains > 1 else ''}")
+            ax.set(
+                xlabel="dimension d",
+                ylabel="step time / flow pass",
+                title=f"{kind}, {num_chains} chain{'s' if num_chains > 1 else ''}",
+            )
             ax.legend(fontsize=8)
         ax = axrow[-1]
         subset = [r for r in rows if r["num_chains"] == chain_counts[-1] and r["flow"] == kind]
         for method, style in {"flow_pass": "k.-", **styles}.items():
             points = [(r["dim"], max(r[f"{method}_mb"], 0.1)) for r in subset if f"{method}_mb" in r]
             ax.loglog(*zip(*points), style, label=method.replace("_", " "))
-        ax.set(xlabel="dimension d", ylabel="peak memory above the flow (MB)", title=f"{kind}, memory, {chain_counts[-1]} chains")
+        ax.set(
+            xlabel="dimension d",
+            ylabel="peak memory above the flow (MB)",
+            title=f"{kind}, memory, {chain_counts[-1]} chains",
+        )
         ax.legend(fontsize=8)
     fig.suptitle(f"Cost of one MALA step as d grows ({meta['machine']})", fontsize=9)
     fig.tight_layout()

@@ -74,7 +74,9 @@ def main() -> None:
 
     RESULTS.mkdir(exist_ok=True)
     meta = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "machine": (
+            f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+        ),
         "flow": "zuko NSF(2, transforms=3, hidden_features=(64, 64), passes=2) (default_flow(2))",
         "jvp_methods": flow.jvp_methods,
         "goal": "identity <= 3x, jacobian <= 8x one flow forward+backward pass, at 4096 chains",
@@ -88,7 +90,8 @@ def main() -> None:
     ]
     for r in rows:
         lines.append(
-            f"| {r['num_chains']} | {r['flow_pass_ms']:.2f} | {r['identity_ms']:.2f} | {r['identity_ratio']:.2f}x "
+            f"| {r['num_chains']} | {r['flow_pass_ms']:.2f} "
+            f"| {r['identity_ms']:.2f} | {r['identity_ratio']:.2f}x "
             f"| {r['jacobian_ms']:.2f} | {r['jacobian_ratio']:.2f}x |"
         )
     table = "\n".join(lines)
@@ -102,7 +105,11 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     chains = [r["num_chains"] for r in rows]
-    for key, label in [("flow_pass_ms", "flow forward+backward"), ("identity_ms", "identity step"), ("jacobian_ms", "jacobian step")]:
+    for key, label in [
+        ("flow_pass_ms", "flow forward+backward"),
+        ("identity_ms", "identity step"),
+        ("jacobian_ms", "jacobian step"),
+    ]:
         ax.loglog(chains, [r[key] for r in rows], "o-", label=label)
     ax.set(xlabel="number of chains", ylabel="time (ms)", title="Time per step, 2-D coupling flow")
     ax.legend()

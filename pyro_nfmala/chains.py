@@ -80,7 +80,8 @@ class ChainSampler:
         step_size = check_step_size(step_size)
         if not isinstance(target, LatentTarget):
             raise TypeError(
-                f"target must be a LatentTarget (PosteriorPullback, TemperedFlow), got {type(target).__name__}"
+                "target must be a LatentTarget (PosteriorPullback, TemperedFlow), "
+                f"got {type(target).__name__}"
             )
         self.target = target
         self.flow = target.flow
@@ -163,7 +164,10 @@ class ChainSampler:
             for _ in bar:
                 info = self._driver.step()
                 bar.set_postfix(
-                    {"acc. prob": f"{float(info.accept_prob.mean()):.3f}", "step size": f"{float(self.step_size.median()):.2e}"},
+                    {
+                        "acc. prob": f"{float(info.accept_prob.mean()):.3f}",
+                        "step size": f"{float(self.step_size.median()):.2e}",
+                    },
                     refresh=False,
                 )
         finally:
@@ -184,7 +188,8 @@ class ChainSampler:
             bar.close()
 
     def sample(self, num_samples: int, *, thin: int = 1, keep_latent: bool = True, progress: bool = True):
-        """Runs ``num_samples * thin`` steps at fixed step size; returns ArviZ data of every ``thin``-th state.
+        """Runs ``num_samples * thin`` steps at fixed step size; returns ArviZ data of every
+        ``thin``-th state.
 
         Interrupted (``KeyboardInterrupt``, Ctrl-C) after at least one draw, it warns and
         returns the draws made so far; the sampler keeps its last state, so calling
@@ -209,7 +214,9 @@ class ChainSampler:
                 for name, value in self._driver.stats(info).items():
                     stats[name].append(value.cpu())
         except KeyboardInterrupt:
-            kept = min(len(values) for values in [draws_x, *stats.values()] + ([draws_z] if keep_latent else []))
+            kept = min(
+                len(values) for values in [draws_x, *stats.values()] + ([draws_z] if keep_latent else [])
+            )
             if kept == 0:
                 raise
             for values in [draws_x, draws_z, *stats.values()]:
@@ -241,6 +248,7 @@ class ChainSampler:
         return self.state
 
     def run(self, num_samples: int, warmup_steps: int = 500, **kwargs):
-        """:meth:`warmup` then :meth:`sample`; keyword arguments go to :meth:`sample` (and ``progress`` to both)."""
+        """:meth:`warmup` then :meth:`sample`; keyword arguments go to :meth:`sample` (and
+        ``progress`` to both)."""
         self.warmup(warmup_steps, progress=kwargs.get("progress", True))
         return self.sample(num_samples, **kwargs)

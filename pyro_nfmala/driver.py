@@ -70,7 +70,8 @@ def _as_real(value: object) -> float | None:
 
 
 def check_step_size(step_size: object) -> float | None:
-    """``None``, or the step size as a float: a finite real number > 0 (NumPy scalar and 0-d tensor included)."""
+    """``None``, or the step size as a float: a finite real number > 0 (NumPy scalar and 0-d
+    tensor included)."""
     if step_size is None:
         return None
     value = _as_real(step_size)
@@ -121,7 +122,8 @@ class Driver:
     ) -> None:
         if not isinstance(target, LatentTarget):
             raise TypeError(
-                f"target must be a LatentTarget (PosteriorPullback, TemperedFlow), got {type(target).__name__}"
+                "target must be a LatentTarget (PosteriorPullback, TemperedFlow), "
+                f"got {type(target).__name__}"
             )
         if adapt not in ("shared", "per_chain"):
             raise ValueError(f"adapt must be 'shared' or 'per_chain', got {adapt!r}")
@@ -156,7 +158,9 @@ class Driver:
         """The state at latents ``z`` ``(num_chains, d)``, after the target's batch check."""
         return init_state(self.target, self.preconditioner, z)
 
-    def start(self, state: MALAState | Tensor, *, step_size: float | None = None, search_from: float | None = None) -> MALAState:
+    def start(
+        self, state: MALAState | Tensor, *, step_size: float | None = None, search_from: float | None = None
+    ) -> MALAState:
         """Starts the chains at ``state`` (or at latents ``z``); every chain must be finite.
 
         The step size is ``step_size``, or, with ``search_from``, found by doubling or halving
@@ -180,7 +184,11 @@ class Driver:
             step = torch.as_tensor(step_size)
         else:
             raise ValueError("give a step_size or a value to search_from")
-        self.step_size = torch.as_tensor(step, dtype=self.flow.dtype, device=self.flow.device).expand(self.num_chains).clone()
+        self.step_size = (
+            torch.as_tensor(step, dtype=self.flow.dtype, device=self.flow.device)
+            .expand(self.num_chains)
+            .clone()
+        )
         return state
 
     # ------------------------------------------------------------------------------------------
@@ -212,7 +220,9 @@ class Driver:
     def step(self) -> StepInfo:
         """One MALA step of every chain; adapts and counts as the schedule says."""
         step_size = self.step_size
-        self.state, info = mala_step(self.state, self.target, self.preconditioner, step_size, generator=self.generator)
+        self.state, info = mala_step(
+            self.state, self.target, self.preconditioner, step_size, generator=self.generator
+        )
         self.counts["steps"] += 1
         self._note_errors(info.errors)
         diverging = int(info.diverging.sum())

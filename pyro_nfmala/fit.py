@@ -92,7 +92,9 @@ def fit_flow(
     return _train(flow, loss, num_steps=num_steps, lr=lr, progress=progress, name="loss")
 
 
-def _train(flow: zuko.flows.Flow, loss: Callable[[], Tensor], *, num_steps: int, lr: float, progress: bool, name: str) -> FitResult:
+def _train(
+    flow: zuko.flows.Flow, loss: Callable[[], Tensor], *, num_steps: int, lr: float, progress: bool, name: str
+) -> FitResult:
     """Adam with cosine annealing on ``loss()``; non-finite steps skipped, a fit never finite raises."""
     optimizer = torch.optim.Adam(flow.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, num_steps, eta_min=lr / 100)
@@ -175,7 +177,9 @@ def fit_flow_to_model(
     density = model_density(model, model_args, model_kwargs)
     if flow is None:
         flow = default_flow(density.layout.dim, kind="affine")
-    return fit_flow(density.log_prob, flow, num_steps=num_steps, num_particles=num_particles, lr=lr, progress=progress)
+    return fit_flow(
+        density.log_prob, flow, num_steps=num_steps, num_particles=num_particles, lr=lr, progress=progress
+    )
 
 
 def fit_flow_to_samples(
@@ -188,7 +192,8 @@ def fit_flow_to_samples(
     progress: bool = True,
     generator: torch.Generator | None = None,
 ) -> FitResult:
-    r"""Fits ``flow`` (in place) to ``samples`` ``(n, d)`` by maximum likelihood, :math:`\max \sum \log q_X(x_i)`.
+    r"""Fits ``flow`` (in place) to ``samples`` ``(n, d)`` by maximum likelihood,
+    :math:`\max \sum \log q_X(x_i)`.
 
     With ``flow=None``, a :func:`default_flow` of the samples' dimension is built. Minibatches
     are drawn from ``samples`` with ``generator``; the loss history is the minibatch negative

@@ -187,7 +187,9 @@ def _frozen_copy(flow: nn.Module | NormalizingFlow) -> nn.Module | NormalizingFl
             f"could not make a private copy of the flow ({type(error).__name__}: {error}); pass the "
             "zuko.flows.Flow module itself"
         ) from error
-    shared = {id(t) for t in originals} & {id(item) for item in _reachable(frozen) if isinstance(item, Tensor)}
+    shared = {id(t) for t in originals} & {
+        id(item) for item in _reachable(frozen) if isinstance(item, Tensor)
+    }
     if shared:
         raise TypeError(
             "the flow's copy still shares tensors with the flow (they are held where a copy cannot "
@@ -348,8 +350,9 @@ class LatentFlow:
         """How Jacobian-vector products are computed in each direction (chosen on first use).
 
         ``"double_backward"`` (plain autograd; measured faster than forward mode on zuko
-        flows), ``"forward"`` (:func:`torch.func.jvp`), or ``"dense"`` (``d`` vector-Jacobian products, for flows whose custom
-        autograd functions support neither, e.g. NAF, UNAF, BPF, SOSPF, GF, CNF).
+        flows), ``"forward"`` (:func:`torch.func.jvp`), or ``"dense"`` (``d`` vector-Jacobian
+        products, for flows whose custom autograd functions support neither, e.g. NAF, UNAF, BPF,
+        SOSPF, GF, CNF).
         """
         return {name: self._jvp_method(name) for name in ("to_data", "to_latent")}
 
@@ -418,7 +421,10 @@ class LatentFlow:
         with torch.enable_grad():
             x = self.to_data(rows)[0]
             jac = torch.stack(
-                [torch.autograd.grad(x[:, i].sum(), rows, retain_graph=i + 1 < self.dim)[0] for i in range(self.dim)],
+                [
+                    torch.autograd.grad(x[:, i].sum(), rows, retain_graph=i + 1 < self.dim)[0]
+                    for i in range(self.dim)
+                ],
                 dim=-2,
             )
         return jac.reshape(*z.shape, self.dim)

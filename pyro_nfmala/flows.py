@@ -143,9 +143,14 @@ def _check_plain(value: object, where: str) -> None:
 
 
 def flow_spec(flow: zuko.flows.Flow) -> dict | None:
-    """The constructor spec recorded on ``flow`` by :func:`default_flow` / :func:`identity_flow`, or ``None``."""
+    """The constructor spec recorded on ``flow`` by :func:`default_flow` / :func:`identity_flow`,
+    or ``None``."""
     spec = getattr(flow, _SPEC_ATTRIBUTE, None)
-    return None if spec is None else {"name": spec["name"], "args": list(spec["args"]), "kwargs": dict(spec["kwargs"])}
+    return (
+        None
+        if spec is None
+        else {"name": spec["name"], "args": list(spec["args"]), "kwargs": dict(spec["kwargs"])}
+    )
 
 
 def _build(spec: Mapping) -> zuko.flows.Flow:
@@ -167,7 +172,9 @@ def save_flow(flow: zuko.flows.Flow, path, *, spec: Mapping | None = None, **met
         metadata: Numbers, strings, tensors, lists and dicts only.
     """
     if not isinstance(flow, LazyDistribution):
-        raise TypeError(f"save_flow saves a zuko flow module (e.g. zuko.flows.NSF), got {type(flow).__name__}")
+        raise TypeError(
+            f"save_flow saves a zuko flow module (e.g. zuko.flows.NSF), got {type(flow).__name__}"
+        )
     spec = dict(spec) if spec is not None else flow_spec(flow)
     if spec is None:
         raise ValueError(
@@ -226,7 +233,9 @@ def load_flow(path, map_location=None, *, with_metadata: bool = False):
         flow.to(getattr(torch, payload["dtype"]))
         flow.load_state_dict(payload["state_dict"])
     except Exception as error:  # noqa: BLE001 - a spec or weights that do not fit each other
-        raise ValueError(f"{path}: the flow could not be rebuilt from its spec and weights: {error}") from error
+        raise ValueError(
+            f"{path}: the flow could not be rebuilt from its spec and weights: {error}"
+        ) from error
     if map_location is not None:
         flow.to(map_location)
     _record(flow, payload["spec"]["name"], tuple(payload["spec"]["args"]), payload["spec"]["kwargs"])

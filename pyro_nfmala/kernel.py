@@ -177,7 +177,11 @@ class NFMALA(MCMCKernel):
             target_accept_prob=self.target_accept_prob,
             label="NFMALA",
         )
-        init_x = density.layout.pack(density.initial_params) if self.model is not None and self.init_strategy else None
+        init_x = (
+            density.layout.pack(density.initial_params)
+            if self.model is not None and self.init_strategy
+            else None
+        )
         if self._user_initial_params is not None:
             self.layout.check_point(self._user_initial_params)
             init_x = self.layout.pack(self._user_initial_params)
@@ -194,7 +198,9 @@ class NFMALA(MCMCKernel):
 
     def sample(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if self._driver is None:  # a model with no latent sites
-            self._record(1.0, float("nan"), False, self._density_of_nothing, warmup=self._steps < self._warmup_steps)
+            self._record(
+                1.0, float("nan"), False, self._density_of_nothing, warmup=self._steps < self._warmup_steps
+            )
             return {}
         if params is not self._params:  # the caller changed the state: start again from params
             self._driver.state = self._initial_state(self.layout.pack(params))
@@ -305,7 +311,9 @@ class NFMALA(MCMCKernel):
             "not cover the posterior's support; pass initial_params or an init_strategy"
         )
 
-    def _record(self, accept_prob: float, step_size: float, diverging: bool, lp: float, *, warmup: bool) -> None:
+    def _record(
+        self, accept_prob: float, step_size: float, diverging: bool, lp: float, *, warmup: bool
+    ) -> None:
         self._steps += 1
         self._accept_sum += accept_prob
         if warmup:

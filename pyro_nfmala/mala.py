@@ -35,7 +35,15 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["MALAState", "StepInfo", "evaluate", "finite_chains", "init_state", "is_numerical_error", "mala_step"]
+__all__ = [
+    "MALAState",
+    "StepInfo",
+    "evaluate",
+    "finite_chains",
+    "init_state",
+    "is_numerical_error",
+    "mala_step",
+]
 
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -124,7 +132,8 @@ def evaluate(target: LatentTarget, precond: Preconditioner, z: Tensor) -> MALASt
 
 
 def init_state(target: LatentTarget, precond: Preconditioner, z: Tensor) -> MALAState:
-    """The state at ``z``, for the first step, after the target's check of a batch (:meth:`LatentTarget.check`).
+    """The state at ``z``, for the first step, after the target's check of a batch
+    (:meth:`LatentTarget.check`).
 
     A target that computes on another device than the flow fails here with a ``ValueError``
     that names both, rather than with torch's error from deep inside the model.
@@ -162,7 +171,9 @@ def _select(accept: Tensor, new: MALAState, old: MALAState) -> MALAState:
     return MALAState(*fields, _map_tensors(where, new.cache, old.cache))
 
 
-def _evaluate_proposal(target, precond, state: MALAState, z_new: Tensor, step_size: Tensor) -> tuple[MALAState, Tensor]:
+def _evaluate_proposal(
+    target, precond, state: MALAState, z_new: Tensor, step_size: Tensor
+) -> tuple[MALAState, Tensor]:
     proposal = evaluate(target, precond, z_new)
     return proposal, precond.log_proposal_density(target.flow, state.z, proposal, step_size)
 

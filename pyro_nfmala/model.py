@@ -172,18 +172,23 @@ class ModelDensity:
             energy = torch.tensor(float(energy), dtype=x.dtype, device=x.device)
         if not isinstance(energy, Tensor) or energy.numel() != 1:
             shape = tuple(energy.shape) if isinstance(energy, Tensor) else type(energy).__name__
-            raise ValueError(f"the potential energy must be a single number (a tensor of one element), got {shape}")
+            raise ValueError(
+                f"the potential energy must be a single number (a tensor of one element), got {shape}"
+            )
         return -energy.reshape(())
 
     def constrain(self, x: Tensor) -> dict[str, Tensor]:
-        """Maps flat unconstrained points ``(..., d)`` to the model's constrained sites ``{site: (..., *shape)}``."""
+        """Maps flat unconstrained points ``(..., d)`` to the model's constrained sites
+        ``{site: (..., *shape)}``."""
         return {
             name: self.transforms[name].inv(value) if name in self.transforms else value
             for name, value in self.layout.unpack(x).items()
         }
 
 
-def _vectorized_log_prob(model, model_args, model_kwargs, layout, transforms, trace) -> Callable[[Tensor], Tensor]:
+def _vectorized_log_prob(
+    model, model_args, model_kwargs, layout, transforms, trace
+) -> Callable[[Tensor], Tensor]:
     """The log joint of ``n`` points in one run of the model inside an outer particle plate."""
     nesting = max(
         [
@@ -205,7 +210,9 @@ def _vectorized_log_prob(model, model_args, model_kwargs, layout, transforms, tr
             if name in transforms:
                 inverse = transforms[name].inv
                 constrained[name] = inverse(value)
-                log_det = log_det + inverse.log_abs_det_jacobian(value, constrained[name]).reshape(n, -1).sum(-1)
+                log_det = log_det + inverse.log_abs_det_jacobian(value, constrained[name]).reshape(n, -1).sum(
+                    -1
+                )
             else:
                 constrained[name] = value
         with pyro.plate("_nfmala_particles", n, dim=-(nesting + 1)):
@@ -216,8 +223,12 @@ def _vectorized_log_prob(model, model_args, model_kwargs, layout, transforms, tr
         for site in particle_trace.nodes.values():
             if site["type"] == "sample" and not site_is_subsample(site):
                 site_log_prob = site["log_prob"]
-                site_log_prob = site_log_prob.reshape((1,) * (nesting + 1 - site_log_prob.dim()) + site_log_prob.shape)
-                site_log_prob = site_log_prob.movedim(-(nesting + 1), 0)  # particles first (or 1: shared by all)
+                site_log_prob = site_log_prob.reshape(
+                    (1,) * (nesting + 1 - site_log_prob.dim()) + site_log_prob.shape
+                )
+                site_log_prob = site_log_prob.movedim(
+                    -(nesting + 1), 0
+                )  # particles first (or 1: shared by all)
                 total = total + site_log_prob.reshape(site_log_prob.shape[0], -1).sum(-1)
         return total
 
@@ -244,11 +255,16 @@ def _latent_sites(trace) -> dict[str, dict]:
     }
 
 
-def _check_static_support(model, model_args, model_kwargs, shapes: Mapping[str, torch.Size], tries: int = 10) -> None:
+def _check_static_support(
+    model, model_args, model_kwargs, shapes: Mapping[str, torch.Size], tries: int = 10
+) -> None:
     """Raises if the model's latent sites (their names or shapes) change between runs."""
     expected = {name: tuple(shape) for name, shape in shapes.items()}
     for _ in range(tries):
-        latent = {name: tuple(site["value"].shape) for name, site in _latent_sites(_trace(model, model_args, model_kwargs)).items()}
+        latent = {
+            name: tuple(site["value"].shape)
+            for name, site in _latent_sites(_trace(model, model_args, model_kwargs)).items()
+        }
         if latent != expected:
             raise ValueError(
                 "the model's latent sites change between runs (dynamic support): "
@@ -301,14 +317,18 @@ def model_density(
     _check_static_support(model, model_args, model_kwargs, constrained_shapes)
     density = ModelDensity(layout, potential_fn, transforms, init_params)
     if vectorize and layout.dim > 0:
-        density._batched_log_prob = _checked_vectorized_log_prob(density, model, model_args, model_kwargs, trace)
+        density._batched_log_prob = _checked_vectorized_log_prob(
+            density, model, model_args, model_kwargs, trace
+        )
     return density
 
 
 def _checked_vectorized_log_prob(density: ModelDensity, model, model_args, model_kwargs, trace):
     """The vectorized log joint if it agrees with Pyro's potential on three points, else ``None``."""
     try:
-        batched = _vectorized_log_prob(model, model_args, model_kwargs, density.layout, density.transforms, trace)
+        batched = _vectorized_log_prob(
+            model, model_args, model_kwargs, density.layout, density.transforms, trace
+        )
         x = density.layout.pack(density.initial_params).detach()
         points = torch.stack([x, x + 0.1, x - 0.1])
         expected = density.log_prob(points)

@@ -66,10 +66,14 @@ class Preconditioner(Protocol):
         """What to keep about ``state`` for later proposals from it (``None``, or tensors with the
         state's batch shape first): stored as ``state.cache``."""
 
-    def propose(self, flow: LatentFlow, state: MALAState, step_size: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    def propose(
+        self, flow: LatentFlow, state: MALAState, step_size: Tensor, noise: Tensor
+    ) -> tuple[Tensor, Tensor]:
         r"""Returns :math:`z' = \mu(z) + \sqrt{2\epsilon} A(z)^{-1/2} \xi` and :math:`\log q(z' \mid z)`."""
 
-    def log_proposal_density(self, flow: LatentFlow, z_to: Tensor, state_from: MALAState, step_size: Tensor) -> Tensor:
+    def log_proposal_density(
+        self, flow: LatentFlow, z_to: Tensor, state_from: MALAState, step_size: Tensor
+    ) -> Tensor:
         r"""Returns :math:`\log q(z_\mathrm{to} \mid z_\mathrm{from})`."""
 
 
@@ -85,12 +89,16 @@ class IdentityPreconditioner:
     def prepare(self, flow: LatentFlow, state: MALAState) -> None:
         return None
 
-    def propose(self, flow: LatentFlow, state: MALAState, step_size: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    def propose(
+        self, flow: LatentFlow, state: MALAState, step_size: Tensor, noise: Tensor
+    ) -> tuple[Tensor, Tensor]:
         eps = step_size[..., None] if step_size.dim() else step_size
         z_new = state.z + eps * state.grad + torch.sqrt(2 * eps) * noise
         return z_new, -0.5 * noise.square().sum(-1) + _log_normalizer(state.z.shape[-1], step_size)
 
-    def log_proposal_density(self, flow: LatentFlow, z_to: Tensor, state_from: MALAState, step_size: Tensor) -> Tensor:
+    def log_proposal_density(
+        self, flow: LatentFlow, z_to: Tensor, state_from: MALAState, step_size: Tensor
+    ) -> Tensor:
         eps = step_size[..., None] if step_size.dim() else step_size
         residual = z_to - state_from.z - eps * state_from.grad
         return -residual.square().sum(-1) / (4 * step_size) + _log_normalizer(z_to.shape[-1], step_size)
@@ -120,14 +128,18 @@ class JacobianPreconditioner:
     def prepare(self, flow: LatentFlow, state: MALAState) -> Tensor:
         return flow.vjp_to_latent(state.x, state.grad)
 
-    def propose(self, flow: LatentFlow, state: MALAState, step_size: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    def propose(
+        self, flow: LatentFlow, state: MALAState, step_size: Tensor, noise: Tensor
+    ) -> tuple[Tensor, Tensor]:
         eps = step_size[..., None] if step_size.dim() else step_size
         data_step = eps * state.cache + torch.sqrt(2 * eps) * noise
         z_new = state.z + flow.jvp_to_latent(state.x, data_step)
         log_q = -0.5 * noise.square().sum(-1) + state.ladj + _log_normalizer(state.z.shape[-1], step_size)
         return z_new, log_q
 
-    def log_proposal_density(self, flow: LatentFlow, z_to: Tensor, state_from: MALAState, step_size: Tensor) -> Tensor:
+    def log_proposal_density(
+        self, flow: LatentFlow, z_to: Tensor, state_from: MALAState, step_size: Tensor
+    ) -> Tensor:
         eps = step_size[..., None] if step_size.dim() else step_size
         residual = flow.jvp_to_data(state_from.z, z_to - state_from.z) - eps * state_from.cache
         return (
@@ -158,13 +170,17 @@ class DenseJacobianPreconditioner:
         eps = step_size[..., None] if step_size.dim() else step_size
         return state.z + eps * torch.linalg.solve(metric, state.grad)
 
-    def propose(self, flow: LatentFlow, state: MALAState, step_size: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    def propose(
+        self, flow: LatentFlow, state: MALAState, step_size: Tensor, noise: Tensor
+    ) -> tuple[Tensor, Tensor]:
         jac, metric = self._metric(flow, state.z)
         eps = step_size[..., None] if step_size.dim() else step_size
         z_new = self._mean(state, metric, step_size) + torch.sqrt(2 * eps) * torch.linalg.solve(jac, noise)
         return z_new, self._log_density(z_new, state, metric, step_size)
 
-    def log_proposal_density(self, flow: LatentFlow, z_to: Tensor, state_from: MALAState, step_size: Tensor) -> Tensor:
+    def log_proposal_density(
+        self, flow: LatentFlow, z_to: Tensor, state_from: MALAState, step_size: Tensor
+    ) -> Tensor:
         _, metric = self._metric(flow, state_from.z)
         return self._log_density(z_to, state_from, metric, step_size)
 

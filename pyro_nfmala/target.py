@@ -94,8 +94,9 @@ class PosteriorPullback(LatentTarget):
                 alone = torch.cat([self.log_prob(x[i : i + 1]).reshape(1) for i in range(2)])
             except Exception as error:  # noqa: BLE001 - the user's function, any failure
                 raise ValueError(
-                    f"log_prob fails on a batch of one point, x of shape (1, {x.shape[-1]}) ({type(error).__name__}: "
-                    f"{error}): it must treat each row of x (..., d) on its own; index coordinates as x[..., i]."
+                    f"log_prob fails on a batch of one point, x of shape (1, {x.shape[-1]}) "
+                    f"({type(error).__name__}: {error}): it must treat each row of x (..., d) on its own; "
+                    "index coordinates as x[..., i]."
                 ) from error
         batch = values[:2]
         scale = 1e-4 if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-8

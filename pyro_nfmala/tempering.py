@@ -66,7 +66,9 @@ def tempered_weights(ladj: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     non-finite ``ladj`` get weight 0 (they are rejected proposals for the chains too).
 
     Example:
-        >>> weights, ess = tempered_weights(torch.tensor([0.0, 0.0, math.log(2.0)], dtype=torch.float64), beta=1.0)
+        >>> weights, ess = tempered_weights(
+        ...     torch.tensor([0.0, 0.0, math.log(2.0)], dtype=torch.float64), beta=1.0
+        ... )
         >>> [round(w, 6) for w in weights.tolist()], round(float(ess), 3)
         ([0.4, 0.4, 0.2], 2.778)
     """
@@ -107,4 +109,6 @@ def preview_tempering(
     rows = [tempered_weights(ladj, beta) for beta in betas]
     weights = torch.stack([row[0] for row in rows])
     ess = torch.stack([row[1] for row in rows])
-    return TemperingPreview(torch.as_tensor([float(b) for b in betas], dtype=torch.float64), z, torch.cat(xs), ladj, weights, ess)
+    return TemperingPreview(
+        torch.as_tensor([float(b) for b in betas], dtype=torch.float64), z, torch.cat(xs), ladj, weights, ess
+    )

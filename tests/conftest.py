@@ -23,7 +23,9 @@ def two_gaussian_mixture(dtype=torch.float64) -> torch.distributions.Distributio
     """0.7 N((-2, 0), 0.5^2 I) + 0.3 N((2, 1), 0.5^2 I): two modes with a near-empty gap."""
     weights = torch.tensor([0.7, 0.3], dtype=dtype)
     locs = torch.tensor([[-2.0, 0.0], [2.0, 1.0]], dtype=dtype)
-    components = torch.distributions.Independent(torch.distributions.Normal(locs, torch.full_like(locs, 0.5)), 1)
+    components = torch.distributions.Independent(
+        torch.distributions.Normal(locs, torch.full_like(locs, 0.5)), 1
+    )
     return torch.distributions.MixtureSameFamily(torch.distributions.Categorical(weights), components)
 
 
@@ -61,6 +63,8 @@ class OutOfDomain(ValueError):
 def out_of_domain() -> type[OutOfDomain]:
     """``OutOfDomain``, registered with Pyro's exception handlers (as a user would register theirs)."""
     pyro.ops.integrator.register_exception_handler(
-        "pyro_nfmala_tests_out_of_domain", lambda error: isinstance(error, OutOfDomain), warn_on_overwrite=False
+        "pyro_nfmala_tests_out_of_domain",
+        lambda error: isinstance(error, OutOfDomain),
+        warn_on_overwrite=False,
     )
     return OutOfDomain

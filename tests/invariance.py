@@ -23,7 +23,10 @@ def exact_latents(flow, mixture, n):
 
 def statistics(z, x):
     """Test functions: mode indicator, coordinates and squared norms in both spaces."""
-    return torch.stack([(x[:, 0] > 0).double(), x[:, 0], x[:, 1], z[:, 0], z[:, 1], z.square().sum(-1), x.square().sum(-1)], -1)
+    return torch.stack(
+        [(x[:, 0] > 0).double(), x[:, 0], x[:, 1], z[:, 0], z[:, 1], z.square().sum(-1), x.square().sum(-1)],
+        -1,
+    )
 
 
 def max_abs_z_score(particles, reference):
@@ -55,5 +58,3 @@ def run_particles(target, precond, step_size, mixture, seed=2):
         state, info = mala_step(state, target, precond, step_size)
         accept.append(float(info.accept_prob.mean()))
     return state, sum(accept) / len(accept)
-
-

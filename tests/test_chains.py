@@ -6,6 +6,7 @@ import torch
 import zuko
 
 from invariance import JacobianWithoutReverseLadj, exact_latents, max_abs_z_score, statistics
+
 from pyro_nfmala import ChainSampler, LatentTarget, PosteriorPullback, TemperedFlow
 from pyro_nfmala.adaptation import find_reasonable_step_size
 from pyro_nfmala.mala import init_state
@@ -31,7 +32,9 @@ def test_vectorized_sampler_keeps_exact_posterior_law(latent_flow, mixture, prec
     state = _advance_from(dict(preconditioner=preconditioner, step_size=step, seed=3), target, z0)
     assert max_abs_z_score(statistics(state.z, state.x), reference) < 4.5
     if preconditioner == "jacobian":  # negative control through the same driver
-        broken = _advance_from(dict(preconditioner=JacobianWithoutReverseLadj(), step_size=step, seed=3), target, z0)
+        broken = _advance_from(
+            dict(preconditioner=JacobianWithoutReverseLadj(), step_size=step, seed=3), target, z0
+        )
         assert max_abs_z_score(statistics(broken.z, broken.x), reference) > 6.0
 
 
@@ -47,14 +50,18 @@ def test_tempered_beta_zero_keeps_the_latent_gaussian(latent_flow):
     for precond in ("identity", "jacobian"):
         state = _advance_from(dict(preconditioner=precond, step_size=step, seed=4), target, z0)
         assert max_abs_z_score(statistics(state.z, state.x), reference) < 4.5, precond
-    broken = _advance_from(dict(preconditioner=JacobianWithoutReverseLadj(), step_size=step, seed=4), target, z0, steps=20)
+    broken = _advance_from(
+        dict(preconditioner=JacobianWithoutReverseLadj(), step_size=step, seed=4), target, z0, steps=20
+    )
     assert max_abs_z_score(statistics(broken.z, broken.x), reference) > 6.0
 
 
 def test_same_seed_same_chains_and_other_seed_other_chains():
     flow = zuko.flows.RealNVP(2)
     target = TemperedFlow(flow, beta=1.0)
-    runs = [ChainSampler(target, 16, seed=seed).run(10, warmup_steps=10, progress=False) for seed in (7, 7, 8)]
+    runs = [
+        ChainSampler(target, 16, seed=seed).run(10, warmup_steps=10, progress=False) for seed in (7, 7, 8)
+    ]
     assert (runs[0].posterior["x"].values == runs[1].posterior["x"].values).all()
     assert (runs[0].sample_stats["accept_prob"].values == runs[1].sample_stats["accept_prob"].values).all()
     assert not (runs[0].posterior["x"].values == runs[2].posterior["x"].values).all()
@@ -101,7 +108,9 @@ def test_the_papers_procedure_returns_one_sample_per_chain(latent_flow):
 
 def test_nan_proposals_are_rejected_counted_and_reported(latent_flow):
     def log_prob(x):  # NaN right of 0.5: chains started left of it must never go there
-        return torch.where(x[..., 0] > 0.5, torch.full_like(x[..., 0], float("nan")), -0.5 * x.square().sum(-1))
+        return torch.where(
+            x[..., 0] > 0.5, torch.full_like(x[..., 0], float("nan")), -0.5 * x.square().sum(-1)
+        )
 
     target = PosteriorPullback(latent_flow, log_prob)
     z0 = latent_flow.to_latent(torch.zeros(64, 2, dtype=torch.float64) - 0.5)
@@ -208,7 +217,13 @@ def test_interrupted_warmup_keeps_the_adapted_step_size(latent_flow):
 def test_a_log_density_that_does_not_treat_rows_alone_is_refused(log_prob, num_chains):
     """Each of these ran and sampled silently wrong before the check."""
     target = PosteriorPullback(zuko.flows.RealNVP(2), log_prob)
-    with pytest.raises(ValueError, match=r"log_prob (must return one value per point|gives the points of a batch|fails on a batch of one)"):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"log_prob (must return one value per point|gives the points of a batch"
+            r"|fails on a batch of one)"
+        ),
+    ):
         ChainSampler(target, num_chains, seed=0)
     with pytest.raises(ValueError, match="x\\[..., i\\]"):
         init_state(target, get_preconditioner("identity"), torch.randn(num_chains, 2))

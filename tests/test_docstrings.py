@@ -16,9 +16,9 @@ import zuko
 
 import pyro_nfmala
 
-MODULES = sorted(
-    info.name for info in pkgutil.walk_packages(pyro_nfmala.__path__, prefix="pyro_nfmala.")
-) + ["pyro_nfmala"]
+MODULES = sorted(info.name for info in pkgutil.walk_packages(pyro_nfmala.__path__, prefix="pyro_nfmala.")) + [
+    "pyro_nfmala"
+]
 EXTRA_NAMES = {
     "torch": torch,
     "zuko": zuko,
@@ -46,6 +46,8 @@ def test_every_module_has_an_example():
     without = [
         name
         for name in MODULES
-        if not any(test.examples for test in doctest.DocTestFinder().find(importlib.import_module(name), name))
+        if not any(
+            test.examples for test in doctest.DocTestFinder().find(importlib.import_module(name), name)
+        )
     ]
     assert sorted(without) == ["pyro_nfmala", "pyro_nfmala.examples"], without

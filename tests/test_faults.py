@@ -51,7 +51,13 @@ def test_kernel_rejects_and_counts_random_faults(rate, value):
     pyro.set_rng_seed(0)
     potential = FaultyPotential(rate, value)
     kernel = NFMALA(potential_fn=potential, flow=identity_flow(2), initial_params={"x": torch.zeros(2)})
-    mcmc = MCMC(kernel, num_samples=500, warmup_steps=100, disable_progbar=True, hook_fn=arm_after_warmup(potential, 100))
+    mcmc = MCMC(
+        kernel,
+        num_samples=500,
+        warmup_steps=100,
+        disable_progbar=True,
+        hook_fn=arm_after_warmup(potential, 100),
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mcmc.run()
@@ -76,7 +82,9 @@ def test_vectorized_sampler_rejects_and_counts_random_faults(rate):
         return torch.where(faulty, torch.full_like(x[..., 0], float("nan")), -0.5 * x.square().sum(-1))
 
     flow = LatentFlow(identity_flow(2))
-    sampler = ChainSampler(PosteriorPullback(flow, log_prob), 64, preconditioner="identity", step_size=0.5, seed=0)
+    sampler = ChainSampler(
+        PosteriorPullback(flow, log_prob), 64, preconditioner="identity", step_size=0.5, seed=0
+    )
     armed.append(True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -101,7 +109,13 @@ class RaisesRightOf:
 
 def test_model_that_raises_a_registered_error_at_some_points_keeps_sampling(out_of_domain):
     pyro.set_rng_seed(2)
-    kernel = NFMALA(RaisesRightOf(2.0, out_of_domain), flow=identity_flow(1), initial_params={"loc": torch.tensor(-0.5)}, step_size=1.0, adapt_step_size=False)
+    kernel = NFMALA(
+        RaisesRightOf(2.0, out_of_domain),
+        flow=identity_flow(1),
+        initial_params={"loc": torch.tensor(-0.5)},
+        step_size=1.0,
+        adapt_step_size=False,
+    )
     mcmc = MCMC(kernel, num_samples=300, warmup_steps=0, disable_progbar=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -119,7 +133,13 @@ def test_model_that_raises_a_registered_error_at_some_points_keeps_sampling(out_
 
 def test_model_that_raises_an_unregistered_error_stops_the_run():
     """A ValueError that no exception handler claims is a bug to see, not a divergence to count."""
-    kernel = NFMALA(RaisesRightOf(2.0, ValueError), flow=identity_flow(1), initial_params={"loc": torch.tensor(-0.5)}, step_size=1.0, adapt_step_size=False)
+    kernel = NFMALA(
+        RaisesRightOf(2.0, ValueError),
+        flow=identity_flow(1),
+        initial_params={"loc": torch.tensor(-0.5)},
+        step_size=1.0,
+        adapt_step_size=False,
+    )
     with pytest.raises(ValueError, match="out of the model's domain") as raised:
         MCMC(kernel, num_samples=300, warmup_steps=0, disable_progbar=True).run()
     assert any("register_exception_handler" in note for note in raised.value.__notes__)
@@ -133,14 +153,23 @@ def test_a_chain_that_never_moves_is_reported_as_such(out_of_domain):
             raise out_of_domain("broken everywhere but at the start")
         return 0.5 * params["x"].square().sum()
 
-    kernel = NFMALA(potential_fn=potential, flow=identity_flow(1), initial_params={"x": torch.tensor([0.3])}, step_size=0.5, adapt_step_size=False)
+    kernel = NFMALA(
+        potential_fn=potential,
+        flow=identity_flow(1),
+        initial_params={"x": torch.tensor([0.3])},
+        step_size=0.5,
+        adapt_step_size=False,
+    )
     mcmc = MCMC(kernel, num_samples=200, warmup_steps=0, disable_progbar=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mcmc.run()
     messages = " ".join(str(w.message) for w in caught)
     assert "200 of 200 proposals after warmup were divergent" in messages
-    assert "1 of 1 chain(s) accepted no proposal in 200 steps" in messages and "not samples of the target" in messages
+    assert (
+        "1 of 1 chain(s) accepted no proposal in 200 steps" in messages
+        and "not samples of the target" in messages
+    )
     assert torch.all(mcmc.get_samples()["x"] == 0.3)
 
 
@@ -154,7 +183,9 @@ def test_one_failing_chain_does_not_reject_the_whole_batch(out_of_domain):
 
     flow = LatentFlow(identity_flow(2))
     z0 = torch.full((32, 2), -0.5)
-    sampler = ChainSampler(PosteriorPullback(flow, log_prob), 32, preconditioner="identity", step_size=0.3, initial_z=z0, seed=0)
+    sampler = ChainSampler(
+        PosteriorPullback(flow, log_prob), 32, preconditioner="identity", step_size=0.3, initial_z=z0, seed=0
+    )
     with pytest.warns(RuntimeWarning, match="raised OutOfDomain: out of the domain"):
         idata = sampler.sample(100, progress=False)
     x = torch.as_tensor(idata.posterior["x"].values)
@@ -176,7 +207,9 @@ def test_a_transient_failure_is_counted(out_of_domain):
             raise out_of_domain("a passing glitch")
         return -0.5 * x.square().sum(-1)
 
-    sampler = ChainSampler(PosteriorPullback(identity_flow(2), log_prob), 8, step_size=0.3, seed=0, initial_z=torch.zeros(8, 2))
+    sampler = ChainSampler(
+        PosteriorPullback(identity_flow(2), log_prob), 8, step_size=0.3, seed=0, initial_z=torch.zeros(8, 2)
+    )
     glitches.append("once")
     with pytest.warns(RuntimeWarning, match="a passing glitch"):
         idata = sampler.sample(5, progress=False)
@@ -188,7 +221,12 @@ SCALE = 30.0  # x = exp(30 z): overflows in float32 for z > 88.7 / 30 = 2.96, a 
 
 def log_transform():
     """Data to latent: z = log(x) / 30 (zuko flows' transforms go data to latent)."""
-    from torch.distributions.transforms import AffineTransform, ComposeTransform, ExpTransform, IndependentTransform
+    from torch.distributions.transforms import (
+        AffineTransform,
+        ComposeTransform,
+        ExpTransform,
+        IndependentTransform,
+    )
 
     return IndependentTransform(ComposeTransform([ExpTransform().inv, AffineTransform(0.0, 1 / SCALE)]), 1)
 
@@ -196,7 +234,9 @@ def log_transform():
 def exponential_flow() -> zuko.flows.Flow:
     """x = exp(30 z) element-wise; its Jacobian overflows in part of the latent space."""
     transform = zuko.flows.UnconditionalTransform(log_transform)
-    base = zuko.flows.UnconditionalDistribution(zuko.distributions.DiagNormal, torch.zeros(2), torch.ones(2), buffer=True)
+    base = zuko.flows.UnconditionalDistribution(
+        zuko.distributions.DiagNormal, torch.zeros(2), torch.ones(2), buffer=True
+    )
     return zuko.flows.Flow([transform], base)
 
 
@@ -210,7 +250,14 @@ def test_flow_whose_jacobian_overflows_in_part_of_the_space(preconditioner):
     with torch.no_grad():
         assert not torch.isfinite(flow.to_data(torch.full((1, 2), 3.5))[0]).all()  # the overflow is real
     z0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)).clamp(-2.5, 2.5)  # finite starts
-    sampler = ChainSampler(PosteriorPullback(flow, log_normal), 64, preconditioner=preconditioner, step_size=1.0, initial_z=z0, seed=0)
+    sampler = ChainSampler(
+        PosteriorPullback(flow, log_normal),
+        64,
+        preconditioner=preconditioner,
+        step_size=1.0,
+        initial_z=z0,
+        seed=0,
+    )
     with pytest.warns(RuntimeWarning, match="divergent"):
         idata = sampler.sample(100, progress=False)
     assert torch.isfinite(torch.as_tensor(idata.posterior["x"].values)).all()
@@ -225,7 +272,11 @@ def test_flow_whose_jacobian_overflows_in_part_of_the_space(preconditioner):
         x, ladj = flow.to_data(draws)
         log_density = log_normal(x) + ladj
         (grad,) = torch.autograd.grad(log_density.sum(), draws)
-        p = float((~(torch.isfinite(log_density) & torch.isfinite(grad).all(-1) & torch.isfinite(x).all(-1))).double().mean())
+        p = float(
+            (~(torch.isfinite(log_density) & torch.isfinite(grad).all(-1) & torch.isfinite(x).all(-1)))
+            .double()
+            .mean()
+        )
         assert 0.01 < p < 0.2  # the region is real, and not everything
         assert abs(diverging.mean() - p) < 4.5 * math.sqrt(p * (1 - p) / diverging.size)
     # structural, for both: the overflow region is rejected, the rest is not, so the chains keep moving
@@ -246,7 +297,13 @@ def normal_model():
 def test_kernel_runs_are_bit_identical_with_the_same_seed(num_chains):
     def draws(seed):
         pyro.set_rng_seed(seed)
-        mcmc = MCMC(NFMALA(normal_model, flow=zuko.flows.RealNVP(1)), num_samples=50, warmup_steps=30, num_chains=num_chains, disable_progbar=True)
+        mcmc = MCMC(
+            NFMALA(normal_model, flow=zuko.flows.RealNVP(1)),
+            num_samples=50,
+            warmup_steps=30,
+            num_chains=num_chains,
+            disable_progbar=True,
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             mcmc.run()

@@ -41,4 +41,3 @@ def test_a_few_non_finite_steps_are_skipped_with_a_warning_when_most_are():
     with pytest.warns(RuntimeWarning, match="had a non-finite loss or gradient and were skipped"):
         result = fit_flow(log_prob, zuko.flows.RealNVP(2), num_steps=200, progress=False)
     assert all(bool(torch.isfinite(p).all()) for p in result.flow.parameters())
-

@@ -71,7 +71,10 @@ def test_jvp_method_falls_back_when_double_backward_is_wrong():
     # is silently wrong, so the adapter must not pick it for the latent-to-data direction.
     flow = LatentFlow(zuko.flows.NAF(2).double())
     assert flow.jvp_methods["to_data"] == "dense"
-    assert LatentFlow(zuko.flows.RealNVP(2)).jvp_methods == {"to_data": "double_backward", "to_latent": "double_backward"}
+    assert LatentFlow(zuko.flows.RealNVP(2)).jvp_methods == {
+        "to_data": "double_backward",
+        "to_latent": "double_backward",
+    }
 
 
 def graph_leaves(tensor):

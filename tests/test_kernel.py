@@ -20,7 +20,9 @@ from pyro_nfmala import NFMALA, to_inference_data
 # models (module level, so that worker processes can find them)
 
 PRIOR_SCALE = 10.0
-DATA = torch.tensor([2.7, 3.9, 3.1, 1.6, 2.2, 3.5, 4.4, 2.9, 3.3, 2.5, 3.0, 3.8, 1.9, 2.6, 3.6, 4.1, 2.4, 3.2, 2.8, 3.4])
+DATA = torch.tensor(
+    [2.7, 3.9, 3.1, 1.6, 2.2, 3.5, 4.4, 2.9, 3.3, 2.5, 3.0, 3.8, 1.9, 2.6, 3.6, 4.1, 2.4, 3.2, 2.8, 3.4]
+)
 
 
 def normal_normal(data):
@@ -63,7 +65,14 @@ def mixture_with_discrete_site():
 
 
 def run(kernel, *args, num_samples=500, warmup_steps=300, num_chains=1, **kwargs):
-    mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains, disable_progbar=True, **kwargs)
+    mcmc = MCMC(
+        kernel,
+        num_samples=num_samples,
+        warmup_steps=warmup_steps,
+        num_chains=num_chains,
+        disable_progbar=True,
+        **kwargs,
+    )
     mcmc.run(*args)
     return mcmc
 
@@ -71,10 +80,16 @@ def run(kernel, *args, num_samples=500, warmup_steps=300, num_chains=1, **kwargs
 def assert_moments(draws, mean, sd, label=""):
     """Mean and sd within 4.5 standard errors, the errors from the chain's effective sample size."""
     draws = draws.reshape(-1, draws.shape[-1]) if draws.dim() > 2 else draws
-    ess = float(effective_sample_size(draws.reshape(1, -1, 1).double() if draws.dim() == 1 else draws.double()).min())
+    ess = float(
+        effective_sample_size(draws.reshape(1, -1, 1).double() if draws.dim() == 1 else draws.double()).min()
+    )
     assert ess > 50, f"{label}: too few effective samples ({ess:.0f})"
-    assert abs(float(draws.mean()) - mean) < 4.5 * sd / math.sqrt(ess), f"{label}: mean {float(draws.mean()):.4f} vs {mean:.4f}, ESS {ess:.0f}"
-    assert abs(float(draws.std()) / sd - 1) < 4.5 * math.sqrt(0.5 / ess) + 0.02, f"{label}: sd {float(draws.std()):.4f} vs {sd:.4f}"
+    assert abs(float(draws.mean()) - mean) < 4.5 * sd / math.sqrt(ess), (
+        f"{label}: mean {float(draws.mean()):.4f} vs {mean:.4f}, ESS {ess:.0f}"
+    )
+    assert abs(float(draws.std()) / sd - 1) < 4.5 * math.sqrt(0.5 / ess) + 0.02, (
+        f"{label}: sd {float(draws.std()):.4f} vs {sd:.4f}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,7 +137,9 @@ def fitted_gaussian_flow():
 
 def test_potential_fn_target():
     pyro.set_rng_seed(2)
-    kernel = NFMALA(potential_fn=gaussian_potential, flow=fitted_gaussian_flow(), initial_params={"x": torch.zeros(2)})
+    kernel = NFMALA(
+        potential_fn=gaussian_potential, flow=fitted_gaussian_flow(), initial_params={"x": torch.zeros(2)}
+    )
     mcmc = run(kernel, num_samples=800)
     x = mcmc.get_samples()["x"]
     covariance = torch.linalg.inv(PRECISION)
@@ -133,7 +150,13 @@ def test_potential_fn_target():
 def test_user_initial_params_are_honoured():
     pyro.set_rng_seed(3)
     start = {"x": torch.tensor([4.0, -4.0])}
-    kernel = NFMALA(potential_fn=gaussian_potential, flow=zuko.flows.RealNVP(2), initial_params=start, step_size=1e-3, adapt_step_size=False)
+    kernel = NFMALA(
+        potential_fn=gaussian_potential,
+        flow=zuko.flows.RealNVP(2),
+        initial_params=start,
+        step_size=1e-3,
+        adapt_step_size=False,
+    )
     kernel.setup(0)
     assert torch.allclose(kernel.initial_params["x"], start["x"], atol=1e-5)
 
@@ -163,7 +186,12 @@ def test_sequential_chains_do_not_leak_state():
 
     # the first chain of a two-chain run is the same as a one-chain run with the same seed
     pyro.set_rng_seed(4)
-    single = run(NFMALA(normal_normal, flow=zuko.flows.RealNVP(1, transforms=2)), DATA, num_samples=100, warmup_steps=100)
+    single = run(
+        NFMALA(normal_normal, flow=zuko.flows.RealNVP(1, transforms=2)),
+        DATA,
+        num_samples=100,
+        warmup_steps=100,
+    )
     assert torch.equal(single.get_samples()["loc"], loc[0])
 
 
@@ -191,18 +219,30 @@ def test_parallel_chains(monkeypatch):
 
 def test_arviz_from_pyro_and_our_inference_data():
     pyro.set_rng_seed(6)
-    mcmc = run(NFMALA(beta_bernoulli, flow=zuko.flows.RealNVP(1)), FLIPS, num_samples=120, warmup_steps=100, num_chains=3)
+    mcmc = run(
+        NFMALA(beta_bernoulli, flow=zuko.flows.RealNVP(1)),
+        FLIPS,
+        num_samples=120,
+        warmup_steps=100,
+        num_chains=3,
+    )
     ours = to_inference_data(mcmc)
     for name in ("accept_prob", "step_size", "diverging", "lp"):
         assert ours.sample_stats[name].shape == (3, 120)
     assert ours.posterior["p"].shape == (3, 120)
-    assert float(ours.sample_stats["accept_prob"].min()) >= 0 and float(ours.sample_stats["accept_prob"].max()) <= 1
+    assert (
+        float(ours.sample_stats["accept_prob"].min()) >= 0
+        and float(ours.sample_stats["accept_prob"].max()) <= 1
+    )
     # the step size is fixed after warmup, one per chain
     step = ours.sample_stats["step_size"].values
     assert (step == step[:, :1]).all()
     # lp is minus Pyro's potential energy of the draw (in unconstrained space)
     unconstrained = torch.logit(torch.as_tensor(ours.posterior["p"].values[0, :5]))
-    pyro_lp = [float(-pyro.infer.mcmc.util.initialize_model(beta_bernoulli, (FLIPS,))[1]({"p": u})) for u in unconstrained]
+    pyro_lp = [
+        float(-pyro.infer.mcmc.util.initialize_model(beta_bernoulli, (FLIPS,))[1]({"p": u}))
+        for u in unconstrained
+    ]
     ours_lp = torch.as_tensor(ours.sample_stats["lp"].values[0, :5], dtype=torch.float64)
     assert torch.allclose(torch.tensor(pyro_lp, dtype=torch.float64), ours_lp, atol=1e-4)
     summary = az.summary(ours)
@@ -225,7 +265,9 @@ def test_to_inference_data_needs_a_finished_run():
 
 def test_nan_potential_is_rejected_counted_and_reported():
     pyro.set_rng_seed(7)
-    kernel = NFMALA(potential_fn=potential_with_a_hole, flow=zuko.flows.RealNVP(2), initial_params={"x": torch.zeros(2)})
+    kernel = NFMALA(
+        potential_fn=potential_with_a_hole, flow=zuko.flows.RealNVP(2), initial_params={"x": torch.zeros(2)}
+    )
     with pytest.warns(RuntimeWarning, match="divergent"):
         mcmc = run(kernel, num_samples=400, warmup_steps=200)
     x = mcmc.get_samples()["x"]
@@ -250,7 +292,11 @@ def flow1():
     "kwargs, error, match",
     [
         (dict(flow=None), ValueError, "exactly one of model or potential_fn"),
-        (dict(model=normal_normal, potential_fn=gaussian_potential, flow=None), ValueError, "exactly one of model or potential_fn"),
+        (
+            dict(model=normal_normal, potential_fn=gaussian_potential, flow=None),
+            ValueError,
+            "exactly one of model or potential_fn",
+        ),
         (dict(model=normal_normal, flow=torch.nn.Linear(1, 1)), TypeError, "zuko flow"),
         (dict(model=normal_normal, flow=zuko.flows.NSF(1, context=2)), ValueError, "context"),
         (dict(model=normal_normal, step_size=0.0), ValueError, "step_size"),
@@ -260,7 +306,11 @@ def flow1():
         (dict(model=normal_normal, target_accept_prob=1.2), ValueError, "target_accept_prob"),
         (dict(model=normal_normal, preconditioner="newton"), ValueError, "unknown preconditioner 'newton'"),
         (dict(model=normal_normal, beta=-1.0), ValueError, "beta"),
-        (dict(potential_fn=gaussian_potential, initial_params={"x": torch.zeros(2)}), ValueError, "dimension 1 .* dimension 2"),
+        (
+            dict(potential_fn=gaussian_potential, initial_params={"x": torch.zeros(2)}),
+            ValueError,
+            "dimension 1 .* dimension 2",
+        ),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
@@ -273,7 +323,9 @@ def test_bad_arguments(kwargs, error, match):
 
 def test_flow_of_the_wrong_dimension_for_the_model():
     kernel = NFMALA(normal_normal, flow=zuko.flows.RealNVP(3))
-    with pytest.raises(ValueError, match="flow has dimension 3 but the model's unconstrained parameters have dimension 1"):
+    with pytest.raises(
+        ValueError, match="flow has dimension 3 but the model's unconstrained parameters have dimension 1"
+    ):
         run(kernel, DATA, num_samples=5, warmup_steps=5)
 
 
@@ -284,7 +336,9 @@ def test_model_with_discrete_latent_sites():
 
 
 def test_potential_fn_needs_initial_params_by_setup():
-    kernel = NFMALA(potential_fn=gaussian_potential, flow=zuko.flows.RealNVP(2))  # Pyro's pattern: given to MCMC
+    kernel = NFMALA(
+        potential_fn=gaussian_potential, flow=zuko.flows.RealNVP(2)
+    )  # Pyro's pattern: given to MCMC
     with pytest.raises(ValueError, match="potential_fn needs initial parameters"):
         run(kernel, num_samples=5, warmup_steps=5)
 
@@ -293,7 +347,9 @@ def test_potential_fn_needs_initial_params_by_setup():
 def test_step_size_may_be_any_real_scalar(step_size):
     kernel = NFMALA(normal_normal, flow=zuko.flows.RealNVP(1), step_size=step_size, adapt_step_size=False)
     mcmc = run(kernel, DATA, num_samples=5, warmup_steps=0)
-    assert mcmc.diagnostics()["sample_stats"]["chain 0"]["step_size"][0] == pytest.approx(float(step_size), rel=1e-6)
+    assert mcmc.diagnostics()["sample_stats"]["chain 0"]["step_size"][0] == pytest.approx(
+        float(step_size), rel=1e-6
+    )
 
 
 @pytest.mark.parametrize("step_size", [True, "0.1", torch.ones(2), complex(1, 1)])
@@ -304,10 +360,19 @@ def test_step_size_that_is_not_a_real_scalar_is_refused(step_size):
 
 def test_initial_params_of_the_wrong_shape_are_refused():
     kernel = NFMALA(normal_normal, flow=flow1(), initial_params={"loc": torch.zeros(1, 1)})
-    with pytest.raises(ValueError, match=r"initial_params\['loc'\] must have the site's unconstrained shape \(\)"):
+    with pytest.raises(
+        ValueError, match=r"initial_params\['loc'\] must have the site's unconstrained shape \(\)"
+    ):
         run(kernel, DATA, num_samples=5, warmup_steps=5)
-    two_sites = NFMALA(dirichlet_like, flow=zuko.flows.RealNVP(3), initial_params={"loc": torch.zeros(1, 2), "scale": torch.tensor(0.0)})
-    with pytest.raises(ValueError, match=r"initial_params\['loc'\] must have the site's unconstrained shape \(2,\), got \(1, 2\)"):
+    two_sites = NFMALA(
+        dirichlet_like,
+        flow=zuko.flows.RealNVP(3),
+        initial_params={"loc": torch.zeros(1, 2), "scale": torch.tensor(0.0)},
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"initial_params\['loc'\] must have the site's unconstrained shape \(2,\), got \(1, 2\)",
+    ):
         run(two_sites, num_samples=5, warmup_steps=5)
     missing = NFMALA(dirichlet_like, flow=zuko.flows.RealNVP(3), initial_params={"loc": torch.zeros(2)})
     with pytest.raises(ValueError, match=r"missing \['scale'\]"):

@@ -7,6 +7,15 @@ import pyro.ops.integrator
 import pytest
 import torch
 
+from invariance import (
+    IdentityWithFlippedReverseDrift,
+    JacobianWithoutReverseLadj,
+    exact_latents,
+    max_abs_z_score,
+    run_particles,
+    statistics,
+)
+
 from pyro_nfmala import PosteriorPullback, TemperedFlow, identity_flow
 from pyro_nfmala.adaptation import find_reasonable_step_size
 from pyro_nfmala.mala import init_state, mala_step
@@ -15,15 +24,6 @@ from pyro_nfmala.precond import (
     IdentityPreconditioner,
     JacobianPreconditioner,
     get_preconditioner,
-)
-
-from invariance import (
-    IdentityWithFlippedReverseDrift,
-    JacobianWithoutReverseLadj,
-    exact_latents,
-    max_abs_z_score,
-    run_particles,
-    statistics,
 )
 
 EPS = torch.tensor(0.3, dtype=torch.float64)
@@ -41,9 +41,17 @@ def test_identity_proposal_density_is_torch_normal(target):
     z_new, log_q = precond.propose(target.flow, state, EPS, noise)
     normal = torch.distributions.Normal(state.z + EPS * state.grad, torch.sqrt(2 * EPS))
     assert torch.allclose(log_q, normal.log_prob(z_new).sum(-1), atol=1e-12)
-    assert torch.allclose(precond.log_proposal_density(target.flow, z_new, state, EPS), normal.log_prob(z_new).sum(-1), atol=1e-12)
+    assert torch.allclose(
+        precond.log_proposal_density(target.flow, z_new, state, EPS),
+        normal.log_prob(z_new).sum(-1),
+        atol=1e-12,
+    )
     other = torch.randn(6, 2, dtype=torch.float64)
-    assert torch.allclose(precond.log_proposal_density(target.flow, other, state, EPS), normal.log_prob(other).sum(-1), atol=1e-12)
+    assert torch.allclose(
+        precond.log_proposal_density(target.flow, other, state, EPS),
+        normal.log_prob(other).sum(-1),
+        atol=1e-12,
+    )
 
 
 def test_matrix_free_jacobian_step_equals_dense_reference(target):
@@ -58,7 +66,12 @@ def test_matrix_free_jacobian_step_equals_dense_reference(target):
     assert torch.allclose(log_q_free, log_q_dense, atol=1e-8, rtol=0)
     # the mean alone (zero noise)
     zero = torch.zeros_like(noise)
-    assert torch.allclose(free.propose(target.flow, state_free, EPS, zero)[0], dense.propose(target.flow, state_dense, EPS, zero)[0], atol=1e-8, rtol=0)
+    assert torch.allclose(
+        free.propose(target.flow, state_free, EPS, zero)[0],
+        dense.propose(target.flow, state_dense, EPS, zero)[0],
+        atol=1e-8,
+        rtol=0,
+    )
     # the reverse log density, at the proposal and at arbitrary points
     new_free, new_dense = init_state(target, free, z_free), init_state(target, dense, z_free)
     back_free = free.log_proposal_density(target.flow, z, new_free, EPS)
@@ -94,7 +107,9 @@ def test_detailed_balance_on_random_pairs(target, name):
         residual = flow.jvp_to_data(state_new.z, residual)
     back, log_q_backward = precond.propose(flow, state_new, EPS, residual / torch.sqrt(2 * EPS))
     assert torch.allclose(back, state.z, atol=1e-8)
-    assert torch.allclose(log_q_backward, precond.log_proposal_density(flow, state.z, state_new, EPS), atol=1e-8)
+    assert torch.allclose(
+        log_q_backward, precond.log_proposal_density(flow, state.z, state_new, EPS), atol=1e-8
+    )
 
 
 def dense_log_accept_ratio(target, name, z, step_size, noise):
@@ -129,22 +144,35 @@ def dense_log_accept_ratio(target, name, z, step_size, noise):
     [("identity", IdentityWithFlippedReverseDrift()), ("jacobian", JacobianWithoutReverseLadj())],
 )
 def test_acceptance_ratio_matches_an_independent_dense_computation(target, name, broken):
-    """On fixed noise, the step's log acceptance ratio equals the dense one; a wrong reverse density does not."""
+    """On fixed noise, the step's log acceptance ratio equals the dense one; a wrong reverse
+    density does not."""
     z = 0.7 * torch.randn(6, 2, dtype=torch.float64)
     step_size = 0.3
-    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)  # the step's first draw
+    noise = torch.randn(
+        z.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64
+    )  # the step's first draw
     expected = dense_log_accept_ratio(target, name, z, step_size, noise)
     precond = get_preconditioner(name)
-    info = mala_step(init_state(target, precond, z), target, precond, step_size, generator=torch.Generator().manual_seed(11))[1]
+    info = mala_step(
+        init_state(target, precond, z),
+        target,
+        precond,
+        step_size,
+        generator=torch.Generator().manual_seed(11),
+    )[1]
     assert torch.isfinite(expected).all()
     torch.testing.assert_close(info.log_accept_ratio, expected, atol=1e-8, rtol=1e-8)
-    wrong = mala_step(init_state(target, broken, z), target, broken, step_size, generator=torch.Generator().manual_seed(11))[1]
+    wrong = mala_step(
+        init_state(target, broken, z), target, broken, step_size, generator=torch.Generator().manual_seed(11)
+    )[1]
     assert (wrong.log_accept_ratio - expected).abs().max() > 1e-3  # the comparison can fail
 
 
 def test_non_finite_proposals_are_rejected_and_counted(latent_flow):
     def log_prob(x):  # NaN on half of the plane
-        return torch.where(x[..., 0] > 0.0, torch.full_like(x[..., 0], float("nan")), -0.5 * x.square().sum(-1))
+        return torch.where(
+            x[..., 0] > 0.0, torch.full_like(x[..., 0], float("nan")), -0.5 * x.square().sum(-1)
+        )
 
     target = PosteriorPullback(latent_flow, log_prob)
     for precond in (IdentityPreconditioner(), JacobianPreconditioner()):
@@ -169,7 +197,11 @@ def test_a_proposal_whose_evaluation_raises_a_registered_error_is_rejected(laten
         return -0.5 * x.square().sum(-1)
 
     target = PosteriorPullback(latent_flow, log_prob)
-    state = init_state(target, IdentityPreconditioner(), latent_flow.to_latent(torch.tensor([-0.05, 0.0], dtype=torch.float64)))
+    state = init_state(
+        target,
+        IdentityPreconditioner(),
+        latent_flow.to_latent(torch.tensor([-0.05, 0.0], dtype=torch.float64)),
+    )
     outcomes = [mala_step(state, target, IdentityPreconditioner(), 2.0)[1] for _ in range(20)]
     assert any(bool(info.diverging) for info in outcomes)
     assert all(float(info.accept_prob) == 0 and len(info.errors) == 1 for info in outcomes if info.diverging)
@@ -178,7 +210,11 @@ def test_a_proposal_whose_evaluation_raises_a_registered_error_is_rejected(laten
 
 @pytest.mark.parametrize(
     "error",
-    [ValueError("a model's own check"), RuntimeError("mat1 and mat2 shapes cannot be multiplied"), torch.OutOfMemoryError("CUDA out of memory")],
+    [
+        ValueError("a model's own check"),
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
+        torch.OutOfMemoryError("CUDA out of memory"),
+    ],
     ids=["value_error", "shape_error", "out_of_memory"],
 )
 def test_errors_that_are_not_registered_numerical_failures_propagate(latent_flow, out_of_domain, error):
@@ -190,7 +226,9 @@ def test_errors_that_are_not_registered_numerical_failures_propagate(latent_flow
             raise error
         return -0.5 * x.square().sum(-1)
 
-    pyro.ops.integrator.register_exception_handler("pyro_nfmala_tests_everything", lambda e: True, warn_on_overwrite=False)
+    pyro.ops.integrator.register_exception_handler(
+        "pyro_nfmala_tests_everything", lambda e: True, warn_on_overwrite=False
+    )
     try:
         target = PosteriorPullback(latent_flow, log_prob)
         state = init_state(target, IdentityPreconditioner(), torch.zeros(4, 2, dtype=torch.float64))
@@ -199,7 +237,9 @@ def test_errors_that_are_not_registered_numerical_failures_propagate(latent_flow
             with pytest.raises(torch.OutOfMemoryError):
                 mala_step(state, target, IdentityPreconditioner(), 0.1)
     finally:
-        pyro.ops.integrator.register_exception_handler("pyro_nfmala_tests_everything", lambda e: False, warn_on_overwrite=False)
+        pyro.ops.integrator.register_exception_handler(
+            "pyro_nfmala_tests_everything", lambda e: False, warn_on_overwrite=False
+        )
     if not isinstance(error, torch.OutOfMemoryError):
         with pytest.raises(type(error)) as raised:
             mala_step(state, target, IdentityPreconditioner(), 0.1)
@@ -221,7 +261,9 @@ def test_a_failing_batch_is_bisected_to_the_failing_chains(latent_flow, out_of_d
     # a drift of 20 for chain 17 only: its proposal lands near x = 20 (noise sd 0.63), the others near 0
     pushed = state._replace(grad=torch.zeros_like(state.grad).index_fill_(0, torch.tensor([17]), 100.0))
     sizes.clear()
-    _, info = mala_step(pushed, target, IdentityPreconditioner(), 0.2, generator=torch.Generator().manual_seed(0))
+    _, info = mala_step(
+        pushed, target, IdentityPreconditioner(), 0.2, generator=torch.Generator().manual_seed(0)
+    )
     assert info.diverging.nonzero().flatten().tolist() == [17] and len(info.errors) >= 1
     # bisection: the batch, then two halves per level down to the failing chain: 1 + 2 log2(64) evaluations
     assert len(sizes) <= 1 + 2 * math.ceil(math.log2(64))
@@ -229,6 +271,7 @@ def test_a_failing_batch_is_bisected_to_the_failing_chains(latent_flow, out_of_d
 
 # ----------------------------------------------------------------------------------------------
 # Invariance (see tests/invariance.py): exact samples stay exact, and a wrong accept ratio is caught.
+
 
 @pytest.fixture(scope="module")
 def reference_statistics(latent_flow, mixture):
@@ -240,9 +283,14 @@ def reference_statistics(latent_flow, mixture):
 
 @pytest.mark.parametrize(
     "correct, broken",
-    [(IdentityPreconditioner, IdentityWithFlippedReverseDrift), (JacobianPreconditioner, JacobianWithoutReverseLadj)],
+    [
+        (IdentityPreconditioner, IdentityWithFlippedReverseDrift),
+        (JacobianPreconditioner, JacobianWithoutReverseLadj),
+    ],
 )
-def test_exact_law_is_invariant_and_a_wrong_accept_ratio_is_caught(latent_flow, mixture, reference_statistics, correct, broken):
+def test_exact_law_is_invariant_and_a_wrong_accept_ratio_is_caught(
+    latent_flow, mixture, reference_statistics, correct, broken
+):
     target = PosteriorPullback(latent_flow, mixture.log_prob)
     torch.manual_seed(0)
     probe = init_state(target, correct(), exact_latents(latent_flow, mixture, 256))
@@ -271,7 +319,9 @@ def test_tempered_target_formula(latent_flow):
 def test_pullback_target_formula(latent_flow, mixture):
     z = torch.randn(5, 2, dtype=torch.float64)
     x, ladj = latent_flow.to_data(z)
-    assert torch.allclose(PosteriorPullback(latent_flow, mixture.log_prob).log_density(z)[0], mixture.log_prob(x) + ladj)
+    assert torch.allclose(
+        PosteriorPullback(latent_flow, mixture.log_prob).log_density(z)[0], mixture.log_prob(x) + ladj
+    )
 
 
 def test_step_works_on_a_single_chain(target):

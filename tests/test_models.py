@@ -15,7 +15,6 @@ from pyro.ops.stats import effective_sample_size
 
 from pyro_nfmala import NFMALA, fit_flow_to_model, from_arrays, load_flow, save_flow
 from pyro_nfmala.examples.baselines import neutra_nuts
-from pyro_nfmala.model import model_density
 from pyro_nfmala.examples.posteriordb import (
     eight_schools_centered,
     load_data,
@@ -24,6 +23,7 @@ from pyro_nfmala.examples.posteriordb import (
     reference_names,
     standardized_errors,
 )
+from pyro_nfmala.model import model_density
 
 # ----------------------------------------------------------------------------------------------
 # models with closed-form posteriors (module level, so that worker processes can find them)
@@ -60,7 +60,9 @@ def dynamic_support():
         pyro.sample("b", dist.Normal(0.0, 1.0))
 
 
-def assert_mean_and_sd(draws: torch.Tensor, mean: float, sd: float, label: str, ref_draws=None, check_sd: bool = True) -> None:
+def assert_mean_and_sd(
+    draws: torch.Tensor, mean: float, sd: float, label: str, ref_draws=None, check_sd: bool = True
+) -> None:
     """Mean within 4.5 standard errors and (if ``check_sd``) sd within 4.5 relative errors, both from the ESS.
 
     ``draws`` is ``(chains, draws)``; with ``ref_draws`` (reference chains) their Monte Carlo
@@ -74,14 +76,20 @@ def assert_mean_and_sd(draws: torch.Tensor, mean: float, sd: float, label: str, 
         ref_ess = float(effective_sample_size(torch.as_tensor(ref_draws).double().unsqueeze(-1)))
         mean_var, sd_rel_var = mean_var + sd**2 / ref_ess, sd_rel_var + 0.5 / ref_ess
     got_mean, got_sd = float(draws.mean()), float(draws.std())
-    assert abs(got_mean - mean) < 4.5 * math.sqrt(mean_var), f"{label}: mean {got_mean:.4f} vs {mean:.4f}, ESS {ess:.0f}"
+    assert abs(got_mean - mean) < 4.5 * math.sqrt(mean_var), (
+        f"{label}: mean {got_mean:.4f} vs {mean:.4f}, ESS {ess:.0f}"
+    )
     if check_sd:
-        assert abs(got_sd / sd - 1) < 4.5 * math.sqrt(sd_rel_var), f"{label}: sd {got_sd:.4f} vs {sd:.4f}, ESS {ess:.0f}"
+        assert abs(got_sd / sd - 1) < 4.5 * math.sqrt(sd_rel_var), (
+            f"{label}: sd {got_sd:.4f} vs {sd:.4f}, ESS {ess:.0f}"
+        )
 
 
 def assert_mean(draws: torch.Tensor, ref_draws: np.ndarray, label: str) -> None:
     """Mean within 4.5 standard errors of the reference mean, both chains' ESS counted."""
-    assert_mean_and_sd(draws, float(ref_draws.mean()), float(ref_draws.std()), label, ref_draws=ref_draws, check_sd=False)
+    assert_mean_and_sd(
+        draws, float(ref_draws.mean()), float(ref_draws.std()), label, ref_draws=ref_draws, check_sd=False
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,7 +111,9 @@ def test_vectorized_density_equals_pyro_potential_point_by_point(model, kwargs):
     x = torch.randn(7, density.layout.dim)
     expected = torch.stack([-density.potential_fn(density.layout.unpack(row)) for row in x])
     torch.testing.assert_close(density.log_prob(x), expected, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(density.log_prob(x.reshape(7, 1, -1)), expected.reshape(7, 1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        density.log_prob(x.reshape(7, 1, -1)), expected.reshape(7, 1), rtol=1e-5, atol=1e-4
+    )
 
 
 def test_model_that_does_not_vectorize_falls_back_to_point_by_point():
@@ -113,7 +123,9 @@ def test_model_that_does_not_vectorize_falls_back_to_point_by_point():
 
     density = model_density(scalar_only)
     x = torch.linspace(-1, 1, 5).unsqueeze(-1)
-    expected = torch.distributions.Normal(0.0, 1.0).log_prob(x[:, 0]) + torch.distributions.Normal(x[:, 0], 1.0).log_prob(torch.tensor(0.5))
+    expected = torch.distributions.Normal(0.0, 1.0).log_prob(x[:, 0]) + torch.distributions.Normal(
+        x[:, 0], 1.0
+    ).log_prob(torch.tensor(0.5))
     assert not density.vectorized
     torch.testing.assert_close(density.log_prob(x), expected)
 
@@ -139,7 +151,13 @@ def test_ordered_normal_is_a_normalized_density_on_the_ordered_cone():
 @pytest.fixture(scope="module")
 def dirichlet_gamma_flow():
     pyro.set_rng_seed(3)
-    return fit_flow_to_model(dirichlet_gamma, model_kwargs={"counts": COUNTS, "events": EVENTS}, num_steps=300, num_particles=32, progress=False)
+    return fit_flow_to_model(
+        dirichlet_gamma,
+        model_kwargs={"counts": COUNTS, "events": EVENTS},
+        num_steps=300,
+        num_particles=32,
+        progress=False,
+    )
 
 
 @pytest.mark.parametrize(
@@ -185,8 +203,16 @@ def run_eight_schools(fit_steps: int, num_samples: int, num_chains: int, seed: i
     """Fits a flow, runs NFMALA through MCMC; returns Stan-named draws and the reference."""
     data = load_data("eight_schools")
     pyro.set_rng_seed(seed)
-    fit = fit_flow_to_model(eight_schools_centered, model_kwargs=data, num_steps=fit_steps, num_particles=32, progress=False)
-    mcmc = MCMC(NFMALA(eight_schools_centered, flow=fit.flow), num_samples=num_samples, warmup_steps=400, num_chains=num_chains, disable_progbar=True)
+    fit = fit_flow_to_model(
+        eight_schools_centered, model_kwargs=data, num_steps=fit_steps, num_particles=32, progress=False
+    )
+    mcmc = MCMC(
+        NFMALA(eight_schools_centered, flow=fit.flow),
+        num_samples=num_samples,
+        warmup_steps=400,
+        num_chains=num_chains,
+        disable_progbar=True,
+    )
     mcmc.run(**data)
     samples = {name: value.numpy() for name, value in mcmc.get_samples(group_by_chain=True).items()}
     flat = reference_names(samples)
@@ -218,8 +244,13 @@ def test_eight_schools_matches_the_posteriordb_reference_in_mean_and_sd():
         if name == "log tau":
             assert_mean(torch.as_tensor(flat[name]), ref, name)
         else:
-            assert_mean_and_sd(torch.as_tensor(flat[name]), float(ref.mean()), float(ref.std()), name, ref_draws=ref)
-    rhat = {name: float(np.max(np.asarray(az.rhat(from_arrays({"x": flat[name]}))["x"]))) for name in ["mu", "log tau"]}
+            assert_mean_and_sd(
+                torch.as_tensor(flat[name]), float(ref.mean()), float(ref.std()), name, ref_draws=ref
+            )
+    rhat = {
+        name: float(np.max(np.asarray(az.rhat(from_arrays({"x": flat[name]}))["x"])))
+        for name in ["mu", "log tau"]
+    }
     assert max(rhat.values()) < 1.02, rhat
     # Beyond the ESS-based checks above: the accuracy the tutorial states for this run, in reference
     # sd units (a documented claim, not a statistical tolerance).
@@ -229,7 +260,11 @@ def test_eight_schools_matches_the_posteriordb_reference_in_mean_and_sd():
 
 def test_standardized_errors_of_the_reference_itself_are_zero():
     reference = load_reference("eight_schools")
-    samples = {"mu": reference["mu"], "tau": reference["tau"], "theta": np.stack([reference[f"theta[{j}]"] for j in range(1, 9)], -1)}
+    samples = {
+        "mu": reference["mu"],
+        "tau": reference["tau"],
+        "theta": np.stack([reference[f"theta[{j}]"] for j in range(1, 9)], -1),
+    }
     errors = standardized_errors(samples, reference)
     assert set(errors) == set(reference)
     assert all(abs(e["mean_error"]) < 1e-12 and abs(e["sd_error"]) < 1e-12 for e in errors.values())
@@ -242,7 +277,12 @@ def test_standardized_errors_of_the_reference_itself_are_zero():
 def test_neutra_nuts_on_the_same_flow(dirichlet_gamma_flow):
     pyro.set_rng_seed(7)
     result = neutra_nuts(
-        dirichlet_gamma, dirichlet_gamma_flow.flow, model_args=(COUNTS, EVENTS), num_samples=200, warmup_steps=100, disable_progbar=True
+        dirichlet_gamma,
+        dirichlet_gamma_flow.flow,
+        model_args=(COUNTS, EVENTS),
+        num_samples=200,
+        warmup_steps=100,
+        disable_progbar=True,
     )
     assert result.samples["probs"].shape == (1, 200, 3) and result.latent.shape == (1, 200, 3)
     mean, sd = dirichlet_gamma_moments()["rate"]
@@ -263,10 +303,17 @@ def test_dynamic_support_is_a_clear_error():
 
 def test_flow_fitted_on_another_model_is_a_dimension_error(dirichlet_gamma_flow):
     kernel = NFMALA(eight_schools_centered, flow=dirichlet_gamma_flow.flow)
-    with pytest.raises(ValueError, match="dimension 3 but the model's unconstrained parameters have dimension 10"):
+    with pytest.raises(
+        ValueError, match="dimension 3 but the model's unconstrained parameters have dimension 10"
+    ):
         MCMC(kernel, num_samples=5, warmup_steps=5, disable_progbar=True).run(**load_data("eight_schools"))
     with pytest.raises(ValueError, match="dimension 3"):
-        neutra_nuts(eight_schools_centered, dirichlet_gamma_flow.flow, model_kwargs=load_data("eight_schools"), num_samples=5)
+        neutra_nuts(
+            eight_schools_centered,
+            dirichlet_gamma_flow.flow,
+            model_kwargs=load_data("eight_schools"),
+            num_samples=5,
+        )
 
 
 def test_unknown_posterior_name():

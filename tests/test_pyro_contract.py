@@ -50,9 +50,18 @@ def assert_posterior_of_y(y):
 def test_mcmc_interface(num_draws, group_by_chain, num_chains):
     pyro.set_rng_seed(0)
     num_samples = 400
-    initial_params, _, transforms, _ = initialize_model(normal_normal_model, model_args=(DATA,), num_chains=num_chains)
-    mcmc = MCMC(kernel(), num_samples=num_samples, warmup_steps=200, num_chains=num_chains, initial_params=initial_params,
-                transforms=transforms, disable_progbar=True)
+    initial_params, _, transforms, _ = initialize_model(
+        normal_normal_model, model_args=(DATA,), num_chains=num_chains
+    )
+    mcmc = MCMC(
+        kernel(),
+        num_samples=num_samples,
+        warmup_steps=200,
+        num_chains=num_chains,
+        initial_params=initial_params,
+        transforms=transforms,
+        disable_progbar=True,
+    )
     mcmc.run(DATA)
     samples = mcmc.get_samples(num_draws, group_by_chain=group_by_chain)["y"]
     expected = num_draws if num_draws is not None else num_samples
@@ -71,12 +80,21 @@ def test_num_chains(num_chains, cpu_count, default_init_params, monkeypatch):
     import pyro.infer.mcmc.api as api
 
     monkeypatch.setattr(api.mp, "cpu_count", lambda: cpu_count)
-    initial_params, _, transforms, _ = initialize_model(normal_normal_model, model_args=(DATA,), num_chains=num_chains)
+    initial_params, _, transforms, _ = initialize_model(
+        normal_normal_model, model_args=(DATA,), num_chains=num_chains
+    )
     available_cpu = max(1, cpu_count - 1)
     with pytest.warns(UserWarning) if available_cpu < num_chains else contextlib.nullcontext():
-        mcmc = MCMC(kernel(), num_samples=10, warmup_steps=10, num_chains=num_chains, mp_context="fork",
-                    initial_params=None if default_init_params else initial_params, transforms=transforms,
-                    disable_progbar=True)
+        mcmc = MCMC(
+            kernel(),
+            num_samples=10,
+            warmup_steps=10,
+            num_chains=num_chains,
+            mp_context="fork",
+            initial_params=None if default_init_params else initial_params,
+            transforms=transforms,
+            disable_progbar=True,
+        )
     mcmc.run(DATA)
     assert mcmc.num_chains == num_chains
     expected = _UnarySampler if num_chains == 1 or available_cpu < num_chains else _MultiSampler
@@ -90,7 +108,9 @@ def test_parallel_chains_with_spawn(monkeypatch):
 
     monkeypatch.setattr(api.mp, "cpu_count", lambda: 3)
     pyro.set_rng_seed(1)
-    mcmc = MCMC(kernel(), num_samples=100, warmup_steps=100, num_chains=2, mp_context="spawn", disable_progbar=True)
+    mcmc = MCMC(
+        kernel(), num_samples=100, warmup_steps=100, num_chains=2, mp_context="spawn", disable_progbar=True
+    )
     mcmc.run(DATA)
     assert isinstance(mcmc.sampler, _MultiSampler)
     y = mcmc.get_samples(group_by_chain=True)["y"]
@@ -117,24 +137,40 @@ def test_null_model_with_hook(jit, num_chains, given_as):
         iters.append((stage, i))
 
     if given_as == "potential_fn":
-        nfmala = NFMALA(potential_fn=potential_fn, transforms=transforms, jit_compile=jit, flow=zuko.flows.RealNVP(1))
+        nfmala = NFMALA(
+            potential_fn=potential_fn, transforms=transforms, jit_compile=jit, flow=zuko.flows.RealNVP(1)
+        )
     else:
         nfmala = NFMALA(_empty_model, jit_compile=jit, flow=zuko.flows.RealNVP(1))
         initial_params = None
-    mcmc = MCMC(nfmala, num_samples=num_samples, warmup_steps=num_warmup, num_chains=num_chains,
-                initial_params=initial_params, hook_fn=hook, disable_progbar=True)
+    mcmc = MCMC(
+        nfmala,
+        num_samples=num_samples,
+        warmup_steps=num_warmup,
+        num_chains=num_chains,
+        initial_params=initial_params,
+        hook_fn=hook,
+        disable_progbar=True,
+    )
     mcmc.run()
     assert mcmc.get_samples() == {}
     if num_chains == 1:
-        assert iters == [("Warmup", i) for i in range(num_warmup)] + [("Sample", i) for i in range(num_samples)]
+        assert iters == [("Warmup", i) for i in range(num_warmup)] + [
+            ("Sample", i) for i in range(num_samples)
+        ]
 
 
 @pytest.mark.parametrize("num_chains", [1, 2])
 @pytest.mark.filterwarnings("ignore:num_chains")
 def test_mcmc_diagnostics(num_chains):
     data = torch.tensor([2.0]).repeat(3)
-    mcmc = MCMC(NFMALA(normal_normal_model, flow=identity_flow(3)), num_samples=10, warmup_steps=10,
-                num_chains=num_chains, disable_progbar=True)
+    mcmc = MCMC(
+        NFMALA(normal_normal_model, flow=identity_flow(3)),
+        num_samples=10,
+        warmup_steps=10,
+        num_chains=num_chains,
+        disable_progbar=True,
+    )
     mcmc.run(data)
     diagnostics = mcmc.diagnostics()
     assert diagnostics["y"]["n_eff"].shape == data.shape
@@ -146,7 +182,8 @@ def test_mcmc_diagnostics(num_chains):
 
 @pytest.mark.filterwarnings("ignore:num_chains")
 def test_sequential_chains_are_consistent(monkeypatch):
-    """Nothing is left from the previous chain: seeding each chain alike gives the same chains, in any order."""
+    """Nothing is left from the previous chain: seeding each chain alike gives the same chains, in
+    any order."""
     import pyro.infer.mcmc.api as api
 
     monkeypatch.setattr(api.mp, "cpu_count", lambda: 1)
@@ -184,8 +221,14 @@ def test_potential_fn_with_initial_params_given_to_mcmc(potential, num_chains):
     """Pyro's pattern: ``HMC(potential_fn=U)`` and ``MCMC(..., initial_params=...)``."""
     pyro.set_rng_seed(2)
     initial = {"x": torch.zeros(num_chains, 2)} if num_chains > 1 else {"x": torch.zeros(2)}
-    mcmc = MCMC(NFMALA(potential_fn=potential, flow=identity_flow(2)), num_samples=300, warmup_steps=150,
-                num_chains=num_chains, initial_params=initial, disable_progbar=True)
+    mcmc = MCMC(
+        NFMALA(potential_fn=potential, flow=identity_flow(2)),
+        num_samples=300,
+        warmup_steps=150,
+        num_chains=num_chains,
+        initial_params=initial,
+        disable_progbar=True,
+    )
     mcmc.run()
     x = mcmc.get_samples(group_by_chain=True)["x"]
     assert x.shape == (num_chains, 300, 2)
@@ -201,8 +244,13 @@ def test_potential_fn_with_transforms_returns_constrained_draws():
         return 0.5 * params["s"].square().sum()
 
     transforms = {"s": dist.transforms.biject_to(dist.constraints.positive).inv}
-    mcmc = MCMC(NFMALA(potential_fn=log_normal_potential, transforms=transforms, flow=identity_flow(1)),
-                num_samples=100, warmup_steps=50, initial_params={"s": torch.zeros(1)}, disable_progbar=True)
+    mcmc = MCMC(
+        NFMALA(potential_fn=log_normal_potential, transforms=transforms, flow=identity_flow(1)),
+        num_samples=100,
+        warmup_steps=50,
+        initial_params={"s": torch.zeros(1)},
+        disable_progbar=True,
+    )
     mcmc.run()
     assert bool((mcmc.get_samples()["s"] > 0).all())
 

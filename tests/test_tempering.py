@@ -31,7 +31,9 @@ def t2_mean_by_quadrature(flow: LatentFlow, beta: float) -> float:
 @pytest.mark.parametrize("beta", [0.5, 1.0])
 def test_preview_matches_t2_by_quadrature(beta):
     flow = contracting_flow()
-    preview = preview_tempering(flow, [0.0, beta], num_samples=100_000, generator=torch.Generator().manual_seed(1))
+    preview = preview_tempering(
+        flow, [0.0, beta], num_samples=100_000, generator=torch.Generator().manual_seed(1)
+    )
     naive, tempered = preview.expect(preview.x[:, 0]).tolist()
     # standard error of a self-normalized estimate: sd under the weights / sqrt(ESS)
     mean_sq = preview.expect(preview.x[:, 0] ** 2)[1]
@@ -45,7 +47,9 @@ def test_preview_matches_t2_by_quadrature(beta):
 
 
 def test_weights_are_normalized_and_skip_non_finite_draws():
-    weights, ess = tempered_weights(torch.tensor([0.0, math.log(2.0), float("nan"), -float("inf")], dtype=torch.float64), beta=1.0)
+    weights, ess = tempered_weights(
+        torch.tensor([0.0, math.log(2.0), float("nan"), -float("inf")], dtype=torch.float64), beta=1.0
+    )
     assert weights.tolist() == pytest.approx([2 / 3, 1 / 3, 0.0, 0.0])
     assert float(ess) == pytest.approx(1 / (4 / 9 + 1 / 9))
 

@@ -1,4 +1,5 @@
-"""Toy targets (normalized densities that match their exact samplers) and metrics on cases with known answers."""
+"""Toy targets (normalized densities that match their exact samplers) and metrics on cases with
+known answers."""
 
 import math
 
@@ -8,12 +9,21 @@ import zuko
 
 from pyro_nfmala import fit_flow_to_samples, load_flow, save_flow
 from pyro_nfmala.examples.metrics import energy_distance, gap_mass, gap_threshold, mode_weights
-from pyro_nfmala.examples.toys import Banana, ConcentricRings, DoubleMoon, GaussianMixture, GaussianRing, NealFunnel
+from pyro_nfmala.examples.toys import (
+    Banana,
+    ConcentricRings,
+    DoubleMoon,
+    GaussianMixture,
+    GaussianRing,
+    NealFunnel,
+)
 
 TOYS_2D = [DoubleMoon(), GaussianRing(), ConcentricRings()]
 
 
-def grid_integral(fn, half_width=6.0, n=1200):  # even n: no node at the origin, where ConcentricRings has a (integrable) 1/r factor
+def grid_integral(
+    fn, half_width=6.0, n=1200
+):  # even n: no node at the origin, where ConcentricRings has a (integrable) 1/r factor
     axis = torch.linspace(-half_width, half_width, n, dtype=torch.float64)
     xx = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1)
     values = fn(xx)
@@ -36,7 +46,9 @@ def test_mixture_in_d_dimensions():
     x = toy.sample(50_000, generator=torch.Generator().manual_seed(0))
     assert x.shape == (50_000, 16)
     weights = mode_weights(x, toy)
-    assert torch.allclose(weights, torch.tensor([0.7, 0.3], dtype=torch.float64), atol=5 * math.sqrt(0.21 / 50_000))
+    assert torch.allclose(
+        weights, torch.tensor([0.7, 0.3], dtype=torch.float64), atol=5 * math.sqrt(0.21 / 50_000)
+    )
     assert float(torch.linalg.norm(toy.locs[0] - toy.locs[1])) == pytest.approx(6.0)
 
 
@@ -63,7 +75,9 @@ def test_funnel_density_and_sampler():
     assert float(v.var()) == pytest.approx(9.0, rel=0.03)
     assert float((rest / (v / 2).exp().unsqueeze(-1)).var()) == pytest.approx(1.0, rel=0.02)
     x = torch.randn(6, 10, dtype=torch.float64)
-    expected = torch.distributions.Normal(0.0, 3.0).log_prob(x[:, 0]) + torch.distributions.Normal(0.0, (x[:, :1] / 2).exp()).log_prob(x[:, 1:]).sum(-1)
+    expected = torch.distributions.Normal(0.0, 3.0).log_prob(x[:, 0]) + torch.distributions.Normal(
+        0.0, (x[:, :1] / 2).exp()
+    ).log_prob(x[:, 1:]).sum(-1)
     torch.testing.assert_close(funnel.log_prob(x), expected)
     # normalized: integrate out x_2 numerically for a 2-D funnel, then v
     funnel2 = NealFunnel(2, dtype=torch.float64)
@@ -81,7 +95,9 @@ def test_energy_distance_known_answers():
     assert energy_distance(x, x) == pytest.approx(0.0, abs=1e-12)
     # N(0,1) vs N(1,1): 2E|X-Y| - E|X-X'| - E|Y-Y'| with X-Y ~ N(-1, 2), X-X' ~ N(0, 2)
     s = math.sqrt(2.0)
-    e_xy = s * math.sqrt(2 / math.pi) * math.exp(-1 / (2 * s * s)) + (1 - 2 * 0.5 * math.erfc(1 / s / math.sqrt(2)))
+    e_xy = s * math.sqrt(2 / math.pi) * math.exp(-1 / (2 * s * s)) + (
+        1 - 2 * 0.5 * math.erfc(1 / s / math.sqrt(2))
+    )
     expected = 2 * e_xy - 2 * s * math.sqrt(2 / math.pi)
     y = torch.randn(4000, 1, generator=g) + 1.0
     assert energy_distance(x, y) == pytest.approx(expected, abs=0.03)
@@ -93,7 +109,9 @@ def test_gap_mass_known_answers():
     g = torch.Generator().manual_seed(1)
     threshold = gap_threshold(moon, level=0.01, generator=g)
     n = 50_000
-    assert gap_mass(moon.sample(n, generator=g), moon, threshold) == pytest.approx(0.01, abs=5 * math.sqrt(0.01 * 0.99 / n))
+    assert gap_mass(moon.sample(n, generator=g), moon, threshold) == pytest.approx(
+        0.01, abs=5 * math.sqrt(0.01 * 0.99 / n)
+    )
     bridge = torch.stack([torch.zeros(100), torch.linspace(-2, 2, 100)], -1)  # the vertical line x1 = 0
     assert gap_mass(bridge, moon, threshold) == 1.0
     assert gap_mass(torch.full((3, 2), float("nan")), moon, threshold) == 1.0
@@ -104,7 +122,12 @@ def test_mode_weights_known_answers():
     x = torch.tensor([[-2.0, 0.1], [-1.5, -1.0], [2.0, 0.0], [-2.1, 0.0]])
     assert mode_weights(x, moon).tolist() == [0.75, 0.25]
     ring = GaussianRing(num_modes=4, radius=4.0)
-    assert mode_weights(torch.tensor([[4.0, 0.1], [0.0, 3.9], [0.1, -4.0], [0.0, -4.2]]), ring).tolist() == [0.25, 0.25, 0.0, 0.5]
+    assert mode_weights(torch.tensor([[4.0, 0.1], [0.0, 3.9], [0.1, -4.0], [0.0, -4.2]]), ring).tolist() == [
+        0.25,
+        0.25,
+        0.0,
+        0.5,
+    ]
 
 
 def test_fit_to_samples_improves_and_round_trips_through_save_and_load(tmp_path):

@@ -14,7 +14,9 @@ TUTORIALS = sorted((Path(__file__).resolve().parents[1] / "tutorials").glob("[0-
 @pytest.mark.parametrize("script", TUTORIALS, ids=[path.stem for path in TUTORIALS])
 def test_tutorial_runs_in_smoke_mode(script):
     env = {**os.environ, "SMOKE_TEST": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     figures = list((script.parent / "figures").glob(f"{script.stem[:2]}_*_smoke.png"))
     assert figures, "the tutorial saved no figure"

@@ -28,7 +28,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
-import zuko  # noqa: E402
 
 from pyro.infer import MCMC  # noqa: E402
 
@@ -65,7 +64,9 @@ def model(features, labels):
 
 # %%
 start = time.perf_counter()
-fit = fit_flow_to_model(model, features, labels, flow=default_flow(3), num_steps=30 if SMOKE else 600, progress=not SMOKE)
+fit = fit_flow_to_model(
+    model, features, labels, flow=default_flow(3), num_steps=30 if SMOKE else 600, progress=not SMOKE
+)
 fit_seconds = time.perf_counter() - start
 print(f"flow fitted in {fit_seconds:.1f} s, final loss (minus ELBO) {sum(fit.losses[-20:]) / 20:.2f}")
 
@@ -85,7 +86,9 @@ num_samples, warmup_steps = (30, 30) if SMOKE else (1000, 500)
 runs = {}
 for label, flow in [("fitted flow", fit.flow), ("untrained flow", default_flow(3))]:
     kernel = NFMALA(model, flow=flow)
-    mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=2, disable_progbar=SMOKE)
+    mcmc = MCMC(
+        kernel, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=2, disable_progbar=SMOKE
+    )
     start = time.perf_counter()
     mcmc.run(features, labels)
     seconds = time.perf_counter() - start

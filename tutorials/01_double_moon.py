@@ -65,7 +65,10 @@ moon = DoubleMoon()
 train = moon.sample(NUM_TRAIN)
 start = time.perf_counter()
 fit = fit_flow_to_samples(train, default_flow(2), num_steps=FIT_STEPS, progress=not SMOKE)
-print(f"flow trained in {time.perf_counter() - start:.1f} s, final NLL {sum(fit.losses[-50:]) / len(fit.losses[-50:]):.3f}")
+print(
+    f"flow trained in {time.perf_counter() - start:.1f} s, "
+    f"final NLL {sum(fit.losses[-50:]) / len(fit.losses[-50:]):.3f}"
+)
 
 path = OUTPUTS / f"01_double_moon_flow{SUFFIX}.pt"
 save_flow(fit.flow, path, losses=fit.losses)
@@ -85,7 +88,6 @@ with torch.no_grad():
     timings["naive, x = f(z)"] = time.perf_counter() - start
 samples["exact (rejection sampler)"] = moon.sample(NUM_CHAINS)
 timings["exact (rejection sampler)"] = float("nan")
-
 
 
 def last_states(target, preconditioner):
@@ -119,7 +121,10 @@ print(f"{NUM_CHAINS} samples each; {STEPS} MALA steps after {WARMUP} warmup step
 print("| method | gap mass | energy distance | mode-weight error | time (s) |")
 print("| --- | --- | --- | --- | --- |")
 for label, m in metrics.items():
-    print(f"| {label} | {m['gap_mass']:.4f} | {m['energy_distance']:.4f} | {m['max_mode_weight_error']:.3f} | {timings[label]:.1f} |")
+    print(
+        f"| {label} | {m['gap_mass']:.4f} | {m['energy_distance']:.4f} "
+        f"| {m['max_mode_weight_error']:.3f} | {timings[label]:.1f} |"
+    )
 
 naive = metrics["naive, x = f(z)"]
 for beta, precond in configs:
@@ -166,7 +171,9 @@ for ax, (label, x) in zip(axes.flat, samples.items()):
     ax.scatter(x[~in_gap, 0], x[~in_gap, 1], s=1, alpha=0.4, color="tab:blue")
     ax.scatter(x[in_gap, 0], x[in_gap, 1], s=4, color="tab:red", label="in a gap")
     m = metrics[label]
-    ax.set_title(f"{label}\ngap mass {m['gap_mass']:.4f}, energy dist. {m['energy_distance']:.4f}", fontsize=9)
+    ax.set_title(
+        f"{label}\ngap mass {m['gap_mass']:.4f}, energy dist. {m['energy_distance']:.4f}", fontsize=9
+    )
     ax.set_xlim(-3.5, 3.5)
     ax.set_ylim(-3.5, 3.5)
     ax.set_aspect("equal")

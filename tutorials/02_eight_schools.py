@@ -36,7 +36,6 @@ from pyro.infer import MCMC, NUTS  # noqa: E402
 from pyro_nfmala import NFMALA, fit_flow_to_model, from_arrays, save_flow, to_inference_data  # noqa: E402
 from pyro_nfmala.arviz import diverging_draws  # noqa: E402
 from pyro_nfmala.examples.baselines import neutra_nuts  # noqa: E402
-from pyro_nfmala.model import model_density  # noqa: E402
 from pyro_nfmala.examples.posteriordb import (  # noqa: E402
     eight_schools_centered,
     load_data,
@@ -44,6 +43,7 @@ from pyro_nfmala.examples.posteriordb import (  # noqa: E402
     low_dim_gauss_mix,
     standardized_errors,
 )
+from pyro_nfmala.model import model_density  # noqa: E402
 
 SMOKE = os.environ.get("SMOKE_TEST") == "1"
 HERE = Path(__file__).resolve().parent
@@ -83,9 +83,17 @@ print({name: float(np.mean(draws)) for name, draws in list(reference.items())[:3
 
 # %%
 start = time.perf_counter()
-fit = fit_flow_to_model(eight_schools_centered, model_kwargs=data, num_steps=FIT_STEPS, num_particles=FIT_PARTICLES, progress=not SMOKE)
+fit = fit_flow_to_model(
+    eight_schools_centered,
+    model_kwargs=data,
+    num_steps=FIT_STEPS,
+    num_particles=FIT_PARTICLES,
+    progress=not SMOKE,
+)
 fit_seconds = time.perf_counter() - start
-save_flow(fit.flow, OUTPUTS / f"02_eight_schools_flow{SUFFIX}.pt", model="eight_schools_centered", losses=fit.losses)
+save_flow(
+    fit.flow, OUTPUTS / f"02_eight_schools_flow{SUFFIX}.pt", model="eight_schools_centered", losses=fit.losses
+)
 
 
 def importance_ess_fraction(flow, model, kwargs, num_draws=4096):
@@ -108,7 +116,12 @@ fig, ax = plt.subplots(figsize=(6, 3.5))
 ax.plot(fit.losses, lw=0.5, alpha=0.5, label="per step")
 window = max(len(fit.losses) // 50, 1)
 ax.plot(np.convolve(fit.losses, np.ones(window) / window, mode="valid"), label=f"mean of {window}")
-ax.set(xlabel="Adam step", ylabel="minus ELBO", title="Eight schools: flow fit", ylim=(np.percentile(fit.losses, 1) - 1, np.percentile(fit.losses, 90)))
+ax.set(
+    xlabel="Adam step",
+    ylabel="minus ELBO",
+    title="Eight schools: flow fit",
+    ylim=(np.percentile(fit.losses, 1) - 1, np.percentile(fit.losses, 90)),
+)
 ax.legend()
 fig.tight_layout()
 fig.savefig(FIGURES / f"02_fit_loss{SUFFIX}.png", dpi=110)
@@ -131,7 +144,9 @@ def record(label, idata, samples, seconds):
 
 def timed_mcmc(kernel, **data):
     """Runs MCMC with 4 chains; returns (InferenceData, {site: (chains, draws, ...)}, seconds)."""
-    mcmc = MCMC(kernel, num_samples=NUM_SAMPLES, warmup_steps=WARMUP, num_chains=NUM_CHAINS, disable_progbar=SMOKE)
+    mcmc = MCMC(
+        kernel, num_samples=NUM_SAMPLES, warmup_steps=WARMUP, num_chains=NUM_CHAINS, disable_progbar=SMOKE
+    )
     start = time.perf_counter()
     mcmc.run(**data)
     seconds = time.perf_counter() - start
@@ -143,16 +158,33 @@ def timed_mcmc(kernel, **data):
 
 for preconditioner in ["identity", "jacobian"]:
     pyro.set_rng_seed(1)
-    record(f"NFMALA {preconditioner}", *timed_mcmc(NFMALA(eight_schools_centered, flow=fit.flow, preconditioner=preconditioner), **data))
+    record(
+        f"NFMALA {preconditioner}",
+        *timed_mcmc(NFMALA(eight_schools_centered, flow=fit.flow, preconditioner=preconditioner), **data),
+    )
 
 pyro.set_rng_seed(1)
 record("NUTS", *timed_mcmc(NUTS(eight_schools_centered, **NUTS_OPTIONS), **data))
 
 pyro.set_rng_seed(1)
 start = time.perf_counter()
-neutra = neutra_nuts(eight_schools_centered, fit.flow, model_kwargs=data, num_samples=NUM_SAMPLES, warmup_steps=WARMUP, num_chains=NUM_CHAINS, disable_progbar=SMOKE, **NUTS_OPTIONS)
+neutra = neutra_nuts(
+    eight_schools_centered,
+    fit.flow,
+    model_kwargs=data,
+    num_samples=NUM_SAMPLES,
+    warmup_steps=WARMUP,
+    num_chains=NUM_CHAINS,
+    disable_progbar=SMOKE,
+    **NUTS_OPTIONS,
+)
 seconds = time.perf_counter() - start
-record("NeuTra-NUTS", neutra.to_inference_data(), {name: value.numpy() for name, value in neutra.samples.items()}, seconds)
+record(
+    "NeuTra-NUTS",
+    neutra.to_inference_data(),
+    {name: value.numpy() for name, value in neutra.samples.items()},
+    seconds,
+)
 
 # %% [markdown]
 # ## 4. Score every run against the reference
@@ -175,10 +207,14 @@ def score(runs, reference):
         summary_rows.append(
             f"| {label} | {max(abs(e['mean_error']) for e in errors.values()):.3f} "
             f"| {max(abs(e['sd_error']) for e in errors.values()):.3f} "
-            f"| {diagnostics['ess_bulk'].min() / seconds:.2f} | {diagnostics['ess_tail'].min() / seconds:.2f} "
+            f"| {diagnostics['ess_bulk'].min() / seconds:.2f} "
+            f"| {diagnostics['ess_tail'].min() / seconds:.2f} "
             f"| {diagnostics['r_hat'].max():.3f} | {diverging} | {seconds:.0f} |"
         )
-    print("| method | worst mean error | worst sd error | min ESS bulk/s | min ESS tail/s | max R-hat | divergences | sampling time (s) |")
+    print(
+        "| method | worst mean error | worst sd error | min ESS bulk/s | min ESS tail/s | max R-hat "
+        "| divergences | sampling time (s) |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(summary_rows))
     return detail
@@ -243,13 +279,22 @@ for ax, label in zip(axes, ["NFMALA identity", "NFMALA jacobian", "NUTS", "NeuTr
     ax.scatter(theta1, log_tau, s=2, alpha=0.4, label=label)
     diverging = np.asarray(idata.sample_stats["diverging"]).ravel()
     if diverging.any():
-        ax.scatter(theta1[diverging], log_tau[diverging], s=8, c="red", label=f"{diverging.sum()} divergences")
+        ax.scatter(
+            theta1[diverging], log_tau[diverging], s=8, c="red", label=f"{diverging.sum()} divergences"
+        )
     ax.set(title=label, xlabel="theta[1]")
     ax.legend(loc="lower right", markerscale=3, fontsize=8)
 axes[0].set_ylabel("log tau")
 fig.tight_layout()
 fig.savefig(FIGURES / f"02_funnel{SUFFIX}.png", dpi=100)
-az.plot_pair(runs["NFMALA identity"]["idata"], var_names=["mu", "tau", "theta"], coords={"theta_dim_0": [0, 1]}, kind="scatter", divergences=True, scatter_kwargs={"alpha": 0.2})
+az.plot_pair(
+    runs["NFMALA identity"]["idata"],
+    var_names=["mu", "tau", "theta"],
+    coords={"theta_dim_0": [0, 1]},
+    kind="scatter",
+    divergences=True,
+    scatter_kwargs={"alpha": 0.2},
+)
 plt.savefig(FIGURES / f"02_pair_nfmala{SUFFIX}.png", dpi=80)
 plt.close("all")
 
@@ -264,7 +309,13 @@ mix_data = load_data("low_dim_gauss_mix")
 mix_reference = load_reference("low_dim_gauss_mix")
 pyro.set_rng_seed(2)
 start = time.perf_counter()
-mix_fit = fit_flow_to_model(low_dim_gauss_mix, model_kwargs=mix_data, num_steps=FIT_STEPS // 3, num_particles=FIT_PARTICLES // 2, progress=not SMOKE)
+mix_fit = fit_flow_to_model(
+    low_dim_gauss_mix,
+    model_kwargs=mix_data,
+    num_steps=FIT_STEPS // 3,
+    num_particles=FIT_PARTICLES // 2,
+    progress=not SMOKE,
+)
 print(f"flow fitted in {time.perf_counter() - start:.1f} s")
 mix_runs = {}
 for label, kernel in [
@@ -282,9 +333,9 @@ print(f"figures written to {FIGURES}")
 # ## What we measured
 # One full run on 2026-11-29 (2 cores, one torch thread, 4 chains x (500 warmup + 1,000 draws)
 # per method, chains one after another; flow fit 30.7 s, importance ESS of its draws 61%).
-# Errors in reference-sd units, worst over mu, tau, theta_1..8 and log tau:
+# Eight schools (centred); errors in reference-sd units, worst over mu, tau, theta_1..8 and log tau:
 #
-# | eight schools (centred) | worst mean error | worst sd error | min ESS bulk/s | min ESS tail/s | max R-hat | divergences | time (s) |
+# | method | mean error | sd error | min ESS bulk/s | min ESS tail/s | max R-hat | divergences | time (s) |
 # | --- | --- | --- | --- | --- | --- | --- | --- |
 # | NFMALA identity | 0.155 | 0.219 | 12.3 | 7.4 | 1.010 | 0 | 32 |
 # | NFMALA jacobian | 0.935 | 0.723 | 0.05 | 0.14 | 3.820 | 0 | 85 |

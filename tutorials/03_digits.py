@@ -105,7 +105,9 @@ def to_pixels(y: torch.Tensor) -> torch.Tensor:
 
 digits = load_digits()
 images, labels = digits.data.astype(np.float32), digits.target
-train_images, held_out, train_labels, held_out_labels = train_test_split(images, labels, test_size=600, stratify=labels, random_state=0)
+train_images, held_out, train_labels, held_out_labels = train_test_split(
+    images, labels, test_size=600, stratify=labels, random_state=0
+)
 # two held-out sets of 300: "real" is what samples are compared with; "fresh" are real digits
 # scored like samples, the best any sampler can do
 real_images, fresh_images, real_labels, fresh_labels = train_test_split(
@@ -114,16 +116,24 @@ real_images, fresh_images, real_labels, fresh_labels = train_test_split(
 generator = torch.Generator().manual_seed(0)
 train_pixels = torch.as_tensor(train_images)
 train_y = torch.cat([to_logit(train_pixels, generator) for _ in range(COPIES)])
-print(f"{len(train_images)} training images x {COPIES} dequantized copies = {len(train_y)} points in {train_y.shape[1]} dimensions")
+print(
+    f"{len(train_images)} training images x {COPIES} dequantized copies = {len(train_y)} points "
+    f"in {train_y.shape[1]} dimensions"
+)
 
 # %% [markdown]
 # ## 2. Train a flow (maximum likelihood), and a classifier on the real digits
 
 # %%
 start = time.perf_counter()
-fit = fit_flow_to_samples(train_y, default_flow(64, **FLOW_OPTIONS), num_steps=FIT_STEPS, batch_size=256, progress=not SMOKE)
+fit = fit_flow_to_samples(
+    train_y, default_flow(64, **FLOW_OPTIONS), num_steps=FIT_STEPS, batch_size=256, progress=not SMOKE
+)
 fit_seconds = time.perf_counter() - start
-print(f"flow trained in {fit_seconds:.0f} s, final NLL {np.mean(fit.losses[-100:]):.2f} nats per image (logit space)")
+print(
+    f"flow trained in {fit_seconds:.0f} s, final NLL {np.mean(fit.losses[-100:]):.2f} nats per image "
+    "(logit space)"
+)
 path = OUTPUTS / f"03_digits_flow{SUFFIX}.pt"
 save_flow(fit.flow, path, losses=fit.losses)
 flow = load_flow(path)
@@ -155,13 +165,21 @@ def classify(pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 # %%
 start = time.perf_counter()
-preview = preview_tempering(flow, PREVIEW_BETAS, num_samples=PREVIEW_SAMPLES, generator=torch.Generator().manual_seed(2))
+preview = preview_tempering(
+    flow, PREVIEW_BETAS, num_samples=PREVIEW_SAMPLES, generator=torch.Generator().manual_seed(2)
+)
 preview_confidence, preview_class = classify(to_pixels(preview.x))
-preview_low = preview.expect(torch.as_tensor(preview_confidence < LOW_CONFIDENCE, dtype=torch.float64)).numpy()
+preview_low = preview.expect(
+    torch.as_tensor(preview_confidence < LOW_CONFIDENCE, dtype=torch.float64)
+).numpy()
 preview_balance = preview.expect(torch.nn.functional.one_hot(torch.as_tensor(preview_class), 10)).numpy()
 preview_seconds = time.perf_counter() - start
 ladj_quantiles = np.quantile(preview.ladj.numpy(), [0, 0.5, 1])
-print(f"preview: {PREVIEW_SAMPLES} naive draws in {preview_seconds:.0f} s; log|det J_f| min {ladj_quantiles[0]:.0f}, median {ladj_quantiles[1]:.0f}, max {ladj_quantiles[2]:.0f}")
+print(
+    f"preview: {PREVIEW_SAMPLES} naive draws in {preview_seconds:.0f} s; "
+    f"log|det J_f| min {ladj_quantiles[0]:.0f}, median {ladj_quantiles[1]:.0f}, "
+    f"max {ladj_quantiles[2]:.0f}"
+)
 print("| beta | between classes (predicted) | worst class share - 10% (predicted) | ESS of the weights |")
 print("| --- | --- | --- | --- |")
 for beta, low, balance, ess in zip(PREVIEW_BETAS, preview_low, preview_balance, preview.ess.tolist()):
@@ -186,7 +204,9 @@ for beta, precond, chains in configs:
     sampler = ChainSampler(TemperedFlow(flow, beta), chains, preconditioner=precond, seed=1)
     sampler.warmup(WARMUP, progress=not SMOKE)
     draws = sampler.sample(DRAWS, thin=THIN, keep_latent=False, progress=not SMOKE)
-    samples[label] = to_pixels(torch.as_tensor(draws.posterior["x"].values).transpose(0, 1).reshape(-1, 64))  # draw-major: the first rows are one per chain
+    samples[label] = to_pixels(
+        torch.as_tensor(draws.posterior["x"].values).transpose(0, 1).reshape(-1, 64)
+    )  # draw-major: the first rows are one per chain
     step_sizes[label] = float(sampler.step_size.mean())
     accept[label] = float(draws.sample_stats["accept_prob"].mean())
     timings[label] = time.perf_counter() - start
@@ -224,12 +244,19 @@ def evaluate(pixels: torch.Tensor) -> dict:
 metrics = {"held-out real digits": evaluate(torch.as_tensor(fresh_images))}
 metrics.update({label: evaluate(x) for label, x in samples.items()})
 timings["held-out real digits"] = float("nan")
-predicted = {f"T2 beta={beta}, identity": preview_low[PREVIEW_BETAS.index(beta)] for beta in BETAS if beta in PREVIEW_BETAS}
+predicted = {
+    f"T2 beta={beta}, identity": preview_low[PREVIEW_BETAS.index(beta)]
+    for beta in BETAS
+    if beta in PREVIEW_BETAS
+}
 predicted["naive, x = f(z)"] = preview_low[0]
-print(f"{NUM_CHAINS} chains x {DRAWS} draws ({JACOBIAN_CHAINS} chains for the jacobian run), {THIN} steps apart, after {WARMUP} warmup steps")
 print(
-    f"| method | between classes (conf. < {LOW_CONFIDENCE}) | preview | precision | recall | worst class share - 10% "
-    "| saturated pixels | step size | accept prob. | time (s) |"
+    f"{NUM_CHAINS} chains x {DRAWS} draws ({JACOBIAN_CHAINS} chains for the jacobian run), "
+    f"{THIN} steps apart, after {WARMUP} warmup steps"
+)
+print(
+    f"| method | between classes (conf. < {LOW_CONFIDENCE}) | preview | precision | recall "
+    "| worst class share - 10% | saturated pixels | step size | accept prob. | time (s) |"
 )
 print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for label, m in metrics.items():
@@ -238,15 +265,19 @@ for label, m in metrics.items():
     guess = f"{predicted[label]:.3f}" if label in predicted else ""
     print(
         f"| {label} | {m['low_confidence']:.3f} | {guess} | {m['precision']:.3f} | {m['recall']:.3f} "
-        f"| {100 * m['balance_error']:.1f} pts | {m['saturated']:.3f} | {step} | {acc} | {timings[label]:.0f} |"
+        f"| {100 * m['balance_error']:.1f} pts | {m['saturated']:.3f} | {step} | {acc} "
+        f"| {timings[label]:.0f} |"
     )
 naive = metrics["naive, x = f(z)"]
 for beta, precond, _ in configs:
     m = metrics[f"T2 beta={beta}, {precond}"]
     print(
-        f"T2 beta={beta}, {precond}: between-class share {m['low_confidence']:.3f} against naive {naive['low_confidence']:.3f} "
-        f"(naive / T2 = {naive['low_confidence'] / max(m['low_confidence'], 1e-4):.2f}); worst class {100 * m['balance_error']:.1f} pts "
-        f"from 10% (naive {100 * naive['balance_error']:.1f}); precision {m['precision']:.3f} (naive {naive['precision']:.3f}), "
+        f"T2 beta={beta}, {precond}: between-class share {m['low_confidence']:.3f} "
+        f"against naive {naive['low_confidence']:.3f} "
+        f"(naive / T2 = {naive['low_confidence'] / max(m['low_confidence'], 1e-4):.2f}); "
+        f"worst class {100 * m['balance_error']:.1f} pts "
+        f"from 10% (naive {100 * naive['balance_error']:.1f}); "
+        f"precision {m['precision']:.3f} (naive {naive['precision']:.3f}), "
         f"recall {m['recall']:.3f} (naive {naive['recall']:.3f})"
     )
     if m["non_finite"]:
@@ -268,16 +299,31 @@ probe_steps = np.logspace(-8, -1, 8)
 
 
 def one_step_acceptance(name: str, z: torch.Tensor) -> torch.Tensor:
-    """Acceptance probability of one step of preconditioner ``name`` from each z, by step size: (steps, draws)."""
+    """Acceptance probability of one step of preconditioner ``name`` from each z, by step size:
+    (steps, draws)."""
     precond = get_preconditioner(name)
     state = init_state(probe_target, precond, z)
-    return torch.stack([mala_step(state, probe_target, precond, eps, generator=torch.Generator().manual_seed(5))[1].accept_prob for eps in probe_steps])
+    return torch.stack(
+        [
+            mala_step(state, probe_target, precond, eps, generator=torch.Generator().manual_seed(5))[
+                1
+            ].accept_prob
+            for eps in probe_steps
+        ]
+    )
 
 
 probe = {name: one_step_acceptance(name, probe_z).mean(-1).tolist() for name in ("identity", "jacobian")}
 # the matrix-free and dense jacobian proposals on the same draws: one number should come out twice
-same = {name: one_step_acceptance(name, probe_z[: len(probe_z) // 6 or 1]) for name in ("jacobian", "dense_jacobian")}
-print(f"matrix-free against dense jacobian, same {same['jacobian'].shape[1]} draws and noise: largest difference in acceptance probability {float((same['jacobian'] - same['dense_jacobian']).abs().max()):.1e}")
+same = {
+    name: one_step_acceptance(name, probe_z[: len(probe_z) // 6 or 1])
+    for name in ("jacobian", "dense_jacobian")
+}
+print(
+    f"matrix-free against dense jacobian, same {same['jacobian'].shape[1]} draws and noise: "
+    "largest difference in acceptance probability "
+    f"{float((same['jacobian'] - same['dense_jacobian']).abs().max()):.1e}"
+)
 probe[f"dense_jacobian ({same['jacobian'].shape[1]} of the draws)"] = same["dense_jacobian"].mean(-1).tolist()
 
 
@@ -313,7 +359,8 @@ print("| --- |" + " --- |" * len(probe_steps))
 for name, values in probe.items():
     print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
 print(
-    f"singular values of J_f at naive draws: median largest {singular_values[:, 0].median():.3g}, median smallest "
+    "singular values of J_f at naive draws: "
+    f"median largest {singular_values[:, 0].median():.3g}, median smallest "
     f"{singular_values[:, -1].median():.3g}, median condition number {condition:.0f}"
 )
 
@@ -326,18 +373,33 @@ axes[0].plot(PREVIEW_BETAS, preview_low, "o-", color="C0", label="preview (weigh
 axes[1].plot(PREVIEW_BETAS, 100 * np.abs(preview_balance - 0.1).max(-1), "o-", color="C0", label="preview")
 for beta in BETAS:
     m = metrics[f"T2 beta={beta}, identity"]
-    axes[0].plot(beta, m["low_confidence"], "s", color="C3", label="chains (identity)" if beta == BETAS[0] else None)
-    axes[1].plot(beta, 100 * m["balance_error"], "s", color="C3", label="chains (identity)" if beta == BETAS[0] else None)
-axes[0].axhline(metrics["held-out real digits"]["low_confidence"], color="grey", ls=":", label="held-out real digits")
-axes[1].axhline(100 * metrics["held-out real digits"]["balance_error"], color="grey", ls=":", label="held-out real digits")
+    axes[0].plot(
+        beta, m["low_confidence"], "s", color="C3", label="chains (identity)" if beta == BETAS[0] else None
+    )
+    axes[1].plot(
+        beta,
+        100 * m["balance_error"],
+        "s",
+        color="C3",
+        label="chains (identity)" if beta == BETAS[0] else None,
+    )
+axes[0].axhline(
+    metrics["held-out real digits"]["low_confidence"], color="grey", ls=":", label="held-out real digits"
+)
+axes[1].axhline(
+    100 * metrics["held-out real digits"]["balance_error"], color="grey", ls=":", label="held-out real digits"
+)
 axes[0].set(xlabel="beta", ylabel="share with confidence < 0.5", title="Between classes: what T2 removes")
 axes[1].set(xlabel="beta", ylabel="worst class share - 10% (points)", title="Class balance: what T2 distorts")
 axes[2].semilogy(PREVIEW_BETAS, preview.ess.numpy(), "o-", color="C0")
-axes[2].set(xlabel="beta", ylabel="ESS of the weights", title=f"Trust in the preview ({PREVIEW_SAMPLES} naive draws)")
+axes[2].set(
+    xlabel="beta", ylabel="ESS of the weights", title=f"Trust in the preview ({PREVIEW_SAMPLES} naive draws)"
+)
 for ax in axes[:2]:
     ax.legend(fontsize=8)
 fig.tight_layout()
 fig.savefig(FIGURES / f"03_preview{SUFFIX}.png", dpi=100)
+
 
 def image_grid(ax, pixels: torch.Tensor, rows: int = 8, cols: int = 8) -> None:
     pixels = pixels[: rows * cols].reshape(-1, 8, 8)
@@ -351,13 +413,18 @@ def image_grid(ax, pixels: torch.Tensor, rows: int = 8, cols: int = 8) -> None:
     ax.set_yticks([])
 
 
-
 panels = {"held-out real digits": torch.as_tensor(fresh_images), **samples}
 fig, axes = plt.subplots(2, 4, figsize=(17, 9.6))
 for ax, (label, pixels) in zip(axes.flat, panels.items()):
     image_grid(ax, pixels)
     m = metrics[label]
-    ax.set_title(f"{label}\nbetween classes {m['low_confidence']:.1%}, precision {m['precision']:.2f}, recall {m['recall']:.2f}", fontsize=10)
+    ax.set_title(
+        (
+            f"{label}\nbetween classes {m['low_confidence']:.1%}, "
+            f"precision {m['precision']:.2f}, recall {m['recall']:.2f}"
+        ),
+        fontsize=10,
+    )
 for ax in axes.flat[len(panels) :]:
     ax.axis("off")
 fig.suptitle("8x8 digits: the first 64 samples of each method (one per chain, no selection)")
@@ -379,7 +446,9 @@ for row, label in zip(axes, rows):
         ax.set_xticks([])
         ax.set_yticks([])
     row[0].set_ylabel(label.replace(", ", ",\n"), fontsize=8)
-fig.suptitle("The 12 least confident samples of each (classifier's top two classes and probabilities)", fontsize=10)
+fig.suptitle(
+    "The 12 least confident samples of each (classifier's top two classes and probabilities)", fontsize=10
+)
 fig.tight_layout()
 fig.savefig(FIGURES / f"03_between_classes{SUFFIX}.png", dpi=100)
 
@@ -391,22 +460,39 @@ fig, axes = plt.subplots(1, 4, figsize=(21, 4.4))
 labels_ = list(metrics)
 colors = plt.cm.tab10(np.arange(len(labels_)))
 axes[0].barh(labels_, [metrics[label]["low_confidence"] for label in labels_], color=colors)
-axes[0].set(xlabel=f"share of samples with classifier confidence < {LOW_CONFIDENCE}", title="Between classes (lower is better)")
+axes[0].set(
+    xlabel=f"share of samples with classifier confidence < {LOW_CONFIDENCE}",
+    title="Between classes (lower is better)",
+)
 axes[0].invert_yaxis()
 width = 0.8 / len(labels_)
 for i, label in enumerate(labels_):
-    axes[1].bar(np.arange(10) + (i - len(labels_) / 2) * width, metrics[label]["balance"], width, color=colors[i], label=label)
+    axes[1].bar(
+        np.arange(10) + (i - len(labels_) / 2) * width,
+        metrics[label]["balance"],
+        width,
+        color=colors[i],
+        label=label,
+    )
 axes[1].axhline(0.1, color="grey", lw=0.8, ls=":")
 axes[1].set(xlabel="predicted class", ylabel="share of samples", title="Class balance", xticks=range(10))
 axes[1].legend(fontsize=7)
 for i, label in enumerate(labels_):
     axes[2].scatter(metrics[label]["recall"], metrics[label]["precision"], color=colors[i], s=50, label=label)
-axes[2].set(xlabel="recall (real digits covered)", ylabel="precision (samples on the real digits)", title="Nearest-neighbour precision and recall")
+axes[2].set(
+    xlabel="recall (real digits covered)",
+    ylabel="precision (samples on the real digits)",
+    title="Nearest-neighbour precision and recall",
+)
 axes[2].legend(fontsize=7)
 for name, values in probe.items():
     axes[3].semilogx(probe_steps, values, "o-", label=name)
 axes[3].axhline(0.574, color="grey", ls=":", lw=0.8, label="adaptation's target, 0.574")
-axes[3].set(xlabel="step size", ylabel="mean acceptance probability", title=f"One step from naive draws (T2 beta={JACOBIAN_BETA})")
+axes[3].set(
+    xlabel="step size",
+    ylabel="mean acceptance probability",
+    title=f"One step from naive draws (T2 beta={JACOBIAN_BETA})",
+)
 axes[3].legend(fontsize=8)
 fig.tight_layout()
 fig.savefig(FIGURES / f"03_metrics{SUFFIX}.png", dpi=100)
@@ -423,11 +509,13 @@ print(f"figures written to {FIGURES}")
 #
 # Measured on 2026-11-29 (`python tutorials/03_digits.py`, 12.6 minutes on 2 cores, twice with the
 # same numbers): spline flow trained 3,000 steps in 172-175 s (NLL 10.87 nats per image in logit
-# space; the RealNVP used before reached 26.7); classifier accuracy 0.970 on held-out digits; 1,000 chains x 4 draws, 50 steps
-# apart, after 100 warmup steps (300 chains for the jacobian run); "preview" is T2's value
-# predicted from 20,000 weighted naive draws (section 3).
+# space; the RealNVP used before reached 26.7); classifier accuracy 0.970 on held-out digits;
+# 1,000 chains x 4 draws, 50 steps apart, after 100 warmup steps (300 chains for the jacobian
+# run); "preview" is T2's value predicted from 20,000 weighted naive draws (section 3).
+# "Between classes" is the share of samples with classifier confidence < 0.5, "balance" the worst
+# class share - 10%, "saturated" the share of saturated pixels.
 #
-# | method | between classes (conf. < 0.5) | preview | precision | recall | worst class share - 10% | saturated pixels | step size | accept prob. |
+# | method | between classes | preview | precision | recall | balance | saturated | step size | accept prob. |
 # | --- | --- | --- | --- | --- | --- | --- | --- | --- |
 # | held-out real digits | 0.027 | | 0.897 | 0.917 | 1.0 pts | 0.583 | | |
 # | naive, x = f(z) | 0.155 | 0.158 | 0.832 | 0.811 | 1.9 pts | 0.503 | | |
@@ -459,7 +547,8 @@ print(f"figures written to {FIGURES}")
 # K: `python benchmarks/digits_steps.py` (benchmarks/README.md) follows the same chains for 800
 # steps: 8.2% after 50 steps, 5.4% after 400 and 800 (2.9x lower than naive), with the worst class
 # drifting slowly, 1.9 to 2.6 points up to K = 200, 2.8 at 400, 3.4 at 800; a much longer run
-# would drift towards T2's one-class answer. At beta = 0.1 the same benchmark shows the chains at T2 from the end of warmup on.
+# would drift towards T2's one-class answer. At beta = 0.1 the same benchmark shows the chains at
+# T2 from the end of warmup on.
 #
 # **The goal** (clearly fewer between-class samples than naive, class balance within a few
 # points) is met by the paper's procedure, beta = 1 with K of a few hundred steps (15.5% to 8.3%

@@ -48,7 +48,6 @@ class NeuTraResult(NamedTuple):
         )
 
 
-
 def neutra_nuts(
     model: Callable,
     flow,
@@ -86,5 +85,7 @@ def neutra_nuts(
     z = mcmc.get_samples(group_by_chain=True)["z"].detach()
     with torch.no_grad():
         x, _ = latent_flow.to_data(z.reshape(-1, z.shape[-1]))
-    samples = {name: value.reshape(z.shape[:2] + value.shape[1:]) for name, value in density.constrain(x).items()}
+    samples = {
+        name: value.reshape(z.shape[:2] + value.shape[1:]) for name, value in density.constrain(x).items()
+    }
     return NeuTraResult(mcmc, samples, z)

@@ -23,7 +23,14 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["energy_distance", "gap_mass", "gap_threshold", "knn_precision_recall", "mode_weights", "sample_metrics"]
+__all__ = [
+    "energy_distance",
+    "gap_mass",
+    "gap_threshold",
+    "knn_precision_recall",
+    "mode_weights",
+    "sample_metrics",
+]
 
 import torch
 
@@ -39,7 +46,9 @@ def _mean_distance(a: Tensor, b: Tensor, chunk: int = 2048) -> Tensor:
     return total / (len(a) * len(b))
 
 
-def energy_distance(x: Tensor, y: Tensor, max_points: int = 5000, generator: torch.Generator | None = None) -> float:
+def energy_distance(
+    x: Tensor, y: Tensor, max_points: int = 5000, generator: torch.Generator | None = None
+) -> float:
     r"""Energy distance :math:`2E|X-Y| - E|X-X'| - E|Y-Y'|` between two samples ``(n, d)``, ``(m, d)``.
 
     Each sample is subsampled to ``max_points`` rows (without replacement) to bound the cost.
@@ -86,20 +95,28 @@ def knn_precision_recall(real: Tensor, generated: Tensor, k: int = 3) -> tuple[f
     real = real.detach().cpu().double().reshape(len(real), -1)
     generated = generated.detach().cpu().double().reshape(len(generated), -1)
     if min(len(real), len(generated)) <= k:
-        raise ValueError(f"need more than k = {k} samples in each set, got {len(real)} real and {len(generated)} generated")
+        raise ValueError(
+            f"need more than k = {k} samples in each set, got {len(real)} real and {len(generated)} generated"
+        )
     precision = _covered(generated, real, k).double().mean()
     recall = _covered(real, generated, k).double().mean()
     return float(precision), float(recall)
 
 
-def gap_threshold(target: ToyTarget, level: float = 0.001, num_samples: int = 200_000, generator: torch.Generator | None = None) -> float:
+def gap_threshold(
+    target: ToyTarget,
+    level: float = 0.001,
+    num_samples: int = 200_000,
+    generator: torch.Generator | None = None,
+) -> float:
     """The log density below which exact samples of ``target`` put mass ``level``."""
     log_p = target.log_prob(target.sample(num_samples, generator=generator)).double()
     return float(torch.quantile(log_p, level))
 
 
 def gap_mass(x: Tensor, target: ToyTarget, threshold: float) -> float:
-    """The share of samples ``x`` whose true log density is below ``threshold`` (non-finite draws count as in the gap)."""
+    """The share of samples ``x`` whose true log density is below ``threshold`` (non-finite draws
+    count as in the gap)."""
     x = x.detach().cpu().reshape(-1, target.dim)
     log_p = target.log_prob(x)
     return float((~(log_p >= threshold)).double().mean())

@@ -64,18 +64,23 @@ def load_data(name: str) -> dict[str, torch.Tensor | int]:
     """The model's data as tensors (integers stay Python ints)."""
     _check_name(name)
     raw = _read_zipped_json(DATA / f"{POSTERIORS[name][1]}.data.json.zip")
-    return {key: value if isinstance(value, int) else torch.tensor(value, dtype=torch.float32) for key, value in raw.items()}
+    return {
+        key: value if isinstance(value, int) else torch.tensor(value, dtype=torch.float32)
+        for key, value in raw.items()
+    }
 
 
 def load_reference(name: str) -> dict[str, np.ndarray]:
-    """The reference draws: ``{parameter: array (10 chains, 1000 draws)}``, Stan's names (``theta[1]``, ...)."""
+    """The reference draws: ``{parameter: array (10 chains, 1000 draws)}``, Stan's names
+    (``theta[1]``, ...)."""
     _check_name(name)
     chains = _read_zipped_json(DATA / f"{POSTERIORS[name][0]}.draws.json.zip")
     return {key: np.array([chain[key] for chain in chains]) for key in chains[0]}
 
 
 def reference_names(samples: dict[str, np.ndarray], sample_dims: int = 2) -> dict[str, np.ndarray]:
-    """Flattens ``{site: (chains, draws, *shape)}`` into Stan's names: ``theta`` of shape 8 -> ``theta[1]`` ... ``theta[8]``."""
+    """Flattens ``{site: (chains, draws, *shape)}`` into Stan's names: ``theta`` of shape 8 ->
+    ``theta[1]`` ... ``theta[8]``."""
     flat = {}
     for name, value in samples.items():
         value = np.asarray(value)
@@ -88,10 +93,13 @@ def reference_names(samples: dict[str, np.ndarray], sample_dims: int = 2) -> dic
     return flat
 
 
-def standardized_errors(samples: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+def standardized_errors(
+    samples: dict[str, np.ndarray], reference: dict[str, np.ndarray]
+) -> dict[str, dict[str, float]]:
     """Per reference parameter: the error of the mean and of the sd, in units of the reference sd.
 
-    ``samples`` maps site names to ``(chains, draws, *shape)`` arrays (as ``get_samples(group_by_chain=True)``).
+    ``samples`` maps site names to ``(chains, draws, *shape)`` arrays (as
+    ``get_samples(group_by_chain=True)``).
     """
     flat = reference_names(samples)
     missing = set(reference) - set(flat)
@@ -122,7 +130,8 @@ def eight_schools_centered(J: int, sigma: torch.Tensor, y: torch.Tensor | None =
 
 
 class OrderedNormal(dist.TorchDistribution):
-    r"""``size`` iid :math:`N(\mathrm{loc}, \mathrm{scale}^2)` values, sorted: Stan's ``ordered[K] mu ~ normal(loc, scale)``.
+    r"""``size`` iid :math:`N(\mathrm{loc}, \mathrm{scale}^2)` values, sorted: Stan's
+    ``ordered[K] mu ~ normal(loc, scale)``.
 
     The density on the ordered cone is :math:`K! \prod_k N(\mu_k)`; sampling sorts iid draws.
     """
@@ -131,7 +140,9 @@ class OrderedNormal(dist.TorchDistribution):
     arg_constraints = {}
 
     def __init__(self, loc: float, scale: float, size: int, validate_args=None) -> None:
-        self.base = dist.Normal(torch.as_tensor(loc, dtype=torch.float32), torch.as_tensor(scale, dtype=torch.float32))
+        self.base = dist.Normal(
+            torch.as_tensor(loc, dtype=torch.float32), torch.as_tensor(scale, dtype=torch.float32)
+        )
         self.size = size
         super().__init__(torch.Size(), torch.Size([size]), validate_args=validate_args)
 

@@ -29,7 +29,15 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["Banana", "ConcentricRings", "DoubleMoon", "GaussianMixture", "GaussianRing", "NealFunnel", "ToyTarget"]
+__all__ = [
+    "Banana",
+    "ConcentricRings",
+    "DoubleMoon",
+    "GaussianMixture",
+    "GaussianRing",
+    "NealFunnel",
+    "ToyTarget",
+]
 
 import math
 
@@ -84,19 +92,24 @@ class _Mixture(ToyTarget):
 class GaussianRing(_Mixture):
     """``num_modes`` equal-weight Gaussians of scale ``scale`` on a circle of radius ``radius``."""
 
-    def __init__(self, num_modes: int = 8, radius: float = 4.0, scale: float = 0.3, dtype=torch.float32) -> None:
+    def __init__(
+        self, num_modes: int = 8, radius: float = 4.0, scale: float = 0.3, dtype=torch.float32
+    ) -> None:
         angles = torch.arange(num_modes, dtype=dtype) * 2 * math.pi / num_modes
         locs = radius * torch.stack([angles.cos(), angles.sin()], -1)
         super().__init__(torch.ones(num_modes, dtype=dtype), locs, torch.full_like(locs, scale))
 
 
 class GaussianMixture(_Mixture):
-    r"""Two Gaussians in ``dim`` dimensions: weights ``weights``, means :math:`\pm \frac{s}{2} \mathbf{1}/\sqrt{d}`, unit scale.
+    r"""Two Gaussians in ``dim`` dimensions: weights ``weights``, means
+    :math:`\pm \frac{s}{2} \mathbf{1}/\sqrt{d}`, unit scale.
 
     ``separation`` :math:`s` is the distance between the means, in units of the scale.
     """
 
-    def __init__(self, dim: int = 8, weights=(0.7, 0.3), separation: float = 6.0, dtype=torch.float32) -> None:
+    def __init__(
+        self, dim: int = 8, weights=(0.7, 0.3), separation: float = 6.0, dtype=torch.float32
+    ) -> None:
         direction = torch.ones(dim, dtype=dtype) / math.sqrt(dim)
         locs = torch.stack([-0.5 * separation * direction, 0.5 * separation * direction])
         super().__init__(torch.tensor(weights, dtype=dtype), locs, torch.ones_like(locs))
@@ -109,7 +122,9 @@ class DoubleMoon(ToyTarget):
     about :math:`e^{-2 / \sigma^2}` relative to the modes.
     """
 
-    def __init__(self, radius: float = 2.0, ring_scale: float = 0.2, mode_scale: float = 0.3, dtype=torch.float32) -> None:
+    def __init__(
+        self, radius: float = 2.0, ring_scale: float = 0.2, mode_scale: float = 0.3, dtype=torch.float32
+    ) -> None:
         self.radius, self.ring_scale, self.mode_scale = radius, ring_scale, mode_scale
         self.dim = 2
         self.dtype = dtype
@@ -144,7 +159,8 @@ class DoubleMoon(ToyTarget):
 
         target / proposal :math:`\propto \exp(-(|x|-R)^2/2\sigma_r^2 + x_2^2 / 2 s^2)`, and
         :math:`|x| \ge |x_2|`: for :math:`|x_2| \le R` the bound is :math:`R^2/2s^2`, beyond it
-        the concave function of :math:`t = |x_2|` peaks at :math:`t^* = (R/\sigma_r^2) / (1/\sigma_r^2 - 1/s^2)`.
+        the concave function of :math:`t = |x_2|` peaks at
+        :math:`t^* = (R/\sigma_r^2) / (1/\sigma_r^2 - 1/s^2)`.
         """
         big_r, sr, s = self.radius, self.ring_scale, self._proposal_scale
         t_star = (big_r / sr**2) / (1 / sr**2 - 1 / s**2)
@@ -160,7 +176,9 @@ class DoubleMoon(ToyTarget):
             x1 = sign * self.radius + self.mode_scale * torch.randn(m, generator=generator, dtype=self.dtype)
             x2 = self._proposal_scale * torch.randn(m, generator=generator, dtype=self.dtype)
             x = torch.stack([x1, x2], -1)
-            log_ratio = -0.5 * ((x.norm(dim=-1) - self.radius) / self.ring_scale) ** 2 + x2**2 / (2 * self._proposal_scale**2)
+            log_ratio = -0.5 * ((x.norm(dim=-1) - self.radius) / self.ring_scale) ** 2 + x2**2 / (
+                2 * self._proposal_scale**2
+            )
             accept = torch.rand(m, generator=generator, dtype=self.dtype).log() < log_ratio - self._log_bound
             out.append(x[accept][:remaining])
             remaining -= len(out[-1])
@@ -172,7 +190,8 @@ class DoubleMoon(ToyTarget):
 
 
 class ConcentricRings(ToyTarget):
-    r"""Rings of radii ``radii`` (weights ``weights``), radial profile :math:`N(r_k, \sigma^2)` truncated at 0, uniform angle.
+    r"""Rings of radii ``radii`` (weights ``weights``), radial profile :math:`N(r_k, \sigma^2)`
+    truncated at 0, uniform angle.
 
     .. math:: p(x) = \sum_k w_k \frac{N(|x|; r_k, \sigma^2)}{\Phi(r_k/\sigma)} \frac{1}{2\pi |x|}
     """
@@ -186,7 +205,9 @@ class ConcentricRings(ToyTarget):
 
     def log_prob(self, x: Tensor) -> Tensor:
         r = x.to(self.dtype).norm(dim=-1)
-        radial = Normal(self.radii, self.scale).log_prob(r.unsqueeze(-1)) - self._log_mass + self.weights.log()
+        radial = (
+            Normal(self.radii, self.scale).log_prob(r.unsqueeze(-1)) - self._log_mass + self.weights.log()
+        )
         return torch.logsumexp(radial, -1) - torch.log(2 * math.pi * r)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -194,7 +215,9 @@ class ConcentricRings(ToyTarget):
         r = self.radii[ring] + self.scale * torch.randn(n, generator=generator, dtype=self.dtype)
         while (r <= 0).any():  # exact truncation at 0 by redrawing (vanishingly rare)
             bad = r <= 0
-            r[bad] = self.radii[ring[bad]] + self.scale * torch.randn(int(bad.sum()), generator=generator, dtype=self.dtype)
+            r[bad] = self.radii[ring[bad]] + self.scale * torch.randn(
+                int(bad.sum()), generator=generator, dtype=self.dtype
+            )
         theta = 2 * math.pi * torch.rand(n, generator=generator, dtype=self.dtype)
         return torch.stack([r * theta.cos(), r * theta.sin()], -1)
 
@@ -210,7 +233,8 @@ class _Unimodal(ToyTarget):
 
 
 class NealFunnel(_Unimodal):
-    r"""Neal's funnel in ``dim`` dimensions: :math:`v = x_1 \sim N(0, \sigma_v^2)`, :math:`x_{2..d} \mid v \sim N(0, e^{v} I)`.
+    r"""Neal's funnel in ``dim`` dimensions: :math:`v = x_1 \sim N(0, \sigma_v^2)`,
+    :math:`x_{2..d} \mid v \sim N(0, e^{v} I)`.
 
     Example:
         >>> funnel = NealFunnel(10)
@@ -227,7 +251,9 @@ class NealFunnel(_Unimodal):
     def log_prob(self, x: Tensor) -> Tensor:
         x = x.to(self.dtype)
         v, rest = x[..., 0], x[..., 1:]
-        return Normal(0.0, self.scale).log_prob(v) + Normal(0.0, (v / 2).exp().unsqueeze(-1)).log_prob(rest).sum(-1)
+        return Normal(0.0, self.scale).log_prob(v) + Normal(0.0, (v / 2).exp().unsqueeze(-1)).log_prob(
+            rest
+        ).sum(-1)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         v = self.scale * torch.randn(n, 1, generator=generator, dtype=self.dtype)
