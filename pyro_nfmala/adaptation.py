@@ -1,4 +1,4 @@
-r"""Step-size adaptation: a reasonable first step size, then dual averaging.
+r"""Adaptation in warmup: a reasonable first step size, dual averaging, and a latent mass matrix.
 
 Dual averaging (Hoffman & Gelman 2014, Pyro's :class:`pyro.ops.dual_averaging.DualAveraging`)
 drives :math:`\log \epsilon` so that the mean acceptance probability reaches a target
@@ -11,6 +11,15 @@ and the final step size is :math:`\exp` of the weighted average of the iterates.
 works elementwise, so a tensor of per-chain acceptance probabilities adapts one step size
 per chain.
 
+The mass matrix :math:`M` of :class:`~pyro_nfmala.precond.MassMatrixPreconditioner` is adapted as
+Stan adapts it, given at least 150 warmup steps (:func:`adaptation_windows`): a fast initial
+buffer (75 steps) adapts only the step size; then slow windows of 25, 50, 100, ... steps each
+estimate the covariance of the chains' latent states (Welford's scheme,
+:class:`BatchWelfordCovariance`, with Stan's regularization toward the identity), set
+:math:`M^{-1}` to it at their end, and restart the step-size search and dual averaging; a final
+fast buffer (50 steps) adapts the step size alone.
+After warmup both are fixed: sampling is one fixed kernel.
+
 Example:
     >>> adapter = StepSizeAdapter(0.1, target_accept_prob=0.574)
     >>> for _ in range(50):
@@ -21,13 +30,14 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["StepSizeAdapter", "find_reasonable_step_size"]
+__all__ = ["BatchWelfordCovariance", "StepSizeAdapter", "adaptation_windows", "find_reasonable_step_size"]
 
 import math
 
 import torch
 
 from pyro.ops.dual_averaging import DualAveraging
+from pyro.ops.welford import WelfordCovariance
 from torch import Tensor
 
 from .mala import MALAState, mala_step
@@ -99,3 +109,63 @@ def find_reasonable_step_size(
         if not active.any():
             break
     return eps
+
+
+#: Stan's warmup buffers: the initial fast buffer, the first slow window, the final fast buffer.
+INITIAL_BUFFER, FIRST_WINDOW, FINAL_BUFFER = 75, 25, 50
+
+
+def adaptation_windows(num_steps: int) -> list[tuple[int, int]]:
+    """The slow windows ``(first, last)`` (step indices, inclusive) of Stan's warmup schedule.
+
+    With fewer than ``INITIAL_BUFFER + FIRST_WINDOW + FINAL_BUFFER`` = 150 warmup steps there is
+    none: the step size alone is adapted. (Stan and Pyro shrink the buffers to 15% and 10% of a
+    short warmup instead; then the step size found after the last window has only a handful of
+    steps to settle, and short runs came out worse than with no mass matrix at all.) Each window
+    doubles the one before; the last one stretches to the final buffer.
+
+    Example:
+        >>> adaptation_windows(500)
+        [(75, 99), (100, 149), (150, 249), (250, 449)]
+        >>> adaptation_windows(100)
+        []
+    """
+    start, end, window = INITIAL_BUFFER, FINAL_BUFFER, FIRST_WINDOW
+    if start + end + window > num_steps:
+        return []
+    last = num_steps - end
+    windows = []
+    while start < last:
+        size = window if 3 * window <= last - start else last - start
+        windows.append((start, start + size - 1))
+        start, window = start + size, 2 * window
+    return windows
+
+
+class BatchWelfordCovariance(WelfordCovariance):
+    """Pyro's :class:`~pyro.ops.welford.WelfordCovariance`, fed a batch of draws at a time.
+
+    A batch ``(n, d)`` is merged into the running estimate with Chan et al.'s pairwise update, so
+    that feeding ``n`` draws at once equals feeding them one by one; :meth:`get_covariance` (with
+    Stan's regularization) is Pyro's.
+
+    Example:
+        >>> welford = BatchWelfordCovariance(diagonal=True)
+        >>> welford.update_batch(torch.tensor([[1.0, 10.0], [3.0, 30.0]], dtype=torch.float64))
+        >>> welford.get_covariance(regularize=False)
+        tensor([  2., 200.], dtype=torch.float64)
+    """
+
+    def update_batch(self, samples: Tensor) -> None:
+        """Adds the draws ``samples`` ``(n, d)``."""
+        samples = samples.reshape(-1, samples.shape[-1])
+        count = len(samples)
+        mean = samples.mean(0)
+        centered = samples - mean
+        m2 = centered.square().sum(0) if self.diagonal else centered.T @ centered
+        total = self.n_samples + count
+        delta = mean - self._mean
+        weight = self.n_samples * count / total
+        self._mean = self._mean + delta * (count / total)
+        self._m2 = self._m2 + m2 + (delta.square() if self.diagonal else torch.outer(delta, delta)) * weight
+        self.n_samples = total

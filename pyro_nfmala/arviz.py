@@ -86,6 +86,10 @@ def to_inference_data(mcmc, *, coords=None, dims=None):
     unconstrained parameters: minus Pyro's potential energy under the exact target). Works for
     sequential and parallel chains alike, for any number of chains.
 
+    A run that may be wrong warns, saying what to do: split R-hat above 1.01 (chains disagree) or a
+    bulk effective sample size below 100 for some parameter (Pyro's ``split_gelman_rubin`` and
+    ``effective_sample_size``, as in ``mcmc.summary()``).
+
     Example:
         >>> mcmc = MCMC(NFMALA(model, flow=flow), num_samples=100, warmup_steps=100)  # doctest: +SKIP
         >>> mcmc.run(data)  # doctest: +SKIP
@@ -102,7 +106,51 @@ def to_inference_data(mcmc, *, coords=None, dims=None):
         name: np.stack([np.asarray(chain["sample_stats"][name]) for chain in per_chain])
         for name in SAMPLE_STATS
     }
+    warn_if_unconverged(samples)
     return from_arrays(posterior, stats, coords=coords, dims=dims)
+
+
+#: Above this split R-hat, chains disagree.
+RHAT_LIMIT = 1.01
+#: Below this bulk ESS, estimates (and R-hat itself) are unreliable.
+MIN_ESS = 100
+
+
+def warn_if_unconverged(samples: Mapping[str, Any], stacklevel: int = 3) -> None:
+    """Warns when ``samples`` ``{site: (chains, draws, ...)}`` have a split R-hat above 1.01 or a bulk
+    ESS below 100 for some coordinate (Pyro's diagnostics)."""
+    import torch
+
+    from pyro.ops.stats import effective_sample_size, split_gelman_rubin
+
+    worst_rhat, worst_ess = (None, 1.0), (None, float("inf"))
+    for name, value in samples.items():
+        value = torch.as_tensor(value).double()
+        if value.dim() < 2 or value.shape[1] < 4 or not bool(torch.isfinite(value).all()):
+            continue
+        ess = effective_sample_size(value).min().item()
+        if ess < worst_ess[1]:
+            worst_ess = (name, ess)
+        rhat = split_gelman_rubin(value).max().item()
+        if rhat > worst_rhat[1]:
+            worst_rhat = (name, rhat)
+    problems = []
+    if worst_rhat[1] > RHAT_LIMIT:
+        problems.append(
+            f"split R-hat {worst_rhat[1]:.3f} > {RHAT_LIMIT} for {worst_rhat[0]!r} (the chains disagree)"
+        )
+    if worst_ess[1] < MIN_ESS:
+        problems.append(f"an effective sample size of {worst_ess[1]:.0f} < {MIN_ESS} for {worst_ess[0]!r}")
+    if problems:
+        import warnings
+
+        warnings.warn(
+            f"this run may not have converged: {'; '.join(problems)}. Its estimates can be wrong: run longer "
+            "chains (more warmup too), several chains started apart, and check the flow check and the "
+            "divergences in mcmc.diagnostics().",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def diverging_draws(mcmc) -> np.ndarray:

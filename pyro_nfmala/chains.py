@@ -57,6 +57,9 @@ class ChainSampler:
             their median when adaptation is shared).
         target_accept_prob: Acceptance probability adaptation aims at.
         adapt: ``"shared"`` (one step size for all chains) or ``"per_chain"``.
+        mass_matrix: A constant latent mass matrix adapted in warmup (from all chains' states, on
+            Stan's windows): ``"diagonal"``, ``"dense"``, ``None``, or ``"auto"`` (default:
+            diagonal with the identity preconditioner, none with the others).
         initial_z: Initial latents ``(num_chains, d)``; by default :math:`z_0 \sim q_Z`.
         seed: Seed of the sampler's own random generator; the same seed gives the same chains
             (on the same machine and device).
@@ -71,6 +74,7 @@ class ChainSampler:
         num_chains: int,
         *,
         preconditioner: str | Preconditioner = DEFAULT_PRECONDITIONER,
+        mass_matrix: str | None = "auto",
         step_size: float | None = None,
         target_accept_prob: float = 0.574,
         adapt: str = "shared",
@@ -94,6 +98,7 @@ class ChainSampler:
             preconditioner=preconditioner,
             target_accept_prob=target_accept_prob,
             adapt=adapt,
+            mass_matrix=mass_matrix,
             generator=self.generator,
             label="ChainSampler",
         )

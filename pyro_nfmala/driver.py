@@ -8,8 +8,10 @@ batch of states and owns, once for both:
 - the start: the target's batch check, the initial state, its finiteness, a first step size
   (:func:`~pyro_nfmala.adaptation.find_reasonable_step_size`);
 - the warmup schedule: dual averaging of the step size towards the target acceptance
-  probability, shared by all chains (fed their mean acceptance probability) or per chain,
-  fixed when warmup ends, so that sampling is one fixed, exact kernel;
+  probability, shared by all chains (fed their mean acceptance probability) or per chain, and
+  a latent mass matrix (diagonal or dense, estimated from all chains) on Stan's windows
+  (:mod:`pyro_nfmala.adaptation`); both fixed when warmup ends, so that sampling is one fixed,
+  exact kernel;
 - the per-draw statistics (``accept_prob``, ``step_size``, ``diverging``, ``lp``, the log
   density of :math:`x` under the target's push-forward up to a constant,
   :math:`\log \pi(z) - \mathrm{ladj}(z)`);
@@ -32,6 +34,7 @@ __all__ = [
     "DEFAULT_PRECONDITIONER",
     "DIVERGENCE_WARNING_RATE",
     "Driver",
+    "check_mass_matrix",
     "check_num_chains",
     "check_step_size",
     "check_target_accept_prob",
@@ -45,9 +48,9 @@ import torch
 
 from torch import Tensor
 
-from .adaptation import StepSizeAdapter, find_reasonable_step_size
+from .adaptation import BatchWelfordCovariance, StepSizeAdapter, adaptation_windows, find_reasonable_step_size
 from .mala import MALAState, StepInfo, finite_chains, init_state, mala_step
-from .precond import Preconditioner, get_preconditioner
+from .precond import MassMatrixPreconditioner, Preconditioner, get_preconditioner
 from .target import LatentTarget
 
 #: The preconditioner of both samplers unless told otherwise: plain MALA on the latent target.
@@ -88,6 +91,22 @@ def check_target_accept_prob(target_accept_prob: object) -> float:
     return value
 
 
+def check_mass_matrix(mass_matrix: object, preconditioner: Preconditioner) -> str | None:
+    """``None``, ``"diagonal"`` or ``"dense"`` (``"auto"``: diagonal with the identity preconditioner,
+    else none); a mass matrix goes with the identity preconditioner only."""
+    if mass_matrix == "auto":
+        return "diagonal" if getattr(preconditioner, "name", None) == "identity" else None
+    if mass_matrix not in (None, "diagonal", "dense"):
+        raise ValueError(f"mass_matrix must be 'auto', 'diagonal', 'dense' or None, got {mass_matrix!r}")
+    if mass_matrix is not None and getattr(preconditioner, "name", None) not in ("identity", "mass"):
+        raise ValueError(
+            f"mass_matrix={mass_matrix!r} goes with the identity preconditioner; the "
+            f"{getattr(preconditioner, 'name', preconditioner)!r} preconditioner has its own metric: "
+            "use mass_matrix=None with it"
+        )
+    return mass_matrix
+
+
 def check_num_chains(num_chains: object) -> int:
     """The number of chains: an integer >= 1 (not a bool)."""
     if isinstance(num_chains, bool) or not isinstance(num_chains, numbers.Integral) or num_chains < 1:
@@ -105,6 +124,10 @@ class Driver:
             :class:`~pyro_nfmala.precond.Preconditioner`.
         target_accept_prob: Acceptance probability that adaptation aims at (0.574, optimal for MALA).
         adapt: ``"shared"`` (one step size for all chains) or ``"per_chain"``.
+        mass_matrix: ``"diagonal"`` or ``"dense"``: adapt a constant latent mass matrix in warmup
+            (with the identity preconditioner only, which it then replaces by a
+            :class:`~pyro_nfmala.precond.MassMatrixPreconditioner` of its own); ``None``: none;
+            ``"auto"``: diagonal with the identity preconditioner, none with the others.
         generator: Random generator of the steps; the global one if ``None``.
         label: How warnings name the sampler.
     """
@@ -117,6 +140,7 @@ class Driver:
         preconditioner: str | Preconditioner = DEFAULT_PRECONDITIONER,
         target_accept_prob: float = 0.574,
         adapt: str = "shared",
+        mass_matrix: str | None = None,
         generator: torch.Generator | None = None,
         label: str = "NFMALA",
     ) -> None:
@@ -131,6 +155,13 @@ class Driver:
         self.flow = target.flow
         self.num_chains = check_num_chains(num_chains)
         self.preconditioner = get_preconditioner(preconditioner)
+        self.mass_matrix = check_mass_matrix(mass_matrix, self.preconditioner)
+        if self.mass_matrix is not None:  # a fresh one: it holds this driver's adapted matrix
+            self.preconditioner = MassMatrixPreconditioner(
+                torch.ones(self.flow.dim, dtype=self.flow.dtype, device=self.flow.device)
+                if self.mass_matrix == "diagonal"
+                else torch.eye(self.flow.dim, dtype=self.flow.dtype, device=self.flow.device)
+            )
         self.target_accept_prob = check_target_accept_prob(target_accept_prob)
         self.adapt = adapt
         self.generator = generator
@@ -139,6 +170,9 @@ class Driver:
         self.step_size: Tensor | None = None
         self._adapter: StepSizeAdapter | None = None
         self._warmup_left = 0
+        self._warmup_step = 0
+        self._windows: list[tuple[int, int]] = []
+        self._welford: BatchWelfordCovariance | None = None
         self._errors_seen: set[str] = set()
         self.counts = {
             "steps": 0,
@@ -205,10 +239,42 @@ class Driver:
         if num_steps < 0:
             raise ValueError(f"the number of warmup steps must be >= 0, got {num_steps}")
         self._warmup_left = int(num_steps)
+        self._warmup_step = 0
         self._adapter = None
         if num_steps and adapt_step_size:
-            initial = self.step_size if self.adapt == "per_chain" else self.step_size[0]
-            self._adapter = StepSizeAdapter(initial.double().cpu(), self.target_accept_prob)
+            self._restart_step_size_adaptation()
+        self._windows = adaptation_windows(num_steps) if self.mass_matrix is not None else []
+        self._welford = BatchWelfordCovariance(diagonal=self.mass_matrix == "diagonal")
+
+    def _restart_step_size_adaptation(self) -> None:
+        initial = self.step_size if self.adapt == "per_chain" else self.step_size[0]
+        self._adapter = StepSizeAdapter(initial.double().cpu(), self.target_accept_prob)
+
+    def _adapt_mass_matrix(self) -> None:
+        """Inside a slow window, feeds the chains' states to Welford; at its end, sets M^-1 to their
+        covariance and restarts the step-size search and dual averaging from the new kernel."""
+        t = self._warmup_step
+        window = next(((first, last) for first, last in self._windows if first <= t <= last), None)
+        if window is None:
+            return
+        self._welford.update_batch(self.state.z.detach().double().cpu())
+        if t != window[1] or self._welford.n_samples < 2:
+            return
+        covariance = self._welford.get_covariance(regularize=True).to(self.flow.dtype).to(self.flow.device)
+        self._welford.reset()
+        self.preconditioner.set_inverse_mass(covariance)
+        self.state = self.state._replace(cache=self.preconditioner.prepare(self.flow, self.state))
+        found = find_reasonable_step_size(
+            self.state,
+            self.target,
+            self.preconditioner,
+            float(self.step_size.median()),
+            generator=self.generator,
+        )
+        found = found.median().expand(self.num_chains) if self.adapt == "shared" else found
+        self.step_size = found.to(self.step_size).clone()
+        if self._adapter is not None:
+            self._restart_step_size_adaptation()
 
     def end_warmup(self) -> None:
         """Ends warmup now (also when interrupted): the step size adapted so far is kept and fixed."""
@@ -233,6 +299,9 @@ class Driver:
                 accept = info.accept_prob.double().cpu()
                 new = self._adapter.update(accept if self.adapt == "per_chain" else accept.mean())
                 self.step_size = new.to(self.step_size).expand(self.num_chains).clone()
+            if self.mass_matrix is not None:
+                self._adapt_mass_matrix()
+            self._warmup_step += 1
             self._warmup_left -= 1
             if self._warmup_left == 0:
                 self.end_warmup()

@@ -1,5 +1,5 @@
-r"""Fitting a zuko flow: to an unnormalized density by variational inference (reverse KL), or
-to samples by maximum likelihood.
+r"""Fitting a zuko flow: to an unnormalized density by variational inference (reverse KL), to a
+Pyro posterior in stages, or to samples by maximum likelihood.
 
 With :math:`z \sim q_Z` and the latent pull-back :math:`\log \pi(z) = \log \pi_X(f(z)) +
 \mathrm{ladj}(z)`, the flow :math:`f` is fitted by stochastic gradient descent on
@@ -16,6 +16,22 @@ is not finite is skipped; when none of the first :data:`MAX_NONFINITE_STEPS` ste
 the flow's parameters end non-finite, the fit raises (for reverse KL the usual cause is a
 posterior that is improper, or not finite where the flow puts its mass).
 
+**The staged map of a Pyro posterior** (:func:`fit_flow_to_model`) uses the cheapest map that
+passes the flow check (:mod:`pyro_nfmala.flowcheck`, Pareto :math:`\hat k < 0.5`):
+
+1. the Laplace approximation at the mode (:mod:`pyro_nfmala.gaussian`), :math:`x = \mu + L u`;
+2. if it fails the check, the full-rank Gaussian fitted by reverse KL, started from the Laplace
+   approximation, or from the first start and the identity where the Hessian at the mode is not
+   positive definite (an unbounded or degenerate mode, as in a funnel, makes Laplace useless);
+3. if the better Gaussian still fails, a flow :math:`g` in front of it, :math:`x = \mu + L g(z)`
+   (:class:`~pyro_nfmala.flows.StagedFlow`), fitted by reverse KL.
+
+Each reverse-KL fit stops when its objective settles (the mean loss of the last
+:data:`SETTLE_WINDOW` steps no longer improves on the window before by more than two of its
+standard errors), at the latest after ``num_steps``. The map kept is the first that passes the
+check, else the one with the smallest :math:`\hat k`; when even that one is above 0.7, the fit
+warns.
+
 Reverse KL trains through the latent-to-data direction (:math:`f`, as the sampler uses it),
 maximum likelihood through the data-to-latent one (:math:`f^{-1}`): prefer coupling flows
 (``RealNVP``, ``NSF(..., passes=2)``), which are one pass in both directions.
@@ -23,10 +39,11 @@ maximum likelihood through the data-to-latent one (:math:`f^{-1}`): prefer coupl
 
 from __future__ import annotations
 
-__all__ = ["FitResult", "fit_flow", "fit_flow_to_model", "fit_flow_to_samples"]
+__all__ = ["FitResult", "fit_flow", "fit_flow_to_model", "fit_flow_to_samples", "fit_staged_map"]
 
 import logging
 import math
+import time
 import warnings
 
 from collections.abc import Callable
@@ -38,20 +55,33 @@ import zuko
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .flows import default_flow
+from .flowcheck import FlowCheck, check_flow
+from .flows import StagedFlow, default_flow
+from .gaussian import GaussianFlow, gaussian_stage
 from .model import model_density
 
 logger = logging.getLogger(__name__)
 
 #: A fit raises when this many steps in a row (from the start) have a non-finite loss.
 MAX_NONFINITE_STEPS = 100
+#: Steps per window of the settling test of reverse-KL fits.
+SETTLE_WINDOW = 200
+#: Starts of the mode search of the Gaussian stage.
+NUM_STARTS = 4
 
 
 class FitResult(NamedTuple):
-    """A fitted flow and its loss history (minus the ELBO, one value per step)."""
+    """A fitted flow, its loss history (one value per step), and for staged fits what was kept.
+
+    ``check`` is the flow check of the map kept, ``stage`` says which map it is (``"laplace"``,
+    ``"gaussian"``, ``"flow"``), ``seconds`` the wall-clock time of the whole fit.
+    """
 
     flow: zuko.flows.Flow
     losses: list[float]
+    check: FlowCheck | None = None
+    stage: str | None = None
+    seconds: float = math.nan
 
 
 def fit_flow(
@@ -62,6 +92,7 @@ def fit_flow(
     num_particles: int = 32,
     lr: float = 5e-3,
     progress: bool = True,
+    settle: bool = False,
 ) -> FitResult:
     r"""Fits ``flow`` (in place) to the unnormalized log density ``log_prob`` by reverse KL.
 
@@ -72,6 +103,7 @@ def fit_flow(
         num_particles: Latent draws per step for the Monte Carlo estimate of the loss.
         lr: Adam's learning rate (decayed by cosine annealing to 1% of it).
         progress: Show a progress bar with the running loss.
+        settle: Stop as soon as the loss settles (see the module), before ``num_steps``.
 
     Example:
         >>> flow = zuko.flows.RealNVP(2)
@@ -89,11 +121,31 @@ def fit_flow(
         x, ladj = distribution.transform.inv.call_and_ladj(z)
         return (distribution.base.log_prob(z) - log_prob(x) - ladj).mean()
 
-    return _train(flow, loss, num_steps=num_steps, lr=lr, progress=progress, name="loss")
+    return _train(flow, loss, num_steps=num_steps, lr=lr, progress=progress, name="loss", settle=settle)
+
+
+def _settled(losses: list[float]) -> bool:
+    """Whether the last window's mean loss improves on the window before by less than two standard errors."""
+    if len(losses) < 2 * SETTLE_WINDOW or len(losses) % SETTLE_WINDOW:
+        return False
+    recent = torch.tensor(losses[-SETTLE_WINDOW:], dtype=torch.float64)
+    previous = torch.tensor(losses[-2 * SETTLE_WINDOW : -SETTLE_WINDOW], dtype=torch.float64)
+    recent, previous = recent[torch.isfinite(recent)], previous[torch.isfinite(previous)]
+    if len(recent) < SETTLE_WINDOW // 2 or len(previous) < SETTLE_WINDOW // 2:
+        return False
+    standard_error = float(recent.std() / math.sqrt(len(recent)))
+    return float(previous.mean() - recent.mean()) < 2 * standard_error
 
 
 def _train(
-    flow: zuko.flows.Flow, loss: Callable[[], Tensor], *, num_steps: int, lr: float, progress: bool, name: str
+    flow: zuko.flows.Flow,
+    loss: Callable[[], Tensor],
+    *,
+    num_steps: int,
+    lr: float,
+    progress: bool,
+    name: str,
+    settle: bool = False,
 ) -> FitResult:
     """Adam with cosine annealing on ``loss()``; non-finite steps skipped, a fit never finite raises."""
     optimizer = torch.optim.Adam(flow.parameters(), lr=lr)
@@ -118,6 +170,9 @@ def _train(
         losses.append(value.item())
         if len(losses) % 25 == 0:
             bar.set_postfix({name: f"{sum(losses[-25:]) / 25:.3f}"})
+        if settle and _settled(losses):
+            break
+    bar.close()
     flow.eval()
     _check_fit(flow, losses)
     return FitResult(flow, losses)
@@ -161,25 +216,118 @@ def fit_flow_to_model(
     num_particles: int = 64,
     lr: float = 5e-3,
     progress: bool = True,
+    init_strategy: Callable | None = None,
+    max_plate_nesting: int | None = None,
+    check_samples: int = 1000,
 ) -> FitResult:
-    """Fits a flow to a Pyro model's posterior on its flat unconstrained parameters (reverse KL).
+    """Fits the staged map of a Pyro model's posterior on its flat unconstrained parameters.
 
-    The layout is the one :class:`~pyro_nfmala.NFMALA` uses, so the fitted flow plugs
-    straight into ``NFMALA(model, flow=result.flow)``. With ``flow=None``, an affine coupling
-    flow of the model's dimension is built (:func:`default_flow` with ``kind="affine"``).
-    The model is evaluated for all particles in one vectorized run when it allows it.
+    The layout is the one :class:`~pyro_nfmala.NFMALA` uses, so the fitted map plugs straight
+    into ``NFMALA(model, flow=result.flow)``; ``NFMALA(model)`` with no flow does this itself.
+    With ``flow=None``, the cheapest of the staged maps that passes the flow check is kept (see
+    the module; the flow stage is an affine coupling flow, :func:`default_flow` with
+    ``kind="affine"``). With a ``flow``, it is fitted in front of the better Gaussian stage
+    (:class:`~pyro_nfmala.flows.StagedFlow`) and kept. ``init_strategy`` and
+    ``max_plate_nesting`` are as for Pyro's NUTS (an init strategy that starts improper
+    ``ImproperUniform`` sites is the default); the mode search starts there and at
+    ``NUM_STARTS - 1`` uniform draws in ``(-2, 2)`` of the unconstrained space.
 
-    Reverse KL is mode-seeking: a fitted flow tends to be too narrow (in a funnel, it misses
-    the neck). NFMALA stays exact (T1), but the chains mix slower where the flow is poor: look
-    for a small adapted step size, low ESS per draw, R-hat above 1.01 across chains, and an
-    importance-sampling ESS of the flow's draws far below their number.
+    The model is evaluated for all particles in one vectorized run when it allows it. Reverse KL
+    is mode-seeking: a fitted flow tends to be too narrow (in a funnel, it misses the neck). The
+    result's ``check`` holds the Pareto k-hat and importance ESS of the map kept; the fit warns
+    when k-hat is above 0.7.
+
+    Example:
+        >>> def model(data):
+        ...     loc = pyro.sample("loc", dist.Normal(1000.0, 1.0).expand([2]).to_event(1))
+        ...     pyro.sample("obs", dist.Normal(loc, 1.0).to_event(1), obs=data)
+        >>> fit = fit_flow_to_model(model, torch.full((2,), 1000.5), progress=False)
+        >>> fit.stage, fit.check.khat < 0.5  # a Gaussian posterior: Laplace is exact, no flow
+        ('laplace', True)
     """
-    density = model_density(model, model_args, model_kwargs)
-    if flow is None:
-        flow = default_flow(density.layout.dim, kind="affine")
-    return fit_flow(
-        density.log_prob, flow, num_steps=num_steps, num_particles=num_particles, lr=lr, progress=progress
+    density = model_density(
+        model, model_args, model_kwargs, init_strategy=init_strategy, max_plate_nesting=max_plate_nesting
     )
+    x0 = density.layout.pack(density.initial_params).detach()
+    starts = torch.cat([x0[None], 4 * torch.rand(NUM_STARTS - 1, len(x0), dtype=x0.dtype) - 2])
+    return fit_staged_map(
+        density.log_prob,
+        starts,
+        flow=flow,
+        num_steps=num_steps,
+        num_particles=num_particles,
+        lr=lr,
+        progress=progress,
+        check_samples=check_samples,
+    )
+
+
+def fit_staged_map(
+    log_prob: Callable[[Tensor], Tensor],
+    starts: Tensor,
+    *,
+    flow: zuko.flows.Flow | None = None,
+    num_steps: int = 3000,
+    num_particles: int = 64,
+    lr: float = 5e-3,
+    progress: bool = True,
+    check_samples: int = 1000,
+) -> FitResult:
+    """The staged map of an unnormalized log density of a batch ``(n, d)`` (see the module and
+    :func:`fit_flow_to_model`); ``starts`` ``(k, d)`` are where the mode search begins."""
+    start_time = time.perf_counter()
+    dim, dtype = starts.shape[-1], starts.dtype
+
+    def reverse_kl(map_flow: zuko.flows.Flow) -> list[float]:
+        return fit_flow(
+            log_prob,
+            map_flow,
+            num_steps=num_steps,
+            num_particles=num_particles,
+            lr=lr,
+            progress=progress,
+            settle=True,
+        ).losses
+
+    def checked(map_flow: zuko.flows.Flow) -> FlowCheck:
+        return check_flow(map_flow, log_prob, num_samples=check_samples)
+
+    laplace = gaussian_stage(log_prob, starts)
+    candidates = []  # (stage, flow, check, losses), cheapest first
+    if laplace.method == "laplace":
+        gaussian = StagedFlow(laplace.loc, laplace.scale_tril)
+        candidates.append(("laplace", gaussian, checked(gaussian), []))
+        variational = GaussianFlow(laplace.loc, laplace.scale_tril)
+    else:  # no positive definite Hessian (a saddle, a flat or an unbounded mode): Laplace is
+        # meaningless there (a spike's map collapses, and its draws' equal weights would pass the
+        # check), so the Gaussian is fitted afresh from the first start
+        variational = GaussianFlow(starts[0], torch.eye(dim, dtype=dtype))
+    if not candidates or not candidates[-1][2].good:
+        losses = _quietly(reverse_kl, variational)
+        gaussian = StagedFlow(*variational.stage())
+        candidates.append(("gaussian", gaussian, checked(gaussian), losses))
+    best_gaussian = min(candidates, key=lambda candidate: candidate[2].khat)[1]
+    if flow is not None or not any(candidate[2].good for candidate in candidates):
+        inner = flow if flow is not None else default_flow(dim, kind="affine").to(dtype)
+        staged = StagedFlow(best_gaussian.loc, best_gaussian.scale_tril, inner)
+        losses = _quietly(reverse_kl, staged)
+        candidates.append(("flow", staged, checked(staged), losses))
+    if flow is not None:
+        stage, kept, check, losses = candidates[-1]
+    else:
+        good = [candidate for candidate in candidates if candidate[2].good]
+        stage, kept, check, losses = (
+            good[0] if good else min(candidates, key=lambda candidate: candidate[2].khat)
+        )
+    check.warn("the fitted map", stacklevel=3)
+    return FitResult(kept, losses, check, stage, time.perf_counter() - start_time)
+
+
+def _quietly(fit: Callable, *args):
+    """Runs a reverse-KL fit with the model's NaN warnings silenced (its draws go far at first)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Encountered NaN")
+        return fit(*args)
 
 
 def fit_flow_to_samples(

@@ -2,6 +2,9 @@ r"""The zuko flows the library builds, and saving and loading flows safely.
 
 - :func:`default_flow`: a coupling flow sized by dimension (one pass in both directions);
 - :func:`identity_flow`: the identity map as a zuko flow (NFMALA with it is plain MALA);
+- :class:`StagedFlow`: a Gaussian stage in front of a flow, :math:`x = \mu + L\, g(z)`
+  (:math:`L` lower triangular), whose log-determinant includes :math:`\log|\det L|`: the map
+  :func:`~pyro_nfmala.fit_flow_to_model` fits for a Pyro posterior;
 - :func:`save_flow` / :func:`load_flow`: a flow file holds the flow's *constructor spec* (which
   builder, with which arguments) and its ``state_dict``, never pickled code. Loading uses
   ``torch.load(..., weights_only=True)`` and rebuilds the flow from an allowlist of builders
@@ -24,7 +27,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["default_flow", "flow_spec", "identity_flow", "load_flow", "save_flow"]
+__all__ = ["StagedFlow", "default_flow", "flow_spec", "identity_flow", "load_flow", "save_flow"]
 
 import os
 import tempfile
@@ -35,6 +38,8 @@ from pathlib import Path
 import torch
 import zuko
 
+from pyro.distributions.transforms import LowerCholeskyAffine
+from torch import Tensor
 from zuko.lazy import LazyDistribution
 
 #: The format tag of flow files written by :func:`save_flow`.
@@ -104,7 +109,80 @@ def identity_flow(dim: int) -> zuko.flows.Flow:
     return _record(zuko.flows.Flow([transform], base), "identity_flow", (dim,), {})
 
 
-_BUILDERS = {"default_flow": default_flow, "identity_flow": identity_flow}
+def _whitening(loc: Tensor, scale_tril: Tensor):
+    r"""Data to latent for the Gaussian stage: :math:`u = L^{-1}(x - \mu)` (Pyro's
+    LowerCholeskyAffine, inverted)."""
+    return LowerCholeskyAffine(loc, scale_tril).inv
+
+
+def _standard_normal(dim: int, dtype: torch.dtype | None = None) -> zuko.flows.UnconditionalDistribution:
+    zeros = torch.zeros(dim, dtype=dtype)
+    return zuko.flows.UnconditionalDistribution(
+        zuko.distributions.DiagNormal, zeros, torch.ones_like(zeros), buffer=True
+    )
+
+
+class StagedFlow(zuko.flows.Flow):
+    r"""A Gaussian stage in front of a flow: :math:`x = \mu + L\, g(z)`, with :math:`L` lower triangular.
+
+    .. math:: \mathrm{ladj}(z) = \log|\det L| + \mathrm{ladj}_g(z) = \sum_i \log L_{ii} + \mathrm{ladj}_g(z).
+
+    :math:`\mu` and :math:`L` are buffers (fixed: a fit trains only :math:`g`); without a flow,
+    :math:`g` is the identity and the map is the Gaussian :math:`N(\mu, L L^T)` itself.
+
+    Arguments:
+        loc: :math:`\mu`, shape ``(d,)``.
+        scale_tril: :math:`L`, ``(d, d)``, lower triangular with a positive diagonal.
+        flow: :math:`g`, a zuko flow on :math:`\mathbb{R}^d` (its base becomes the staged flow's
+            base), or ``None``.
+
+    Example:
+        >>> flow = StagedFlow(torch.tensor([1000.0, 0.0]), torch.tensor([[0.5, 0.0], [0.3, 2.0]]))
+        >>> x, ladj = flow().transform.inv.call_and_ladj(torch.zeros(2))
+        >>> x, round(float(ladj), 4)  # log 0.5 + log 2
+        (tensor([1000.,    0.]), 0.0)
+    """
+
+    def __init__(self, loc: Tensor, scale_tril: Tensor, flow: zuko.flows.Flow | None = None) -> None:
+        loc, scale_tril = torch.as_tensor(loc), torch.as_tensor(scale_tril)
+        dim = loc.shape[-1]
+        if loc.shape != (dim,) or scale_tril.shape != (dim, dim):
+            raise ValueError(
+                "loc must have shape (d,) and scale_tril (d, d), got "
+                f"{tuple(loc.shape)} and {tuple(scale_tril.shape)}"
+            )
+        if not bool((torch.diagonal(scale_tril) > 0).all()) or not torch.equal(scale_tril, scale_tril.tril()):
+            raise ValueError("scale_tril must be lower triangular with a positive diagonal")
+        stage = zuko.flows.UnconditionalTransform(_whitening, loc, scale_tril, buffer=True)
+        if flow is None:
+            super().__init__([stage], _standard_normal(dim, loc.dtype))
+        else:
+            super().__init__([stage, flow.transform], flow.base)
+        self.dim = dim
+        self.has_flow = flow is not None
+        inner_spec = None if flow is None else flow_spec(flow)
+        if flow is None or inner_spec is not None:  # else save_flow will ask for a spec
+            _record(self, "staged_flow", (dim,), {"flow": inner_spec})
+
+    @property
+    def loc(self) -> Tensor:
+        """:math:`\\mu`."""
+        return self.transform.transforms[0]._0
+
+    @property
+    def scale_tril(self) -> Tensor:
+        """:math:`L`."""
+        return self.transform.transforms[0]._1
+
+
+def staged_flow(dim: int, flow: Mapping | None = None) -> StagedFlow:
+    r"""A :class:`StagedFlow` of dimension ``dim`` with :math:`\mu = 0`, :math:`L = I`, and a flow
+    built from the spec ``flow`` (or none): the builder :func:`load_flow` uses before loading weights."""
+    inner = _build(flow) if flow is not None else None
+    return StagedFlow(torch.zeros(dim), torch.eye(dim), inner)
+
+
+_BUILDERS = {"default_flow": default_flow, "identity_flow": identity_flow, "staged_flow": staged_flow}
 
 
 def _builder(name: object):

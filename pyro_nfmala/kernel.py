@@ -8,7 +8,15 @@ space with the kernel's ``transforms``. By default it samples the exact posterio
 .. math:: \log \pi(z) = -U(f(z)) + \log|\det J_f(z)|,
 
 where :math:`U` is Pyro's potential energy, so :math:`f(z)` follows the posterior exactly for
-any flow: the flow's quality changes the mixing speed, never the answer. The step, its
+any flow: the flow's quality changes the mixing speed, not the target.
+
+``NFMALA(model)`` with no flow fits the map itself at setup: the staged map of
+:func:`~pyro_nfmala.fit_flow_to_model` (a Laplace or Gaussian stage, and a flow only where the
+Gaussian fails the flow check), once per ``MCMC.run`` when chains run one after another (each
+worker process fits its own when they run in parallel). ``kernel.fit_result`` holds it afterwards
+(``.flow`` to save or reuse, ``.check``, ``.seconds``). With a given flow, the same flow check
+runs at setup. Either way a Pareto k-hat above 0.7 warns, and both numbers, with the fit time,
+are in ``mcmc.diagnostics()``. The step, its
 adaptation, statistics and warnings are those of :class:`~pyro_nfmala.driver.Driver`, shared
 with :class:`~pyro_nfmala.ChainSampler`; this module only speaks Pyro's kernel protocol.
 
@@ -28,16 +36,26 @@ from __future__ import annotations
 __all__ = ["NFMALA"]
 
 import logging
+import warnings
 
 from collections.abc import Callable, Mapping
 
+import pyro.util
 import torch
 
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from torch import Tensor
 
-from .driver import DEFAULT_PRECONDITIONER, Driver, check_step_size, check_target_accept_prob
+from .driver import (
+    DEFAULT_PRECONDITIONER,
+    Driver,
+    check_mass_matrix,
+    check_step_size,
+    check_target_accept_prob,
+)
+from .fit import NUM_STARTS, FitResult, fit_flow_to_model, fit_staged_map
 from .flow import as_latent_flow
+from .flowcheck import FlowCheck, check_flow
 from .mala import MALAState, finite_chains
 from .model import ModelDensity, ParamLayout, check_flow_dim, model_density
 from .precond import Preconditioner, get_preconditioner
@@ -64,7 +82,11 @@ class NFMALA(MCMCKernel):
             from ``initial_params`` here or in :class:`~pyro.infer.MCMC`.
         flow: An unconditional zuko flow on :math:`\mathbb{R}^d`, :math:`d` the total
             unconstrained dimension. The kernel samples with a frozen deep copy of it
-            (``eval()``, no parameter gradients): the user's flow is never changed.
+            (``eval()``, no parameter gradients): the user's flow is never changed. ``None``
+            (the default): fit the staged map at setup (see the module); costs one mode search
+            and, for a non-Gaussian posterior, a flow fit (seconds to a minute or two on a CPU).
+        fit_options: Keyword arguments for :func:`~pyro_nfmala.fit_flow_to_model` when the
+            kernel fits its own map (e.g. ``{"progress": False}``).
         step_size: MALA step :math:`\epsilon > 0`; if ``None``, found by doubling/halving
             from 1 at setup (from ``step_size`` when it is given and warmup adapts it).
             After a run, ``kernel.step_size`` is the adapted value.
@@ -78,16 +100,21 @@ class NFMALA(MCMCKernel):
             whitening: on a posterior whose data space is badly scaled (a funnel) it mixes as
             poorly as MALA in data space. Use it for the tempered target (``beta``); keep
             ``"identity"`` for posteriors.
+        mass_matrix: A constant latent mass matrix adapted in warmup on Stan's windows:
+            ``"diagonal"``, ``"dense"`` or ``None``; ``"auto"`` (default): diagonal with the
+            identity preconditioner, none with ``"jacobian"`` (which has its own metric).
         beta: ``None`` (default) samples the exact posterior (T1). A number
             :math:`\beta \ge 0` samples instead the flow's tempered measure (T2),
             :math:`\log q_Z(z) - \beta\, \mathrm{ladj}(z)`, ignoring the model's density:
             this is not the posterior.
         transforms, max_plate_nesting, jit_compile, jit_options, ignore_jit_warnings: As in
             Pyro's :class:`~pyro.infer.mcmc.HMC`.
-        init_strategy: ``None`` starts each chain at a draw of the flow,
-            :math:`z_0 \sim q_Z`. A Pyro init strategy (e.g.
-            :func:`~pyro.infer.autoguide.initialization.init_to_median`) starts at
-            :math:`f^{-1}(x_0)` instead.
+        init_strategy: A Pyro init strategy: each chain of a model's posterior starts at
+            :math:`z_0 = f^{-1}(x_0)`, :math:`x_0` its own draw of the strategy (default: uniform in
+            :math:`(-2, 2)` of the unconstrained space, as Stan does, also for improper
+            ``ImproperUniform`` sites). Chains started apart, independently of the map, let R-hat
+            see a map that missed part of the posterior. The fit uses the strategy too. With
+            ``beta`` (T2), chains start at draws of the flow, :math:`z_0 \sim q_Z`.
         initial_params: Unconstrained initial parameters, one value per site (no chain dimension).
 
     A model with no latent sites (all observed or collapsed) has nothing to sample: each draw
@@ -99,11 +126,13 @@ class NFMALA(MCMCKernel):
         model: Callable | None = None,
         potential_fn: Callable[[Mapping[str, Tensor]], Tensor] | None = None,
         *,
-        flow,
+        flow=None,
+        fit_options: Mapping | None = None,
         step_size: float | None = None,
         adapt_step_size: bool = True,
         target_accept_prob: float = 0.574,
         preconditioner: str | Preconditioner = DEFAULT_PRECONDITIONER,
+        mass_matrix: str | None = "auto",
         beta: float | None = None,
         transforms: Mapping | None = None,
         max_plate_nesting: int | None = None,
@@ -117,8 +146,16 @@ class NFMALA(MCMCKernel):
             raise ValueError("give exactly one of model or potential_fn")
         self.model = model
         self.potential_fn = potential_fn
-        self.flow = as_latent_flow(flow)
+        self.flow = None if flow is None else as_latent_flow(flow)
+        self._fits_own_map = flow is None
+        self.fit_options = dict(fit_options or {})
+        self.fit_result: FitResult | None = None
+        self._fitted_for: tuple | None = None
+        self.flow_check: FlowCheck | None = None
+        if flow is None and beta is not None:
+            raise ValueError("beta samples the flow's own tempered measure: it needs a flow")
         self.preconditioner = get_preconditioner(preconditioner)
+        self.mass_matrix = check_mass_matrix(mass_matrix, self.preconditioner)
         self._user_step_size = check_step_size(step_size)
         self.adapt_step_size = bool(adapt_step_size)
         self.target_accept_prob = check_target_accept_prob(target_accept_prob)
@@ -132,7 +169,7 @@ class NFMALA(MCMCKernel):
         self._user_initial_params = dict(initial_params) if initial_params is not None else None
         self._step_size: float | None = None  # the last chain's adapted step size; kept after cleanup
         self.layout: ParamLayout | None = None
-        if potential_fn is not None and initial_params is not None:
+        if potential_fn is not None and initial_params is not None and self.flow is not None:
             self.layout = ModelDensity.from_potential(potential_fn, initial_params).layout
             check_flow_dim(self.flow, self.layout)
         self._reset()
@@ -164,6 +201,8 @@ class NFMALA(MCMCKernel):
             self._density_of_nothing = float(density.log_prob(torch.zeros(0)))
             self._params = {}
             return
+        if self.beta is None:
+            self._prepare_map(density, args, kwargs)
         check_flow_dim(self.flow, self.layout)
         if self.beta is not None:
             target: LatentTarget = TemperedFlow(self.flow, self.beta)
@@ -174,18 +213,22 @@ class NFMALA(MCMCKernel):
             target,
             1,
             preconditioner=self.preconditioner,
+            mass_matrix=self.mass_matrix,
             target_accept_prob=self.target_accept_prob,
             label="NFMALA",
         )
+        # A posterior's chains start where Pyro's init strategy puts them (by default uniform in
+        # (-2, 2) of the unconstrained space, one draw per chain, as Stan does): apart from each other
+        # and independent of the map, so that R-hat can see a map that missed part of the posterior.
         init_x = (
             density.layout.pack(density.initial_params)
-            if self.model is not None and self.init_strategy
+            if self.model is not None and self.beta is None
             else None
         )
         if self._user_initial_params is not None:
             self.layout.check_point(self._user_initial_params)
             init_x = self.layout.pack(self._user_initial_params)
-        state = self._initial_state(init_x)
+        state = self._initial_state(init_x, fallback=self._user_initial_params is None)
         search = self._user_step_size is None or (self.adapt_step_size and self._warmup_steps > 0)
         if search:
             self._driver.start(state, search_from=self._user_step_size or 1.0)
@@ -229,9 +272,14 @@ class NFMALA(MCMCKernel):
         counts = self._driver.counts if self._driver is not None else {}
         if self._driver is not None:
             self._driver.warn_divergences(stacklevel=3)
+        check = self.flow_check
         return {
             "divergences": list(self._divergences),
             "acceptance rate": sum(self._stats["accept_prob"]) / draws if draws else float("nan"),
+            "flow check": {}
+            if check is None
+            else {"khat": check.khat, "ess": check.ess, "draws": check.num_samples},
+            "fit seconds": self.fit_result.seconds if self.fit_result is not None else 0.0,
             "warmup divergences": counts.get("warmup_divergent", 0),
             "numerical errors": counts.get("errors", 0),
             "step size": self.step_size,
@@ -282,8 +330,72 @@ class NFMALA(MCMCKernel):
         self.transforms = density.transforms
         return density
 
-    def _initial_state(self, init_x: Tensor | None) -> MALAState:
+    def _prepare_map(self, density: ModelDensity, args: tuple, kwargs: dict) -> None:
+        """Fits the staged map (once for these arguments), or checks the given flow (once)."""
+        key = (tuple(map(id, args)), tuple((name, id(value)) for name, value in sorted(kwargs.items())))
+        if key == self._fitted_for:
+            return
+        rng_state = pyro.util.get_rng_state()  # done once per run: each chain's draws must not depend on it
+        try:
+            self._fit_or_check(density, args, kwargs)
+        finally:
+            pyro.util.set_rng_state(rng_state)
+        self._fitted_for = key
+
+    def _fit_or_check(self, density: ModelDensity, args: tuple, kwargs: dict) -> None:
+        if self._fits_own_map:
+            self.fit_result = self._fit(density, args, kwargs)
+            self.flow = as_latent_flow(self.fit_result.flow)
+            self.flow_check = self.fit_result.check
+            logger.info("NFMALA: fitted the %s map in %.1f s", self.fit_result.stage, self.fit_result.seconds)
+        else:
+            check_flow_dim(self.flow, self.layout)
+            log_prob = self._check_density(density, args, kwargs).log_prob
+            self.flow_check = check_flow(self.flow, lambda x: log_prob(x).to(self.flow.dtype))
+            self.flow_check.warn("NFMALA's flow", stacklevel=6)
+
+    def _fit(self, density: ModelDensity, args: tuple, kwargs: dict) -> FitResult:
+        options = dict(self.fit_options)
+        if self.model is not None:
+            options.setdefault("init_strategy", self.init_strategy)
+            options.setdefault("max_plate_nesting", self.max_plate_nesting)
+            return fit_flow_to_model(self.model, *args, model_kwargs=kwargs, **options)
+        x0 = density.layout.pack(density.initial_params).detach()
+        starts = torch.cat([x0[None], 4 * torch.rand(NUM_STARTS - 1, len(x0), dtype=x0.dtype) - 2])
+        return fit_staged_map(density.log_prob, starts, **options)
+
+    def _check_density(self, density: ModelDensity, args: tuple, kwargs: dict) -> ModelDensity:
+        """A vectorized version of ``density`` for the flow check's thousand draws, where the model allows."""
+        if self.model is None:
+            return density
+        return model_density(
+            self.model,
+            args,
+            kwargs,
+            transforms=self.transforms,
+            max_plate_nesting=self.max_plate_nesting,
+            init_strategy=self.init_strategy,
+        )
+
+    def _initial_state(self, init_x: Tensor | None, *, fallback: bool = False) -> MALAState:
+        """The state at ``f^{-1}(init_x)``, or at a draw of the flow when ``init_x`` is ``None`` (or, with
+        ``fallback``, when the map cannot reach ``init_x``)."""
         driver, flow = self._driver, self.flow
+        if init_x is not None and fallback:
+            x = init_x.detach().to(dtype=flow.dtype, device=flow.device).reshape(1, flow.dim)
+            with torch.no_grad():
+                z = flow.to_latent(x)
+            state = driver.initial_state(z) if bool(torch.isfinite(z).all()) else None
+            if state is not None and bool(finite_chains(state).all()):
+                return state
+            warnings.warn(
+                "NFMALA: the map cannot reach this chain's starting point (its inverse, or the latent "
+                "density, is not finite there): the map may miss that part of the posterior. Starting at "
+                "a draw of the map instead; check R-hat across chains.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            init_x = None
         if init_x is not None:
             x = init_x.detach().to(dtype=flow.dtype, device=flow.device).reshape(1, flow.dim)
             try:

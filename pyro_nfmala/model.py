@@ -22,7 +22,14 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["ModelDensity", "ParamLayout", "check_flow_dim", "discrete_latent_sites", "model_density"]
+__all__ = [
+    "ModelDensity",
+    "ParamLayout",
+    "check_flow_dim",
+    "default_init",
+    "discrete_latent_sites",
+    "model_density",
+]
 
 import logging
 
@@ -31,6 +38,7 @@ from collections.abc import Callable, Mapping
 import pyro
 import torch
 
+from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample, init_to_uniform
 from pyro.infer.mcmc.util import initialize_model
 from pyro.poutine.util import site_is_subsample
@@ -190,16 +198,7 @@ def _vectorized_log_prob(
     model, model_args, model_kwargs, layout, transforms, trace
 ) -> Callable[[Tensor], Tensor]:
     """The log joint of ``n`` points in one run of the model inside an outer particle plate."""
-    nesting = max(
-        [
-            -frame.dim
-            for site in trace.nodes.values()
-            if site["type"] == "sample"
-            for frame in site["cond_indep_stack"]
-            if frame.vectorized
-        ]
-        + [0]
-    )
+    nesting = _plate_nesting(trace)
     batch_dims = {name: len(trace.nodes[name]["fn"].batch_shape) for name in layout.shapes}
 
     def log_prob(x: Tensor) -> Tensor:
@@ -235,16 +234,24 @@ def _vectorized_log_prob(
     return log_prob
 
 
-def _uniform_or_sample(site):
+def default_init(site: dict, radius: float = 2.0) -> Tensor:
+    """Pyro's ``init_to_uniform`` where it applies; a discrete site's draw; for a site that cannot be
+    sampled (``ImproperUniform``), a uniform draw in ``(-radius, radius)`` of its unconstrained space."""
     try:
-        return init_to_uniform(site)
-    except NotImplementedError:  # discrete sites have no bijection to the reals
+        return init_to_uniform(site, radius=radius)
+    except NotImplementedError:
+        pass
+    fn = site["fn"]
+    if fn.support.is_discrete:
         return init_to_sample(site)
+    transform = biject_to(fn.support)
+    shape = transform.inv.forward_shape(fn.shape())
+    return transform(torch.rand(shape) * (2 * radius) - radius).detach()
 
 
-def _trace(model, model_args, model_kwargs):
-    """One run of the model, with latent values drawn as Pyro's HMC does at initialization."""
-    return pyro.poutine.trace(InitMessenger(_uniform_or_sample)(model)).get_trace(*model_args, **model_kwargs)
+def _trace(model, model_args, model_kwargs, init_strategy: Callable = default_init):
+    """One run of the model, with latent values drawn by ``init_strategy``."""
+    return pyro.poutine.trace(InitMessenger(init_strategy)(model)).get_trace(*model_args, **model_kwargs)
 
 
 def _latent_sites(trace) -> dict[str, dict]:
@@ -255,16 +262,27 @@ def _latent_sites(trace) -> dict[str, dict]:
     }
 
 
-def _check_static_support(
-    model, model_args, model_kwargs, shapes: Mapping[str, torch.Size], tries: int = 10
-) -> None:
-    """Raises if the model's latent sites (their names or shapes) change between runs."""
-    expected = {name: tuple(shape) for name, shape in shapes.items()}
+def _latent_shapes(trace) -> dict[str, tuple]:
+    return {name: tuple(site["value"].shape) for name, site in _latent_sites(trace).items()}
+
+
+def _plate_nesting(trace) -> int:
+    """How many vectorized plates the deepest site of ``trace`` sits in."""
+    dims = [
+        -frame.dim
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    ]
+    return max(dims + [0])
+
+
+def _check_static_support(model, model_args, model_kwargs, first, init_strategy, tries: int = 10) -> None:
+    """Raises if the model's latent sites (their names or shapes) differ from those of the run ``first``."""
+    expected = _latent_shapes(first)
     for _ in range(tries):
-        latent = {
-            name: tuple(site["value"].shape)
-            for name, site in _latent_sites(_trace(model, model_args, model_kwargs)).items()
-        }
+        latent = _latent_shapes(_trace(model, model_args, model_kwargs, init_strategy))
         if latent != expected:
             raise ValueError(
                 "the model's latent sites change between runs (dynamic support): "
@@ -273,13 +291,20 @@ def _check_static_support(
             )
 
 
-def discrete_latent_sites(model: Callable, *args, **kwargs) -> list[str]:
-    """Names of the latent (unobserved) sample sites of ``model`` with a discrete support."""
-    return [
-        name
-        for name, site in _latent_sites(_trace(model, args, kwargs)).items()
+def discrete_latent_sites(
+    model: Callable, *args, init_strategy: Callable = default_init, **kwargs
+) -> dict[str, bool]:
+    """The latent (unobserved) sample sites of ``model`` with a discrete support, each with whether
+    Pyro can enumerate it (sum it out of the potential)."""
+    return _discrete_sites(_trace(model, args, kwargs, init_strategy))
+
+
+def _discrete_sites(trace) -> dict[str, bool]:
+    return {
+        name: bool(site["fn"].has_enumerate_support)
+        for name, site in _latent_sites(trace).items()
         if getattr(site["fn"], "support", None) is not None and site["fn"].support.is_discrete
-    ]
+    }
 
 
 def model_density(
@@ -288,35 +313,54 @@ def model_density(
     model_kwargs: dict | None = None,
     *,
     vectorize: bool = True,
+    init_strategy: Callable | None = None,
+    max_plate_nesting: int | None = None,
     **initialize_kwargs,
 ) -> ModelDensity:
     """The posterior of a Pyro model on its flat unconstrained parameters.
 
     Runs :func:`pyro.infer.mcmc.util.initialize_model` (``initialize_kwargs`` are passed to it:
-    ``transforms``, ``max_plate_nesting``, ``jit_compile``, ``init_strategy``, ...). Sites are
-    laid out in the order the model's latent sites run. Raises ``ValueError`` for a model with
-    discrete latent sites or with latent sites that change between runs.
+    ``transforms``, ``jit_compile``, ...). Sites are laid out in the order the model's continuous
+    latent sites run. Discrete latent sites that Pyro can enumerate (finite support) are summed
+    out of the potential, as for Pyro's HMC and NUTS; the density lives on the continuous sites.
+
+    ``init_strategy`` (a Pyro init strategy; by default :func:`default_init`, which also starts
+    improper ``ImproperUniform`` sites) is used for every run of the model here.
+    ``max_plate_nesting`` is found from one run of the model when not given.
+
+    Raises ``ValueError`` for a model with discrete latent sites that cannot be enumerated, or with
+    latent sites that change between runs.
 
     With ``vectorize=True``, a batch of points is evaluated in one run of the model inside an
     outer particle plate, when that agrees with Pyro's potential on three test points; otherwise
-    (and with ``vectorize=False``) point by point.
+    (and with ``vectorize=False``, and for models with enumerated sites) point by point.
     """
     model_kwargs = model_kwargs or {}
-    discrete = discrete_latent_sites(model, *model_args, **model_kwargs)
-    if discrete:
+    init_strategy = init_strategy or default_init
+    first = _trace(model, model_args, model_kwargs, init_strategy)
+    discrete = _discrete_sites(first)
+    not_enumerable = sorted(name for name, enumerable in discrete.items() if not enumerable)
+    if not_enumerable:
         raise ValueError(
-            f"NFMALA samples continuous latent sites only; the model has discrete latent sites "
-            f"{discrete}. Marginalize them out (e.g. with a mixture distribution) or observe them."
+            "NFMALA samples continuous latent sites; the model has discrete latent sites "
+            f"{not_enumerable} with an infinite support, which cannot be summed out. Marginalize them "
+            "out by hand or observe them."
         )
+    if max_plate_nesting is None:
+        max_plate_nesting = _plate_nesting(first)
     initialize_kwargs = {key: value for key, value in initialize_kwargs.items() if value is not None}
     init_params, potential_fn, transforms, trace = initialize_model(
-        model, model_args=model_args, model_kwargs=model_kwargs, **initialize_kwargs
+        model,
+        model_args=model_args,
+        model_kwargs=model_kwargs,
+        init_strategy=init_strategy,
+        max_plate_nesting=max_plate_nesting,
+        **initialize_kwargs,
     )
     layout = ParamLayout.from_params(init_params)
-    constrained_shapes = {name: trace.nodes[name]["value"].shape for name in layout.shapes}
-    _check_static_support(model, model_args, model_kwargs, constrained_shapes)
+    _check_static_support(model, model_args, model_kwargs, first, init_strategy)
     density = ModelDensity(layout, potential_fn, transforms, init_params)
-    if vectorize and layout.dim > 0:
+    if vectorize and layout.dim > 0 and not discrete:
         density._batched_log_prob = _checked_vectorized_log_prob(
             density, model, model_args, model_kwargs, trace
         )

@@ -14,6 +14,9 @@ proposal log density
   One step is one Langevin step in data space, pulled back.
 - ``"dense_jacobian"``: the same with explicit Jacobians and linear solves; the reference
   the tests compare against, for small ``d`` only.
+- :class:`MassMatrixPreconditioner`: a constant :math:`A = M`, diagonal or dense, whose inverse
+  :math:`M^{-1}` the samplers adapt in warmup to the covariance of the chains' latent states
+  (:mod:`pyro_nfmala.adaptation`); with :math:`M = I` it is ``"identity"``.
 
 Every preconditioner follows the :class:`Preconditioner` protocol: ``prepare(flow, state)``
 returns what it wants to keep about a state (its cache, stored in ``state.cache``, opaque to
@@ -35,6 +38,7 @@ __all__ = [
     "DenseJacobianPreconditioner",
     "IdentityPreconditioner",
     "JacobianPreconditioner",
+    "MassMatrixPreconditioner",
     "Preconditioner",
     "get_preconditioner",
 ]
@@ -102,6 +106,75 @@ class IdentityPreconditioner:
         eps = step_size[..., None] if step_size.dim() else step_size
         residual = z_to - state_from.z - eps * state_from.grad
         return -residual.square().sum(-1) / (4 * step_size) + _log_normalizer(z_to.shape[-1], step_size)
+
+
+class MassMatrixPreconditioner:
+    r"""A constant :math:`A = M`: with :math:`C = M^{-1} = R R^T` (:math:`R` diagonal or the Cholesky factor),
+
+    .. math::
+        z' = z + \epsilon C g + \sqrt{2\epsilon}\, R \xi, \qquad
+        \log q(z' \mid z) = -\frac{|R^{-1}(z' - z - \epsilon C g)|^2}{4\epsilon} - \log|\det R|
+            - \tfrac{d}{2}\log(4\pi\epsilon),
+
+    so that, forward, :math:`\log q(z' \mid z) = -\tfrac12|\xi|^2 - \log|\det R|
+    - \tfrac{d}{2}\log(4\pi\epsilon)`.
+
+    Arguments:
+        inverse_mass: :math:`C = M^{-1}`: a vector ``(d,)`` (diagonal) or a matrix ``(d, d)`` (dense).
+
+    Example:
+        >>> precond = MassMatrixPreconditioner(torch.tensor([4.0, 0.25]))
+        >>> precond.inverse_mass
+        tensor([4.0000, 0.2500])
+    """
+
+    name = "mass"
+
+    def __init__(self, inverse_mass: Tensor) -> None:
+        self.set_inverse_mass(inverse_mass)
+
+    def set_inverse_mass(self, inverse_mass: Tensor) -> None:
+        """Sets :math:`C = M^{-1}` (a vector: diagonal; a matrix: dense)."""
+        inverse_mass = torch.as_tensor(inverse_mass)
+        self.dense = inverse_mass.dim() == 2
+        self.inverse_mass = inverse_mass
+        self._root = torch.linalg.cholesky(inverse_mass) if self.dense else inverse_mass.sqrt()
+        self._log_det_root = (torch.diagonal(self._root) if self.dense else self._root).log().sum()
+
+    def prepare(self, flow: LatentFlow, state: MALAState) -> None:
+        return None
+
+    def _mean(self, state: MALAState, eps: Tensor) -> Tensor:
+        drift = state.grad @ self.inverse_mass if self.dense else state.grad * self.inverse_mass
+        return state.z + eps * drift
+
+    def propose(
+        self, flow: LatentFlow, state: MALAState, step_size: Tensor, noise: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        eps = step_size[..., None] if step_size.dim() else step_size
+        scaled = noise @ self._root.T if self.dense else noise * self._root
+        z_new = self._mean(state, eps) + torch.sqrt(2 * eps) * scaled
+        log_q = (
+            -0.5 * noise.square().sum(-1) - self._log_det_root + _log_normalizer(state.z.shape[-1], step_size)
+        )
+        return z_new, log_q
+
+    def log_proposal_density(
+        self, flow: LatentFlow, z_to: Tensor, state_from: MALAState, step_size: Tensor
+    ) -> Tensor:
+        eps = step_size[..., None] if step_size.dim() else step_size
+        residual = z_to - self._mean(state_from, eps)
+        if self.dense:
+            whitened = torch.linalg.solve_triangular(self._root, residual.unsqueeze(-1), upper=False).squeeze(
+                -1
+            )
+        else:
+            whitened = residual / self._root
+        return (
+            -whitened.square().sum(-1) / (4 * step_size)
+            - self._log_det_root
+            + _log_normalizer(z_to.shape[-1], step_size)
+        )
 
 
 class JacobianPreconditioner:

@@ -14,7 +14,7 @@ import zuko
 from pyro.infer import MCMC
 from pyro.ops.stats import effective_sample_size
 
-from pyro_nfmala import NFMALA, to_inference_data
+from pyro_nfmala import NFMALA, identity_flow, to_inference_data
 
 # ----------------------------------------------------------------------------------------------
 # models (module level, so that worker processes can find them)
@@ -57,11 +57,6 @@ def potential_with_a_hole(params):
     x = params["x"]
     energy = 0.5 * x.square().sum()
     return torch.where(x[0] > 1.0, torch.full_like(energy, float("nan")), energy)
-
-
-def mixture_with_discrete_site():
-    z = pyro.sample("z", dist.Bernoulli(0.5))
-    pyro.sample("x", dist.Normal(z, 1.0))
 
 
 def run(kernel, *args, num_samples=500, warmup_steps=300, num_chains=1, **kwargs):
@@ -329,9 +324,49 @@ def test_flow_of_the_wrong_dimension_for_the_model():
         run(kernel, DATA, num_samples=5, warmup_steps=5)
 
 
-def test_model_with_discrete_latent_sites():
-    kernel = NFMALA(mixture_with_discrete_site, flow=zuko.flows.RealNVP(2))
-    with pytest.raises(ValueError, match=r"discrete latent sites \['z'\]"):
+MIXTURE_DATA = torch.tensor([-0.3, 0.4, 2.2, 0.1, 1.9, -0.8, 0.6, 2.5, 0.0, 0.3])
+
+
+def mixture_with_enumerable_site(y):
+    """loc ~ N(0, 3); each y_i ~ N(loc + 2 z_i, 1) with z_i ~ Bernoulli(0.3) latent: z is summed out."""
+    loc = pyro.sample("loc", dist.Normal(0.0, 3.0))
+    with pyro.plate("data", len(y)):
+        z = pyro.sample("z", dist.Bernoulli(0.3))
+        pyro.sample("y", dist.Normal(loc + 2.0 * z, 1.0), obs=y)
+
+
+def test_enumerable_discrete_sites_are_summed_out():
+    """NFMALA samples loc with z summed out of the potential, as Pyro's NUTS does: its moments match
+    the marginal posterior's, computed by quadrature on a grid."""
+    grid = torch.linspace(-6.0, 8.0, 20001, dtype=torch.float64)
+    y = MIXTURE_DATA.double()
+    mixture = torch.logsumexp(
+        torch.stack(
+            [
+                math.log(0.7) + dist.Normal(grid[:, None], 1.0).log_prob(y),
+                math.log(0.3) + dist.Normal(grid[:, None] + 2.0, 1.0).log_prob(y),
+            ]
+        ),
+        dim=0,
+    ).sum(-1)
+    weights = torch.softmax(dist.Normal(0.0, 3.0).log_prob(grid) + mixture, 0)
+    mean = float((weights * grid).sum())
+    sd = float((weights * (grid - mean) ** 2).sum().sqrt())
+    pyro.set_rng_seed(8)
+    mcmc = run(NFMALA(mixture_with_enumerable_site, flow=identity_flow(1)), MIXTURE_DATA, num_samples=1500)
+    samples = mcmc.get_samples()
+    assert set(samples) == {"loc"}
+    assert_moments(samples["loc"], mean, sd, "enumerated mixture")
+
+
+def poisson_latent():
+    n = pyro.sample("n", dist.Poisson(3.0))
+    pyro.sample("x", dist.Normal(n, 1.0), obs=torch.tensor(2.0))
+
+
+def test_discrete_sites_that_cannot_be_enumerated_are_refused():
+    kernel = NFMALA(poisson_latent, flow=zuko.flows.RealNVP(1))
+    with pytest.raises(ValueError, match=r"discrete latent sites \['n'\] with an infinite support"):
         run(kernel, num_samples=5, warmup_steps=5)
 
 

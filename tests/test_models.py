@@ -13,16 +13,18 @@ import torch
 from pyro.infer import MCMC
 from pyro.ops.stats import effective_sample_size
 
-from pyro_nfmala import NFMALA, fit_flow_to_model, from_arrays, load_flow, save_flow
+from pyro_nfmala import NFMALA, default_flow, fit_flow_to_model, from_arrays, load_flow, save_flow
 from pyro_nfmala.examples.baselines import neutra_nuts
 from pyro_nfmala.examples.posteriordb import (
     eight_schools_centered,
+    eight_schools_noncentered,
     load_data,
     load_reference,
     low_dim_gauss_mix,
     reference_names,
     standardized_errors,
 )
+from pyro_nfmala.flows import StagedFlow
 from pyro_nfmala.model import model_density
 
 # ----------------------------------------------------------------------------------------------
@@ -193,10 +195,26 @@ def test_fitted_flow_round_trips_through_save_and_load(dirichlet_gamma_flow, tmp
     MCMC(kernel, num_samples=5, warmup_steps=5, disable_progbar=True).run(COUNTS, EVENTS)
 
 
-def test_fit_records_a_decreasing_loss(dirichlet_gamma_flow):
-    losses = np.asarray(dirichlet_gamma_flow.losses)
-    assert len(losses) == 300 and np.isfinite(losses).all()
-    assert losses[-50:].mean() < losses[:50].mean()
+def test_the_staged_fit_keeps_the_cheapest_map_that_passes_the_check(dirichlet_gamma_flow):
+    """Dirichlet-Gamma is close to Gaussian in the unconstrained space: the Laplace stage passes."""
+    assert dirichlet_gamma_flow.stage == "laplace" and dirichlet_gamma_flow.check.good
+    assert dirichlet_gamma_flow.losses == [] and dirichlet_gamma_flow.seconds > 0
+
+
+def test_a_given_flow_is_fitted_in_front_of_the_gaussian_stage_until_its_loss_settles():
+    pyro.set_rng_seed(3)
+    fit = fit_flow_to_model(
+        dirichlet_gamma,
+        model_kwargs={"counts": COUNTS, "events": EVENTS},
+        flow=default_flow(3, kind="affine", transforms=2),
+        num_steps=3000,
+        num_particles=32,
+        progress=False,
+    )
+    losses = np.asarray(fit.losses)
+    assert fit.stage == "flow" and isinstance(fit.flow, StagedFlow)
+    assert 200 <= len(losses) < 3000 and np.isfinite(losses).all()  # stopped when settled
+    assert losses[-50:].mean() <= losses[:50].mean()
 
 
 def run_eight_schools(fit_steps: int, num_samples: int, num_chains: int, seed: int):
@@ -223,10 +241,25 @@ def run_eight_schools(fit_steps: int, num_samples: int, num_chains: int, seed: i
 
 
 def test_eight_schools_means_match_the_posteriordb_reference():
-    """A short NFMALA run (one chain, through MCMC) on the centred funnel: posterior means agree
-    with posteriordb's reference draws within ESS-based tolerances."""
-    samples, flat, reference = run_eight_schools(fit_steps=1500, num_samples=4000, num_chains=1, seed=5)
-    assert set(flat) == set(reference)
+    """The one-line NFMALA (staged map fitted at setup, two chains) on the non-centred eight schools:
+    posterior means agree with posteriordb's reference draws within ESS-based tolerances.
+
+    The centred model has the same posterior but a funnel in its coordinates, whose neck a flow
+    fitted by reverse KL misses; it is the slow test below, and a row of benchmarks/posteriordb.py.
+    """
+    data = load_data("eight_schools")
+    pyro.set_rng_seed(5)
+    kernel = NFMALA(eight_schools_noncentered, fit_options={"progress": False})
+    mcmc = MCMC(kernel, num_samples=1000, warmup_steps=400, num_chains=2, disable_progbar=True)
+    mcmc.run(**data)
+    samples = mcmc.get_samples(group_by_chain=True)
+    theta = samples["mu"][..., None] + samples["tau"][..., None] * samples["theta_trans"]
+    flat = reference_names(
+        {"mu": samples["mu"].numpy(), "tau": samples["tau"].numpy(), "theta": theta.numpy()}
+    )
+    flat["log tau"] = np.log(flat["tau"])
+    reference = load_reference("eight_schools")
+    reference["log tau"] = np.log(reference["tau"])
     for name in ["mu", "log tau", "theta[1]", "theta[3]", "theta[8]"]:
         assert_mean(torch.as_tensor(flat[name]), reference[name], name)
 

@@ -1,0 +1,177 @@
+r"""The Gaussian stage of a posterior map: where the posterior is, and its scale, before any flow.
+
+For an unnormalized log density :math:`\log \pi_X` on :math:`\mathbb{R}^d`:
+
+1. the mode :math:`\mu = \arg\max \log \pi_X` by L-BFGS (:class:`torch.optim.LBFGS`, strong Wolfe
+   line search) from several starts, the best finite one kept;
+2. the Laplace approximation there: :math:`H = -\nabla^2 \log \pi_X(\mu)` by autograd
+   (:func:`torch.autograd.functional.hessian`) and :math:`L L^T = H^{-1}` (Cholesky); where
+   :math:`H` is not positive definite, a diagonal :math:`L` from the positive entries of its
+   diagonal (1 elsewhere).
+
+The map :math:`x = \mu + L u` (:class:`~pyro_nfmala.flows.StagedFlow`) whitens the posterior:
+in :math:`u` it is close to :math:`N(0, I)` wherever the posterior is close to Gaussian, however
+far from the origin it sits and however its coordinates are scaled and correlated. A flow fitted
+afterwards only has to learn what is left.
+
+Example:
+    >>> precision = torch.tensor([[2.0, 1.2], [1.2, 1.0]], dtype=torch.float64)
+    >>> def log_prob(x):
+    ...     y = x - torch.tensor([1000.0, -3.0], dtype=torch.float64)
+    ...     return -0.5 * ((y @ precision) * y).sum(-1)
+    >>> stage = gaussian_stage(log_prob, torch.zeros(2, 2, dtype=torch.float64))
+    >>> stage.loc.round(decimals=6), stage.method
+    (tensor([1000.,   -3.], dtype=torch.float64), 'laplace')
+    >>> torch.allclose(stage.scale_tril @ stage.scale_tril.T, torch.linalg.inv(precision))
+    True
+"""
+
+from __future__ import annotations
+
+__all__ = ["GaussianFlow", "GaussianStage", "gaussian_stage"]
+
+import math
+import warnings
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import zuko
+
+from pyro.distributions.transforms import LowerCholeskyAffine
+from torch import Tensor, nn
+
+
+class GaussianStage(NamedTuple):
+    """A Gaussian approximation :math:`N(\\mu, L L^T)` of a posterior, and how it was found."""
+
+    loc: Tensor  #: the mode found, (d,)
+    scale_tril: Tensor  #: L, (d, d), lower triangular with a positive diagonal
+    method: str  #: "laplace" (full Hessian) or "diagonal" (the Hessian was not positive definite)
+    log_density: float  #: log pi_X at the mode
+
+
+def _maximize(log_prob: Callable[[Tensor], Tensor], start: Tensor, max_iter: int) -> tuple[Tensor, float]:
+    """L-BFGS ascent of ``log_prob`` from ``start``; returns the point and its log density."""
+    x = start.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS(
+        [x], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+        tolerance_grad=1e-9, tolerance_change=1e-12,
+    )  # fmt: skip
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        if not bool(torch.isfinite(x).all()):  # the line search overshot to inf or NaN
+            return torch.tensor(math.inf, dtype=x.dtype).requires_grad_()
+        loss = -log_prob(x.unsqueeze(0))[0]
+        if not torch.isfinite(loss):  # out of the support: an infinitely bad point, no direction
+            return torch.full_like(loss, math.inf).detach().requires_grad_()
+        loss.backward()
+        return loss
+
+    start_value = _value(log_prob, start)
+    try:
+        optimizer.step(closure)
+    except Exception:  # noqa: BLE001 - a failed search (a model raising at a wild point): keep the start
+        return start.detach().clone(), start_value
+    x = x.detach()
+    value = _value(log_prob, x)
+    if not math.isfinite(value) or (math.isfinite(start_value) and value < start_value):
+        return start.detach().clone(), start_value
+    return x, value
+
+
+def _value(log_prob: Callable[[Tensor], Tensor], x: Tensor) -> float:
+    """``log_prob`` at ``x`` as a float; -inf where it is not finite or raises."""
+    if not bool(torch.isfinite(x).all()):
+        return -math.inf
+    try:
+        with torch.no_grad():
+            value = float(log_prob(x.unsqueeze(0))[0])
+    except Exception:  # noqa: BLE001 - a model that fails there
+        return -math.inf
+    return value if math.isfinite(value) else -math.inf
+
+
+def _scale_tril(hessian: Tensor) -> tuple[Tensor, str]:
+    """L with L L^T = H^{-1} (Cholesky), or a diagonal one where H is not positive definite."""
+    hessian = 0.5 * (hessian + hessian.T)
+    try:
+        factor = torch.linalg.cholesky(hessian)
+        covariance = torch.cholesky_inverse(factor)
+        scale_tril = torch.linalg.cholesky(covariance)
+        if bool(torch.isfinite(scale_tril).all()):
+            return scale_tril, "laplace"
+    except RuntimeError:  # torch.linalg.LinAlgError: not positive definite
+        pass
+    diagonal = torch.diagonal(hessian)
+    scales = torch.where((diagonal > 0) & torch.isfinite(diagonal), diagonal.clamp(min=1e-300).rsqrt(), 1.0)
+    return torch.diag(scales.to(hessian.dtype)), "diagonal"
+
+
+def gaussian_stage(
+    log_prob: Callable[[Tensor], Tensor], starts: Tensor, *, max_iter: int = 500
+) -> GaussianStage:
+    r"""The mode of ``log_prob`` by L-BFGS from each row of ``starts`` ``(k, d)``, and the Laplace
+    approximation at the best one (see the module).
+
+    ``log_prob`` takes a batch ``(n, d)``. Raises ``ValueError`` when it is not finite at the end of
+    any of the runs.
+    """
+    best = None
+    for start in starts:
+        with warnings.catch_warnings():  # line searches probe far points, where models warn about NaN
+            warnings.simplefilter("ignore")
+            x, value = _maximize(log_prob, start, max_iter)
+        if math.isfinite(value) and (best is None or value > best[1]):
+            best = (x, value)
+    if best is None:
+        raise ValueError(
+            f"the log density is not finite at any of the {len(starts)} starts of the mode search, nor where "
+            "L-BFGS went from them: check the model, or give an init strategy that starts where it is finite"
+        )
+    loc, value = best
+    hessian = torch.autograd.functional.hessian(lambda v: -log_prob(v.unsqueeze(0))[0], loc)
+    scale_tril, method = _scale_tril(hessian.detach())
+    return GaussianStage(loc, scale_tril.to(loc.dtype), method, value)
+
+
+class _GaussianTransform(zuko.flows.LazyTransform):
+    """Data to latent for :math:`x = \\mu + L u`, with :math:`\\mu` and :math:`L` trainable."""
+
+    def __init__(self, loc: Tensor, scale_tril: Tensor) -> None:
+        super().__init__()
+        self.loc = nn.Parameter(loc.detach().clone())
+        self.lower = nn.Parameter(scale_tril.detach().tril(-1).clone())
+        self.log_diagonal = nn.Parameter(torch.diagonal(scale_tril).detach().log().clone())
+
+    def scale_tril(self) -> Tensor:
+        return self.lower.tril(-1) + torch.diag_embed(self.log_diagonal.exp())
+
+    def forward(self, c: Tensor | None = None):
+        return LowerCholeskyAffine(self.loc, self.scale_tril()).inv
+
+
+class GaussianFlow(zuko.flows.Flow):
+    """The Gaussian :math:`N(\\mu, L L^T)` as a flow with trainable :math:`\\mu` and :math:`L`: fitted by
+    reverse KL (:func:`~pyro_nfmala.fit_flow`) it is the full-rank Gaussian variational approximation,
+    the Gaussian stage where the Laplace approximation fails (an unbounded or degenerate mode).
+
+    Example:
+        >>> flow = GaussianFlow(torch.ones(2), 2 * torch.eye(2))
+        >>> flow().transform.inv(torch.zeros(2))
+        tensor([1., 1.], grad_fn=<AddBackward0>)
+    """
+
+    def __init__(self, loc: Tensor, scale_tril: Tensor) -> None:
+        zeros = torch.zeros_like(loc)
+        base = zuko.flows.UnconditionalDistribution(
+            zuko.distributions.DiagNormal, zeros, torch.ones_like(zeros), buffer=True
+        )
+        super().__init__([_GaussianTransform(loc, scale_tril)], base)
+
+    def stage(self) -> tuple[Tensor, Tensor]:
+        """The fitted :math:`(\\mu, L)`, detached."""
+        transform = self.transform.transforms[0]
+        return transform.loc.detach().clone(), transform.scale_tril().detach().clone()
