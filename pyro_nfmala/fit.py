@@ -17,7 +17,8 @@ the flow's parameters end non-finite, the fit raises (for reverse KL the usual c
 posterior that is improper, or not finite where the flow puts its mass).
 
 **The staged map of a Pyro posterior** (:func:`fit_flow_to_model`) uses the cheapest map that
-passes the flow check (:mod:`pyro_nfmala.flowcheck`, Pareto :math:`\hat k < 0.5`):
+passes the flow check (:mod:`pyro_nfmala.flowcheck`: Pareto :math:`\hat k < 0.5`, or an
+importance ESS of at least 90% of the draws):
 
 1. the Laplace approximation at the mode (:mod:`pyro_nfmala.gaussian`), :math:`x = \mu + L u`;
 2. if it fails the check, the full-rank Gaussian fitted by reverse KL, started from the Laplace

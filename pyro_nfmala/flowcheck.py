@@ -12,7 +12,9 @@ the latent target T1 over the base density. Two numbers summarize them:
   :func:`pyro.infer.importance.psis_diagnostic`): below 0.5 the map is good; above 0.7 the
   weights have a heavy tail, the map misses part of the target (or puts mass where it has none),
   and MCMC on its latent target will mix slowly or, in a finite run, not at all;
-- the **importance ESS** :math:`(\sum_i w_i)^2 / \sum_i w_i^2`: how many exact draws the map is worth.
+- the **importance ESS** :math:`(\sum_i w_i)^2 / \sum_i w_i^2`: how many exact draws the map is
+  worth. At 90% of the draws or more the weights are nearly equal and the map is good whatever
+  the tail fit says (fitted to nearly equal weights, k-hat is noise), provided k-hat <= 0.7.
 
 Example:
     >>> import zuko
@@ -44,6 +46,8 @@ KHAT_GOOD = 0.5
 KHAT_BAD = 0.7
 #: Draws of the map used by default.
 FLOW_CHECK_SAMPLES = 1000
+#: An importance ESS of at least this share of the draws also makes a map good (with k-hat <= 0.7).
+GOOD_ESS_FRACTION = 0.9
 
 
 class FlowCheck(NamedTuple):
@@ -61,8 +65,9 @@ class FlowCheck(NamedTuple):
 
     @property
     def good(self) -> bool:
-        """k-hat below 0.5: the map alone is a good approximation of the target."""
-        return self.khat < KHAT_GOOD
+        """The map alone is a good approximation of the target: k-hat below 0.5, or an importance ESS
+        of at least 90% of the draws (nearly equal weights, whose tail fit is noise)."""
+        return self.khat < KHAT_GOOD or (self.reliable and self.ess_fraction >= GOOD_ESS_FRACTION)
 
     @property
     def reliable(self) -> bool:

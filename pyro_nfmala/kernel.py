@@ -65,6 +65,10 @@ logger = logging.getLogger(__name__)
 
 #: Draws of the flow tried for a finite starting point before giving up.
 START_TRIES = 100
+#: A chain starts at its init-strategy point if that lies within this many of the map's sds ...
+MAX_LATENT_START = 10.0
+#: ... else at an overdispersed draw of the map, z0 ~ N(0, INITIAL_SPREAD^2 I).
+INITIAL_SPREAD = 2.0
 
 
 class NFMALA(MCMCKernel):
@@ -112,8 +116,10 @@ class NFMALA(MCMCKernel):
         init_strategy: A Pyro init strategy: each chain of a model's posterior starts at
             :math:`z_0 = f^{-1}(x_0)`, :math:`x_0` its own draw of the strategy (default: uniform in
             :math:`(-2, 2)` of the unconstrained space, as Stan does, also for improper
-            ``ImproperUniform`` sites). Chains started apart, independently of the map, let R-hat
-            see a map that missed part of the posterior. The fit uses the strategy too. With
+            ``ImproperUniform`` sites), if that is within 10 of the map's sds (:math:`|z_0|_\infty
+            \le 10`); further out (a posterior much narrower than the init box), at an
+            overdispersed draw of the map, :math:`z_0 \sim N(0, 2^2 I)`. Chains started apart let
+            R-hat see a map that missed part of the posterior. The fit uses the strategy too. With
             ``beta`` (T2), chains start at draws of the flow, :math:`z_0 \sim q_Z`.
         initial_params: Unconstrained initial parameters, one value per site (no chain dimension).
 
@@ -385,16 +391,24 @@ class NFMALA(MCMCKernel):
             x = init_x.detach().to(dtype=flow.dtype, device=flow.device).reshape(1, flow.dim)
             with torch.no_grad():
                 z = flow.to_latent(x)
-            state = driver.initial_state(z) if bool(torch.isfinite(z).all()) else None
-            if state is not None and bool(finite_chains(state).all()):
-                return state
-            warnings.warn(
-                "NFMALA: the map cannot reach this chain's starting point (its inverse, or the latent "
-                "density, is not finite there): the map may miss that part of the posterior. Starting at "
-                "a draw of the map instead; check R-hat across chains.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            reachable = bool(torch.isfinite(z).all())
+            if reachable and float(z.abs().max()) <= MAX_LATENT_START:
+                state = driver.initial_state(z)
+                if bool(finite_chains(state).all()):
+                    return state
+            if not reachable:
+                warnings.warn(
+                    "NFMALA: the map cannot reach this chain's starting point (its inverse is not finite "
+                    "there): the map may miss that part of the posterior. Starting at a draw of the map "
+                    "instead; check R-hat across chains.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            # a start far out in the map's tails (a narrow posterior): an overdispersed draw of the map
+            for _ in range(START_TRIES):
+                state = driver.initial_state(INITIAL_SPREAD * flow.sample_base().unsqueeze(0))
+                if bool(finite_chains(state).all()):
+                    return state
             init_x = None
         if init_x is not None:
             x = init_x.detach().to(dtype=flow.dtype, device=flow.device).reshape(1, flow.dim)

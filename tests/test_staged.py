@@ -272,3 +272,21 @@ def test_improper_flat_priors_work_as_with_nuts():
         ess = float(effective_sample_size(draws))
         assert ess > 100
         assert abs(float(draws.mean()) - float(least_squares[k])) < 4.5 * float(draws.std()) / math.sqrt(ess)
+
+
+def positive_locations():
+    pyro.sample("loc", dist.Normal(1.0, 0.1).expand([2]).to_event(1))
+
+
+def test_a_start_the_map_cannot_reach_warns_and_starts_at_a_draw_of_the_map():
+    """x = exp(30 z) has no inverse at x <= 0: a chain told to start at loc = (-1, 1) cannot."""
+    from pyro.infer.autoguide.initialization import init_to_value
+    from test_faults import exponential_flow
+
+    pyro.set_rng_seed(3)
+    start = init_to_value(values={"loc": torch.tensor([-1.0, 1.0])})
+    kernel = NFMALA(positive_locations, flow=exponential_flow(), init_strategy=start)
+    mcmc = MCMC(kernel, num_samples=50, warmup_steps=50, disable_progbar=True)
+    with pytest.warns(RuntimeWarning, match="cannot reach this chain's starting point"):
+        mcmc.run()
+    assert bool((mcmc.get_samples()["loc"] > 0).all())
