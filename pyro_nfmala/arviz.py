@@ -25,8 +25,7 @@ from typing import Any
 
 import numpy as np
 
-#: Per-draw statistics recorded by the samplers, in ArviZ's vocabulary.
-SAMPLE_STATS = ("accept_prob", "step_size", "diverging", "lp")
+from .driver import SAMPLE_STATS
 
 
 def _arviz_major() -> int:
@@ -83,7 +82,8 @@ def to_inference_data(mcmc, *, coords=None, dims=None):
     The posterior holds the model's sites in their constrained space (as
     ``mcmc.get_samples(group_by_chain=True)``); ``sample_stats`` holds, per chain and draw,
     ``accept_prob``, ``step_size``, ``diverging`` and ``lp`` (the log density of the draw's
-    unconstrained parameters: minus Pyro's potential energy under the exact target). Works for
+    unconstrained parameters: minus Pyro's potential energy under the exact target), and with
+    independence moves ``global_accept_prob`` (NaN on draws without one). Works for
     sequential and parallel chains alike, for any number of chains.
 
     A run that may be wrong warns, saying what to do: split R-hat above 1.01 (chains disagree) or a
@@ -104,7 +104,7 @@ def to_inference_data(mcmc, *, coords=None, dims=None):
     posterior = {name: value.detach().cpu().numpy() for name, value in samples.items()}
     stats = {
         name: np.stack([np.asarray(chain["sample_stats"][name]) for chain in per_chain])
-        for name in SAMPLE_STATS
+        for name in per_chain[0]["sample_stats"]
     }
     warn_if_unconverged(samples)
     return from_arrays(posterior, stats, coords=coords, dims=dims)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .arviz import SAMPLE_STATS, from_arrays
+from .arviz import from_arrays
 from .driver import DEFAULT_PRECONDITIONER, Driver, check_num_chains, check_step_size
 from .mala import MALAState, StepInfo
 from .precond import Preconditioner
@@ -60,6 +60,11 @@ class ChainSampler:
         mass_matrix: A constant latent mass matrix adapted in warmup (from all chains' states, on
             Stan's windows): ``"diagonal"``, ``"dense"``, ``None``, or ``"auto"`` (default:
             diagonal with the identity preconditioner, none with the others).
+        independence_every: ``None`` (default): MALA steps only. ``k``: every ``k``-th step is
+            followed by a latent independence move :math:`z' \sim \mathcal{N}(0, s^2 I)`, accepted
+            by the exact Metropolis-Hastings ratio (:mod:`pyro_nfmala.independence`): with a flow
+            close to the target, a nearly independent draw, across modes the flow covers.
+        independence_scale: :math:`s > 0` (1: the flow's base law).
         initial_z: Initial latents ``(num_chains, d)``; by default :math:`z_0 \sim q_Z`.
         seed: Seed of the sampler's own random generator; the same seed gives the same chains
             (on the same machine and device).
@@ -78,6 +83,8 @@ class ChainSampler:
         step_size: float | None = None,
         target_accept_prob: float = 0.574,
         adapt: str = "shared",
+        independence_every: int | None = None,
+        independence_scale: float = 1.0,
         initial_z: Tensor | None = None,
         seed: int | None = None,
     ) -> None:
@@ -99,6 +106,8 @@ class ChainSampler:
             target_accept_prob=target_accept_prob,
             adapt=adapt,
             mass_matrix=mass_matrix,
+            independence_every=independence_every,
+            independence_scale=independence_scale,
             generator=self.generator,
             label="ChainSampler",
         )
@@ -131,6 +140,11 @@ class ChainSampler:
     def num_steps(self) -> int:
         """Steps made so far, warmup included."""
         return self._driver.counts["steps"]
+
+    @property
+    def global_acceptance_rate(self) -> float:
+        """The share of independence proposals accepted so far, warmup included (NaN without any)."""
+        return self._driver.global_acceptance_rate
 
     @property
     def num_divergent(self) -> int:
@@ -168,18 +182,19 @@ class ChainSampler:
         try:
             for _ in bar:
                 info = self._driver.step()
-                bar.set_postfix(
-                    {
-                        "acc. prob": f"{float(info.accept_prob.mean()):.3f}",
-                        "step size": f"{float(self.step_size.median()):.2e}",
-                    },
-                    refresh=False,
-                )
+                step_size = f"{float(self.step_size.median()):.2e}"
+                bar.set_postfix({**self._postfix(info), "step size": step_size}, refresh=False)
         finally:
             bar.close()
             self._driver.end_warmup()
         self._report()
         return self.step_size
+
+    def _postfix(self, info: StepInfo) -> dict[str, str]:
+        postfix = {"acc. prob": f"{float(info.accept_prob.mean()):.3f}"}
+        if self._driver.independence_every is not None:
+            postfix["global acc."] = f"{self.global_acceptance_rate:.3f}"
+        return postfix
 
     def _run(self, num_steps: int, desc: str, progress: bool):
         """Steps at fixed step size, yielding each step's :class:`~pyro_nfmala.mala.StepInfo`."""
@@ -187,7 +202,7 @@ class ChainSampler:
         try:
             for _ in bar:
                 info: StepInfo = self._driver.step()
-                bar.set_postfix({"acc. prob": f"{float(info.accept_prob.mean()):.3f}"}, refresh=False)
+                bar.set_postfix(self._postfix(info), refresh=False)
                 yield info
         finally:
             bar.close()
@@ -203,12 +218,13 @@ class ChainSampler:
         The posterior group holds ``x`` (data space, ``(chains, draws, d)``); the ``latent``
         group holds ``z``; ``sample_stats`` holds ``accept_prob``, ``step_size``,
         ``diverging`` and ``lp`` (the log density of ``x`` under the push-forward of the
-        target, up to a constant). Stats are those of the step that produced each kept state.
+        target, up to a constant), and with independence moves ``global_accept_prob`` (NaN on
+        draws without one). Stats are those of the step that produced each kept state.
         """
         if num_samples < 1 or thin < 1:
             raise ValueError(f"num_samples and thin must be >= 1, got {num_samples} and {thin}")
         draws_x, draws_z = [], []
-        stats = {name: [] for name in SAMPLE_STATS}
+        stats = {name: [] for name in self._driver.stat_names}
         try:
             for i, info in enumerate(self._run(num_samples * thin, "sampling", progress)):
                 if (i + 1) % thin:

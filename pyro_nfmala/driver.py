@@ -12,9 +12,13 @@ batch of states and owns, once for both:
   a latent mass matrix (diagonal or dense, estimated from all chains) on Stan's windows
   (:mod:`pyro_nfmala.adaptation`); both fixed when warmup ends, so that sampling is one fixed,
   exact kernel;
+- the global moves: with ``independence_every=k``, every ``k``-th step is followed by a latent
+  independence move from the flow's base (:mod:`pyro_nfmala.independence`), in warmup and in
+  sampling alike (it adapts nothing);
 - the per-draw statistics (``accept_prob``, ``step_size``, ``diverging``, ``lp``, the log
   density of :math:`x` under the target's push-forward up to a constant,
-  :math:`\log \pi(z) - \mathrm{ladj}(z)`);
+  :math:`\log \pi(z) - \mathrm{ladj}(z)`; with independence moves, ``global_accept_prob``,
+  NaN on a draw without one);
 - the warnings: the first numerical error of each kind, with its message, and at the end of a
   run the divergences of warmup and sampling and any chain that never moved.
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 __all__ = [
     "DEFAULT_PRECONDITIONER",
     "DIVERGENCE_WARNING_RATE",
+    "SAMPLE_STATS",
     "Driver",
     "check_mass_matrix",
     "check_num_chains",
@@ -49,6 +54,7 @@ import torch
 from torch import Tensor
 
 from .adaptation import BatchWelfordCovariance, StepSizeAdapter, adaptation_windows, find_reasonable_step_size
+from .independence import check_independence, independence_step
 from .mala import MALAState, StepInfo, finite_chains, init_state, mala_step
 from .precond import MassMatrixPreconditioner, Preconditioner, get_preconditioner
 from .target import LatentTarget
@@ -57,6 +63,8 @@ from .target import LatentTarget
 DEFAULT_PRECONDITIONER = "identity"
 #: Above this share of divergent proposals (in warmup or in sampling), the end of a run warns.
 DIVERGENCE_WARNING_RATE = 0.01
+#: Per-draw statistics both samplers record, in ArviZ's vocabulary.
+SAMPLE_STATS = ("accept_prob", "step_size", "diverging", "lp")
 #: A chain that accepted nothing in this many steps after warmup is reported as stuck.
 STUCK_AFTER_STEPS = 100
 
@@ -128,6 +136,9 @@ class Driver:
             (with the identity preconditioner only, which it then replaces by a
             :class:`~pyro_nfmala.precond.MassMatrixPreconditioner` of its own); ``None``: none;
             ``"auto"``: diagonal with the identity preconditioner, none with the others.
+        independence_every: ``None`` (default): MALA steps only. ``k``: every ``k``-th step is
+            followed by an independence move :math:`z' \sim \mathcal{N}(0, s^2 I)`.
+        independence_scale: :math:`s > 0` (1: the flow's base law).
         generator: Random generator of the steps; the global one if ``None``.
         label: How warnings name the sampler.
     """
@@ -141,6 +152,8 @@ class Driver:
         target_accept_prob: float = 0.574,
         adapt: str = "shared",
         mass_matrix: str | None = None,
+        independence_every: int | None = None,
+        independence_scale: float = 1.0,
         generator: torch.Generator | None = None,
         label: str = "NFMALA",
     ) -> None:
@@ -163,6 +176,9 @@ class Driver:
                 else torch.eye(self.flow.dim, dtype=self.flow.dtype, device=self.flow.device)
             )
         self.target_accept_prob = check_target_accept_prob(target_accept_prob)
+        self.independence_every, self.independence_scale = check_independence(
+            independence_every, independence_scale
+        )
         self.adapt = adapt
         self.generator = generator
         self.label = label
@@ -181,7 +197,11 @@ class Driver:
             "proposals": 0,
             "divergent": 0,
             "errors": 0,
+            "global_proposals": 0,
+            "global_accepted": 0,
+            "global_nonfinite": 0,
         }
+        self._last_global: Tensor | None = None
         self.accepted = torch.zeros(self.num_chains, dtype=torch.long)
         self.sampling_steps = 0
 
@@ -284,7 +304,9 @@ class Driver:
         self._warmup_left = 0
 
     def step(self) -> StepInfo:
-        """One MALA step of every chain; adapts and counts as the schedule says."""
+        """One MALA step of every chain (then, on schedule, an independence move); adapts and counts as
+        the schedule says."""
+        warmup = self.warming_up
         step_size = self.step_size
         self.state, info = mala_step(
             self.state, self.target, self.preconditioner, step_size, generator=self.generator
@@ -311,16 +333,52 @@ class Driver:
             self.accepted += info.accepted.reshape(-1).long().cpu()
             self.sampling_steps += 1
         self._last_step_size = step_size
+        self._last_global = None
+        if self.independence_every is not None and self.counts["steps"] % self.independence_every == 0:
+            self._global_move(warmup)
         return info
 
+    def _global_move(self, warmup: bool) -> None:
+        """One independence move of every chain (:mod:`pyro_nfmala.independence`)."""
+        self.state, info = independence_step(
+            self.state, self.target, self.preconditioner, self.independence_scale, generator=self.generator
+        )
+        self._note_errors(info.errors)
+        self.counts["global_proposals"] += self.num_chains
+        self.counts["global_accepted"] += int(info.accepted.sum())
+        self.counts["global_nonfinite"] += int(info.diverging.sum())
+        if not warmup:  # a chain that moves only by global moves is not stuck
+            self.accepted += info.accepted.reshape(-1).long().cpu()
+        self._last_global = info.accept_prob
+
+    @property
+    def stat_names(self) -> tuple[str, ...]:
+        """The names of :meth:`stats`, in order."""
+        extra = ("global_accept_prob",) if self.independence_every is not None else ()
+        return SAMPLE_STATS + extra
+
+    @property
+    def global_acceptance_rate(self) -> float:
+        """The share of independence proposals accepted so far (NaN before the first)."""
+        proposals = self.counts["global_proposals"]
+        return self.counts["global_accepted"] / proposals if proposals else float("nan")
+
     def stats(self, info: StepInfo) -> dict[str, Tensor]:
-        """The per-draw statistics of the step that gave ``info``, one value per chain."""
-        return {
+        """The per-draw statistics of the step that gave ``info``, one value per chain (``lp`` and, with
+        independence moves, ``global_accept_prob`` of the state after the step's global move)."""
+        stats = {
             "accept_prob": info.accept_prob,
             "step_size": self._last_step_size.expand(self.num_chains),
             "diverging": info.diverging,
             "lp": self.state.log_density - self.state.ladj,
         }
+        if self.independence_every is not None:
+            stats["global_accept_prob"] = (
+                self._last_global
+                if self._last_global is not None
+                else torch.full_like(info.accept_prob, float("nan"))
+            )
+        return stats
 
     # ------------------------------------------------------------------------------------------
     # warnings

@@ -48,6 +48,7 @@ from torch import Tensor
 
 from .driver import (
     DEFAULT_PRECONDITIONER,
+    SAMPLE_STATS,
     Driver,
     check_mass_matrix,
     check_step_size,
@@ -56,6 +57,7 @@ from .driver import (
 from .fit import NUM_STARTS, FitResult, fit_flow_to_model, fit_staged_map
 from .flow import as_latent_flow
 from .flowcheck import FlowCheck, check_flow
+from .independence import check_independence
 from .mala import MALAState, finite_chains
 from .model import ModelDensity, ParamLayout, check_flow_dim, model_density
 from .precond import Preconditioner, get_preconditioner
@@ -107,6 +109,14 @@ class NFMALA(MCMCKernel):
         mass_matrix: A constant latent mass matrix adapted in warmup on Stan's windows:
             ``"diagonal"``, ``"dense"`` or ``None``; ``"auto"`` (default): diagonal with the
             identity preconditioner, none with ``"jacobian"`` (which has its own metric).
+        independence_every: ``None`` (default): MALA steps only. ``k``: every ``k``-th step is
+            followed by a latent independence move :math:`z' \sim \mathcal{N}(0, s^2 I)` accepted
+            by the exact Metropolis-Hastings ratio (:mod:`pyro_nfmala.independence`): where the
+            map is close to the posterior, a nearly independent draw, across the modes it covers,
+            for one more evaluation of the model. Its acceptance rate is in the diagnostics and
+            in ``sample_stats.global_accept_prob``.
+        independence_scale: :math:`s > 0` (1: the map's base law; wider is safer for a map that
+            is too narrow).
         beta: ``None`` (default) samples the exact posterior (T1). A number
             :math:`\beta \ge 0` samples instead the flow's tempered measure (T2),
             :math:`\log q_Z(z) - \beta\, \mathrm{ladj}(z)`, ignoring the model's density:
@@ -139,6 +149,8 @@ class NFMALA(MCMCKernel):
         target_accept_prob: float = 0.574,
         preconditioner: str | Preconditioner = DEFAULT_PRECONDITIONER,
         mass_matrix: str | None = "auto",
+        independence_every: int | None = None,
+        independence_scale: float = 1.0,
         beta: float | None = None,
         transforms: Mapping | None = None,
         max_plate_nesting: int | None = None,
@@ -162,6 +174,9 @@ class NFMALA(MCMCKernel):
             raise ValueError("beta samples the flow's own tempered measure: it needs a flow")
         self.preconditioner = get_preconditioner(preconditioner)
         self.mass_matrix = check_mass_matrix(mass_matrix, self.preconditioner)
+        self.independence_every, self.independence_scale = check_independence(
+            independence_every, independence_scale
+        )
         self._user_step_size = check_step_size(step_size)
         self.adapt_step_size = bool(adapt_step_size)
         self.target_accept_prob = check_target_accept_prob(target_accept_prob)
@@ -220,6 +235,8 @@ class NFMALA(MCMCKernel):
             1,
             preconditioner=self.preconditioner,
             mass_matrix=self.mass_matrix,
+            independence_every=self.independence_every,
+            independence_scale=self.independence_scale,
             target_accept_prob=self.target_accept_prob,
             label="NFMALA",
         )
@@ -247,9 +264,8 @@ class NFMALA(MCMCKernel):
 
     def sample(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if self._driver is None:  # a model with no latent sites
-            self._record(
-                1.0, float("nan"), False, self._density_of_nothing, warmup=self._steps < self._warmup_steps
-            )
+            nothing = {"accept_prob": 1.0, "step_size": float("nan"), "diverging": False}
+            self._record({**nothing, "lp": self._density_of_nothing}, warmup=self._steps < self._warmup_steps)
             return {}
         if params is not self._params:  # the caller changed the state: start again from params
             self._driver.state = self._initial_state(self.layout.pack(params))
@@ -257,21 +273,18 @@ class NFMALA(MCMCKernel):
         info = self._driver.step()
         stats = self._driver.stats(info)
         self._step_size = float(self._driver.step_size[0])
-        self._record(
-            float(stats["accept_prob"][0]),
-            float(stats["step_size"][0]),
-            bool(stats["diverging"][0]),
-            float(stats["lp"][0]),
-            warmup=warmup,
-        )
+        self._record({name: value[0].item() for name, value in stats.items()}, warmup=warmup)
         self._params = self._to_params(self._driver.state)
         return self._params
 
     def logging(self) -> dict[str, str]:
-        return {
+        shown = {
             "step size": f"{self.step_size or float('nan'):.2e}",
             "acc. prob": f"{self._accept_sum / max(self._steps, 1):.3f}",
         }
+        if self._driver is not None and self.independence_every is not None:
+            shown["global acc."] = f"{self._driver.global_acceptance_rate:.3f}"
+        return shown
 
     def diagnostics(self) -> dict:
         draws = len(self._stats["accept_prob"])
@@ -288,6 +301,9 @@ class NFMALA(MCMCKernel):
             "fit seconds": self.fit_result.seconds if self.fit_result is not None else 0.0,
             "warmup divergences": counts.get("warmup_divergent", 0),
             "numerical errors": counts.get("errors", 0),
+            "global acceptance rate": self._driver.global_acceptance_rate
+            if self._driver is not None
+            else float("nan"),
             "step size": self.step_size,
             "sample_stats": {name: list(values) for name, values in self._stats.items()},
         }
@@ -306,7 +322,7 @@ class NFMALA(MCMCKernel):
         self._steps = 0
         self._accept_sum = 0.0
         self._divergences: list[int] = []
-        self._stats: dict[str, list] = {"accept_prob": [], "step_size": [], "diverging": [], "lp": []}
+        self._stats: dict[str, list] = {name: [] for name in SAMPLE_STATS}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -437,17 +453,17 @@ class NFMALA(MCMCKernel):
             "not cover the posterior's support; pass initial_params or an init_strategy"
         )
 
-    def _record(
-        self, accept_prob: float, step_size: float, diverging: bool, lp: float, *, warmup: bool
-    ) -> None:
+    def _record(self, values: Mapping[str, float | bool], *, warmup: bool) -> None:
+        """Counts one step; after warmup, keeps its statistics (``accept_prob``, ``step_size``,
+        ``diverging``, ``lp``, and ``global_accept_prob`` with independence moves)."""
         self._steps += 1
-        self._accept_sum += accept_prob
+        self._accept_sum += values["accept_prob"]
         if warmup:
             return
-        if diverging:
+        if values["diverging"]:
             self._divergences.append(len(self._stats["lp"]))
-        for name, value in zip(self._stats, (accept_prob, step_size, diverging, lp)):
-            self._stats[name].append(value)
+        for name, value in values.items():
+            self._stats.setdefault(name, []).append(value)
 
     def _to_params(self, state: MALAState) -> dict[str, Tensor]:
         # Detached clones: MCMC pickles them in worker queues and stores them.

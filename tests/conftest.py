@@ -55,6 +55,17 @@ def latent_flow(trained_flow) -> LatentFlow:
     return LatentFlow(trained_flow)
 
 
+@pytest.fixture(scope="session")
+def reference_statistics(latent_flow, mixture) -> torch.Tensor:
+    """The invariance tests' statistics (tests/invariance.py) of 100,000 exact draws of the mixture."""
+    from invariance import exact_latents, statistics
+
+    with torch.random.fork_rng():
+        torch.manual_seed(123)
+        z = exact_latents(latent_flow, mixture, 100_000)
+    return statistics(z, latent_flow.to_data(z)[0].detach())
+
+
 class OutOfDomain(ValueError):
     """What a model raises outside its domain, in these tests; registered as a numerical failure."""
 

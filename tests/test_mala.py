@@ -273,14 +273,6 @@ def test_a_failing_batch_is_bisected_to_the_failing_chains(latent_flow, out_of_d
 # Invariance (see tests/invariance.py): exact samples stay exact, and a wrong accept ratio is caught.
 
 
-@pytest.fixture(scope="module")
-def reference_statistics(latent_flow, mixture):
-    with torch.random.fork_rng():
-        torch.manual_seed(123)
-        z = exact_latents(latent_flow, mixture, 100_000)
-    return statistics(z, latent_flow.to_data(z)[0].detach())
-
-
 @pytest.mark.parametrize(
     "correct, broken",
     [
