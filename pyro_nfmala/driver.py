@@ -415,6 +415,9 @@ class Driver:
         ):
             if proposals and divergent > DIVERGENCE_WARNING_RATE * proposals:
                 parts.append(f"{divergent} of {proposals} proposals {phase}")
+        global_nonfinite = counts["global_nonfinite"]
+        if global_nonfinite > DIVERGENCE_WARNING_RATE * max(counts["global_proposals"], 1):
+            parts.append(f"{global_nonfinite} of {counts['global_proposals']} independence proposals")
         if parts:
             cause = "a non-finite log density, gradient or acceptance ratio"
             if counts["errors"]:

@@ -107,12 +107,18 @@ def check_scale(scale: object) -> float:
     return value
 
 
-def check_independence(every: object, scale: object) -> tuple[int | None, float]:
-    """``(every, scale)`` checked: ``every`` is ``None`` (no independence moves) or an integer >= 1."""
+def check_independence(
+    every: object, scale: object, *, allow_auto: bool = False
+) -> tuple[int | str | None, float]:
+    """``(every, scale)`` checked: ``every`` is ``None`` (no independence moves), an integer >= 1, or,
+    with ``allow_auto``, ``"auto"``."""
+    if allow_auto and every == "auto":
+        return "auto", check_scale(scale)
     if every is not None and (
         isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1
     ):
-        raise ValueError(f"independence_every must be None or an integer >= 1, got {every!r}")
+        choices = "None, 'auto' or an integer >= 1" if allow_auto else "None or an integer >= 1"
+        raise ValueError(f"independence_every must be {choices}, got {every!r}")
     return (None if every is None else int(every)), check_scale(scale)
 
 

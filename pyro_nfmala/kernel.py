@@ -109,12 +109,14 @@ class NFMALA(MCMCKernel):
         mass_matrix: A constant latent mass matrix adapted in warmup on Stan's windows:
             ``"diagonal"``, ``"dense"`` or ``None``; ``"auto"`` (default): diagonal with the
             identity preconditioner, none with ``"jacobian"`` (which has its own metric).
-        independence_every: ``None`` (default): MALA steps only. ``k``: every ``k``-th step is
-            followed by a latent independence move :math:`z' \sim \mathcal{N}(0, s^2 I)` accepted
-            by the exact Metropolis-Hastings ratio (:mod:`pyro_nfmala.independence`): where the
-            map is close to the posterior, a nearly independent draw, across the modes it covers,
-            for one more evaluation of the model. Its acceptance rate is in the diagnostics and
-            in ``sample_stats.global_accept_prob``.
+        independence_every: ``k``: every ``k``-th MALA step is followed by a latent independence
+            move :math:`z' \sim \mathcal{N}(0, s^2 I)` accepted by the exact Metropolis-Hastings
+            ratio (:mod:`pyro_nfmala.independence`): where the map is close to the posterior, a
+            nearly independent draw, across the modes it covers, for one more evaluation of the
+            model. ``None``: MALA steps only. ``"auto"`` (default): after every step on a
+            posterior whose map passes the flow check's reliability bar (Pareto k-hat <= 0.7),
+            none otherwise (and none on the tempered target). Its acceptance rate is in the
+            diagnostics and in ``sample_stats.global_accept_prob``.
         independence_scale: :math:`s > 0` (1: the map's base law; wider is safer for a map that
             is too narrow).
         beta: ``None`` (default) samples the exact posterior (T1). A number
@@ -149,7 +151,7 @@ class NFMALA(MCMCKernel):
         target_accept_prob: float = 0.574,
         preconditioner: str | Preconditioner = DEFAULT_PRECONDITIONER,
         mass_matrix: str | None = "auto",
-        independence_every: int | None = None,
+        independence_every: int | str | None = "auto",
         independence_scale: float = 1.0,
         beta: float | None = None,
         transforms: Mapping | None = None,
@@ -175,7 +177,7 @@ class NFMALA(MCMCKernel):
         self.preconditioner = get_preconditioner(preconditioner)
         self.mass_matrix = check_mass_matrix(mass_matrix, self.preconditioner)
         self.independence_every, self.independence_scale = check_independence(
-            independence_every, independence_scale
+            independence_every, independence_scale, allow_auto=True
         )
         self._user_step_size = check_step_size(step_size)
         self.adapt_step_size = bool(adapt_step_size)
@@ -235,7 +237,7 @@ class NFMALA(MCMCKernel):
             1,
             preconditioner=self.preconditioner,
             mass_matrix=self.mass_matrix,
-            independence_every=self.independence_every,
+            independence_every=self._independence_schedule(),
             independence_scale=self.independence_scale,
             target_accept_prob=self.target_accept_prob,
             label="NFMALA",
@@ -282,7 +284,7 @@ class NFMALA(MCMCKernel):
             "step size": f"{self.step_size or float('nan'):.2e}",
             "acc. prob": f"{self._accept_sum / max(self._steps, 1):.3f}",
         }
-        if self._driver is not None and self.independence_every is not None:
+        if self._driver is not None and self._driver.independence_every is not None:
             shown["global acc."] = f"{self._driver.global_acceptance_rate:.3f}"
         return shown
 
@@ -301,6 +303,7 @@ class NFMALA(MCMCKernel):
             "fit seconds": self.fit_result.seconds if self.fit_result is not None else 0.0,
             "warmup divergences": counts.get("warmup_divergent", 0),
             "numerical errors": counts.get("errors", 0),
+            "global non-finite": counts.get("global_nonfinite", 0),
             "global acceptance rate": self._driver.global_acceptance_rate
             if self._driver is not None
             else float("nan"),
@@ -328,6 +331,14 @@ class NFMALA(MCMCKernel):
         state = dict(self.__dict__)
         state.update(_driver=None, _params=None)
         return state
+
+    def _independence_schedule(self) -> int | None:
+        """``independence_every`` for this run: ``"auto"`` is 1 (a global move after every MALA step) on a
+        posterior whose map passed the flow check's reliability bar (k-hat <= 0.7), else none."""
+        if self.independence_every != "auto":
+            return self.independence_every
+        check = self.flow_check
+        return 1 if self.beta is None and check is not None and check.reliable else None
 
     def _density(self, args: tuple, kwargs: dict) -> ModelDensity:
         if self.model is None:

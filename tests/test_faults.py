@@ -50,7 +50,12 @@ def arm_after_warmup(potential: FaultyPotential, warmup_steps: int):
 def test_kernel_rejects_and_counts_random_faults(rate, value):
     pyro.set_rng_seed(0)
     potential = FaultyPotential(rate, value)
-    kernel = NFMALA(potential_fn=potential, flow=identity_flow(2), initial_params={"x": torch.zeros(2)})
+    kernel = NFMALA(
+        potential_fn=potential,
+        flow=identity_flow(2),
+        initial_params={"x": torch.zeros(2)},
+        independence_every=None,  # MALA's divergences only; global moves: the next test
+    )
     mcmc = MCMC(
         kernel,
         num_samples=500,
@@ -69,6 +74,37 @@ def test_kernel_rejects_and_counts_random_faults(rate, value):
     assert int(idata.sample_stats["diverging"].sum()) == potential.faults
     warned = any("divergent" in str(w.message) for w in caught if issubclass(w.category, RuntimeWarning))
     assert warned == (potential.faults > 0.01 * 500)
+
+
+def test_faults_in_independence_proposals_are_rejected_counted_and_reported():
+    """With a global move after every MALA step, each fault is a rejection of one kind of move or the
+    other: MALA's are divergences, the independence moves' are counted apart; both are reported."""
+    pyro.set_rng_seed(0)
+    potential = FaultyPotential(0.2, float("nan"))
+    kernel = NFMALA(
+        potential_fn=potential,
+        flow=identity_flow(2),
+        initial_params={"x": torch.zeros(2)},
+        independence_every=1,
+    )
+    mcmc = MCMC(
+        kernel,
+        num_samples=300,
+        warmup_steps=100,
+        disable_progbar=True,
+        hook_fn=arm_after_warmup(potential, 100),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mcmc.run()
+    assert torch.isfinite(mcmc.get_samples()["x"]).all()
+    diagnostics = mcmc.diagnostics()
+    divergences = len(diagnostics["divergences"]["chain 0"])
+    global_nonfinite = diagnostics["global non-finite"]["chain 0"]
+    assert divergences > 0 and global_nonfinite > 0
+    assert divergences + global_nonfinite == potential.faults
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert any("independence proposals" in message for message in messages)
 
 
 @pytest.mark.parametrize("rate", [0.01, 0.2])
@@ -128,7 +164,8 @@ def test_model_that_raises_a_registered_error_at_some_points_keeps_sampling(out_
     assert torch.isfinite(loc).all() and bool((loc <= 2.0).all())
     diagnostics = mcmc.diagnostics()
     assert len(diagnostics["divergences"]["chain 0"]) > 0
-    assert diagnostics["numerical errors"]["chain 0"] == len(diagnostics["divergences"]["chain 0"])
+    rejected = len(diagnostics["divergences"]["chain 0"]) + diagnostics["global non-finite"]["chain 0"]
+    assert diagnostics["numerical errors"]["chain 0"] == rejected  # MALA's and the global moves'
 
 
 def test_model_that_raises_an_unregistered_error_stops_the_run():
