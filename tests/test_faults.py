@@ -45,51 +45,18 @@ def arm_after_warmup(potential: FaultyPotential, warmup_steps: int):
     return hook
 
 
-@pytest.mark.parametrize("rate", [0.01, 0.2])
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_kernel_rejects_and_counts_random_faults(rate, value):
+def run_faulty_kernel(potential: FaultyPotential, num_samples: int, independence_every):
+    """The kernel on ``potential`` (armed after 100 warmup steps); returns the run and its RuntimeWarnings."""
     pyro.set_rng_seed(0)
-    potential = FaultyPotential(rate, value)
     kernel = NFMALA(
         potential_fn=potential,
         flow=identity_flow(2),
         initial_params={"x": torch.zeros(2)},
-        independence_every=None,  # MALA's divergences only; global moves: the next test
+        independence_every=independence_every,
     )
     mcmc = MCMC(
         kernel,
-        num_samples=500,
-        warmup_steps=100,
-        disable_progbar=True,
-        hook_fn=arm_after_warmup(potential, 100),
-    )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        mcmc.run()
-    x = mcmc.get_samples()["x"]
-    assert torch.isfinite(x).all()
-    divergences = mcmc.diagnostics()["divergences"]["chain 0"]
-    assert potential.faults > 0 and len(divergences) == potential.faults  # every fault, and only faults
-    idata = to_inference_data(mcmc)
-    assert int(idata.sample_stats["diverging"].sum()) == potential.faults
-    warned = any("divergent" in str(w.message) for w in caught if issubclass(w.category, RuntimeWarning))
-    assert warned == (potential.faults > 0.01 * 500)
-
-
-def test_faults_in_independence_proposals_are_rejected_counted_and_reported():
-    """With a global move after every MALA step, each fault is a rejection of one kind of move or the
-    other: MALA's are divergences, the independence moves' are counted apart; both are reported."""
-    pyro.set_rng_seed(0)
-    potential = FaultyPotential(0.2, float("nan"))
-    kernel = NFMALA(
-        potential_fn=potential,
-        flow=identity_flow(2),
-        initial_params={"x": torch.zeros(2)},
-        independence_every=1,
-    )
-    mcmc = MCMC(
-        kernel,
-        num_samples=300,
+        num_samples=num_samples,
         warmup_steps=100,
         disable_progbar=True,
         hook_fn=arm_after_warmup(potential, 100),
@@ -98,12 +65,31 @@ def test_faults_in_independence_proposals_are_rejected_counted_and_reported():
         warnings.simplefilter("always")
         mcmc.run()
     assert torch.isfinite(mcmc.get_samples()["x"]).all()
+    return mcmc, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.2])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_kernel_rejects_and_counts_random_faults(rate, value):
+    potential = FaultyPotential(rate, value)
+    mcmc, messages = run_faulty_kernel(potential, 500, independence_every=None)  # MALA's divergences only
+    divergences = mcmc.diagnostics()["divergences"]["chain 0"]
+    assert potential.faults > 0 and len(divergences) == potential.faults  # every fault, and only faults
+    idata = to_inference_data(mcmc)
+    assert int(idata.sample_stats["diverging"].sum()) == potential.faults
+    assert any("divergent" in message for message in messages) == (potential.faults > 0.01 * 500)
+
+
+def test_faults_in_independence_proposals_are_rejected_counted_and_reported():
+    """With a global move after every MALA step, each fault is a rejection of one kind of move or the
+    other: MALA's are divergences, the independence moves' are counted apart; both are reported."""
+    potential = FaultyPotential(0.2, float("nan"))
+    mcmc, messages = run_faulty_kernel(potential, 300, independence_every=1)
     diagnostics = mcmc.diagnostics()
     divergences = len(diagnostics["divergences"]["chain 0"])
     global_nonfinite = diagnostics["global non-finite"]["chain 0"]
     assert divergences > 0 and global_nonfinite > 0
     assert divergences + global_nonfinite == potential.faults
-    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert any("independence proposals" in message for message in messages)
 
 
