@@ -40,7 +40,8 @@ from .arviz import from_arrays
 from .driver import DEFAULT_PRECONDITIONER, Driver, check_num_chains, check_step_size
 from .mala import MALAState, StepInfo
 from .precond import Preconditioner
-from .target import LatentTarget
+from .refine import FlowRefiner
+from .target import LatentTarget, PosteriorPullback
 
 
 class ChainSampler:
@@ -65,6 +66,14 @@ class ChainSampler:
             by the exact Metropolis-Hastings ratio (:mod:`pyro_nfmala.independence`): with a flow
             close to the target, a nearly independent draw, across modes the flow covers.
         independence_scale: :math:`s > 0` (1: the flow's base law).
+        refine_every: ``None`` (default): the flow is fixed. ``n``: during warmup (not in its last
+            quarter), every ``n`` steps the flow takes a few maximum-likelihood steps on the
+            states the chains visited since the last refinement, and the chains continue from
+            the same data-space points (:mod:`pyro_nfmala.refine`; posterior pull-back only).
+            The flow is fixed when warmup ends, so sampling is one fixed, exact kernel;
+            ``sampler.flow`` is then the refined flow.
+        refine_options: Keyword arguments of :class:`~pyro_nfmala.refine.FlowRefiner` (``steps``,
+            ``lr``, ``batch_size``).
         initial_z: Initial latents ``(num_chains, d)``; by default :math:`z_0 \sim q_Z`.
         seed: Seed of the sampler's own random generator; the same seed gives the same chains
             (on the same machine and device).
@@ -85,6 +94,8 @@ class ChainSampler:
         adapt: str = "shared",
         independence_every: int | None = None,
         independence_scale: float = 1.0,
+        refine_every: int | None = None,
+        refine_options: dict | None = None,
         initial_z: Tensor | None = None,
         seed: int | None = None,
     ) -> None:
@@ -117,6 +128,13 @@ class ChainSampler:
             z0 = self._check_initial_z(initial_z)
         self._driver.start(z0, step_size=step_size, search_from=1.0 if step_size is None else None)
         self._reported = self._driver.checkpoint()
+        self.refine_every = self._check_refine_every(refine_every)
+        self.refiner = (
+            FlowRefiner(self.flow, generator=self.generator, **dict(refine_options or {}))
+            if self.refine_every is not None
+            else None
+        )
+        self.refinements = 0
 
     @property
     def preconditioner(self) -> Preconditioner:
@@ -168,6 +186,37 @@ class ChainSampler:
             raise ValueError(f"initial_z is on {z.device} but the flow is on {self.flow.device}")
         return z
 
+    def _check_refine_every(self, every: object) -> int | None:
+        if every is None:
+            return None
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"refine_every must be None or an integer >= 1, got {every!r}")
+        if not isinstance(self.target, PosteriorPullback):
+            raise ValueError(
+                "refine_every changes the flow, and a tempered target (TemperedFlow) is defined by its flow: "
+                "refinement is for the posterior pull-back (PosteriorPullback) only"
+            )
+        return every
+
+    def _refine(self) -> None:
+        """Refits the flow on the states collected since the last refinement; the chains go on from the
+        same data-space points in the new latent space. A refinement that fails leaves the flow as it was."""
+        try:
+            flow = self.refiner.refine()
+            target = PosteriorPullback(flow, self.target.log_prob)
+            with torch.no_grad():
+                z = flow.to_latent(self.state.x)
+            self._driver.replace_target(target, z)
+        except ValueError as error:
+            warnings.warn(
+                f"ChainSampler: a flow refinement failed ({error}); the chains go on with the flow as it was",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return
+        self.target, self.flow = target, flow
+        self.refinements += 1
+
     def _report(self) -> None:
         self._driver.warn_divergences(self._reported, stacklevel=4)
         self._reported = self._driver.checkpoint()
@@ -175,13 +224,19 @@ class ChainSampler:
     def warmup(self, num_steps: int, *, adapt_step_size: bool = True, progress: bool = True) -> Tensor:
         """Runs ``num_steps`` steps adapting the step size by dual averaging; returns the final step sizes.
 
-        Interrupted (Ctrl-C), it keeps the step size adapted so far, fixed, and the state.
+        Interrupted (Ctrl-C), it keeps the step size adapted so far, fixed, and the state. With
+        ``refine_every``, the flow is refined on schedule (see the class), and fixed afterwards.
         """
         self._driver.begin_warmup(num_steps, adapt_step_size=adapt_step_size)
         bar = tqdm(range(num_steps), desc="warmup", disable=not progress)
+        last_refinement = (3 * num_steps) // 4  # the last quarter adapts to the final flow
         try:
-            for _ in bar:
+            for i in bar:
                 info = self._driver.step()
+                if self.refiner is not None:
+                    self.refiner.add(self.state.x)
+                    if (i + 1) % self.refine_every == 0 and i + 1 <= last_refinement:
+                        self._refine()
                 step_size = f"{float(self.step_size.median()):.2e}"
                 bar.set_postfix({**self._postfix(info), "step size": step_size}, refresh=False)
         finally:

@@ -245,6 +245,17 @@ class Driver:
         )
         return state
 
+    def replace_target(self, target: LatentTarget, z: Tensor) -> None:
+        """Goes on with another target (a refined flow, in warmup) from latents ``z`` of it; every chain
+        must be finite there, else the driver keeps its target and state and raises ``ValueError``."""
+        state = init_state(target, self.preconditioner, z)
+        bad = ~finite_chains(state)
+        if bad.any():
+            raise ValueError(
+                f"{int(bad.sum())} of {self.num_chains} chains have a non-finite state under the new target"
+            )
+        self.target, self.flow, self.state = target, target.flow, state
+
     # ------------------------------------------------------------------------------------------
     # warmup and steps
 

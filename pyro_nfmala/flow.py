@@ -308,6 +308,17 @@ class LatentFlow:
         self.dtype, self.device = probe.dtype, probe.device
         return self
 
+    def trainable_copy(self) -> nn.Module:
+        """A deep copy of the flow module in ``train()`` mode with every parameter requiring grad, to fit
+        further (the frozen copy is not touched); for flows given as a :class:`zuko.flows.Flow` module."""
+        if self._module is None:
+            raise TypeError(
+                "only a flow given as a zuko.flows.Flow module can be trained further, not a "
+                "NormalizingFlow instance"
+            )
+        module = copy.deepcopy(self._module)
+        return module.train().requires_grad_(True)
+
     def base_log_prob(self, z: Tensor) -> Tensor:
         r"""The latent law's log density :math:`\log q_Z(z)`, shape ``z.shape[:-1]``."""
         return self.distribution.base.log_prob(z)
