@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import time
 import warnings
@@ -63,6 +64,7 @@ from pyro_nfmala.model import model_density
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_CHAINS = 4
+LOCAL, GLOBAL = "NFMALA identity (T1)", "NFMALA identity + global (T1)"
 RHAT_OK = 1.1
 # target groups from the costliest (measured in the full run) to the cheapest
 COST_ORDER = [
@@ -206,25 +208,40 @@ def train_flow(target: Target, budget: Budget):
 class Run:
     x: torch.Tensor
     seconds: float
-    gradients: int
+    gradients: int  # target evaluations with their gradient
     accept: float
     divergences: int
+    global_accept: float = float("nan")  # independence moves' acceptance rate
 
 
-def run_chain_sampler(target_fn, flow, z0, budget: Budget, preconditioner: str) -> Run:
-    sampler = ChainSampler(target_fn, NUM_CHAINS, preconditioner=preconditioner, initial_z=z0, seed=1)
+def run_chain_sampler(
+    target_fn, flow, z0, budget: Budget, preconditioner: str, independence_every: int | None = None
+) -> Run:
+    """ChainSampler's chains as one batch; with ``independence_every``, global moves from the flow's base
+    (each one more evaluation of the target, with its gradient, counted)."""
+    sampler = ChainSampler(
+        target_fn,
+        NUM_CHAINS,
+        preconditioner=preconditioner,
+        initial_z=z0,
+        independence_every=independence_every,
+        seed=1,
+    )
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # divergences are counted in the table
         idata = sampler.run(num_samples=budget.draws, warmup_steps=budget.warmup, progress=False)
     seconds = time.perf_counter() - start
     stats = idata.sample_stats
+    steps = budget.warmup + budget.draws
+    moves = steps // independence_every if independence_every else 0
     return Run(
         torch.as_tensor(np.asarray(idata.posterior["x"])),
         seconds,
-        NUM_CHAINS * (budget.warmup + budget.draws),
+        NUM_CHAINS * (steps + moves),
         float(stats["accept_prob"].mean()),
         int(stats["diverging"].sum()),
+        sampler.global_acceptance_rate if independence_every else float("nan"),
     )
 
 
@@ -294,6 +311,25 @@ def naive(flow: LatentFlow, budget: Budget) -> Run:
 # metrics
 
 
+def mode_weight_error_in_mcse(x: torch.Tensor, toy) -> float:
+    """The worst mode's weight error in Monte Carlo standard errors, sqrt(w (1 - w) / ESS), with ESS
+    the bulk ESS of the chains' mode indicator (ArviZ); ``x`` is (chains, draws, d)."""
+    import arviz as az
+
+    from pyro_nfmala import from_arrays
+
+    modes = toy.assign_modes(x.reshape(-1, x.shape[-1]).float()).reshape(x.shape[:2]).numpy()
+    worst = 0.0
+    for k, weight in enumerate(toy.weights.double().tolist()):
+        indicator = (modes == k).astype(np.float64)
+        if indicator.std() == 0:  # a mode never (or always) visited: the error is the whole weight
+            return float("inf") if abs(indicator.mean() - weight) > 0 else 0.0
+        ess = float(az.ess(from_arrays({"i": indicator}), method="bulk")["i"])
+        mcse = math.sqrt(weight * (1 - weight) / max(ess, 1.0))
+        worst = max(worst, abs(indicator.mean() - weight) / mcse)
+    return worst
+
+
 def score(target: Target, run: Run, threshold: float | None) -> dict:
     import arviz as az
 
@@ -306,6 +342,7 @@ def score(target: Target, run: Run, threshold: float | None) -> dict:
         "sampling_s": run.seconds,
         "gradients": run.gradients,
         "accept": run.accept,
+        "global_accept": run.global_accept,
         "divergences": run.divergences,
         "ess_bulk_min": float(summary["ess_bulk"].min()) if finite else float("nan"),
         "ess_tail_min": float(summary["ess_tail"].min()) if finite else float("nan"),
@@ -323,6 +360,11 @@ def score(target: Target, run: Run, threshold: float | None) -> dict:
     if target.toy is not None and len(target.toy.weights) > 1:
         row["mode_weight_error"] = float(
             (mode_weights(flat, target.toy) - target.toy.weights.double()).abs().max()
+        )
+        row["mode_weight_error_mcse"] = mode_weight_error_in_mcse(x, target.toy)
+        modes = target.toy.assign_modes(x.reshape(-1, target.dim).float()).reshape(x.shape[:2])
+        row["chains_in_every_mode"] = int(
+            sum(len(set(chain.tolist())) == len(target.toy.weights) for chain in modes)
         )
         row["gap_mass"] = gap_mass(flat, target.toy, threshold)
     if target.name == "eight_schools":
@@ -369,6 +411,7 @@ def run_target(target: Target, flow, budget: Budget) -> dict[str, dict]:
         runs[f"NFMALA {preconditioner} (T1)"] = run_chain_sampler(
             exact, latent_flow, z0, budget, preconditioner
         )
+    runs[GLOBAL] = run_chain_sampler(exact, latent_flow, z0, budget, "identity", independence_every=1)
     if target.tempered:
         runs["NFMALA jacobian (T2, beta=1)"] = run_chain_sampler(
             TemperedFlow(latent_flow, 1.0), latent_flow, z0, budget, "jacobian"
@@ -391,8 +434,11 @@ COLUMNS = [
     ("ess_bulk_per_1k_grad", "ESS/1k grad", "{:.1f}"),
     ("rhat_max", "R-hat", "{:.3f}"),
     ("accept", "accept", "{:.2f}"),
+    ("global_accept", "global accept", "{:.2f}"),
     ("energy_distance", "energy dist.", "{:.4f}"),
     ("mode_weight_error", "mode-weight err.", "{:.3f}"),
+    ("mode_weight_error_mcse", "(MCSE)", "{:.1f}"),
+    ("chains_in_every_mode", "chains in all modes", "{:d}"),
     ("gap_mass", "gap mass", "{:.4f}"),
     ("worst_mean_error", "worst mean err. (sd)", "{:.3f}"),
     ("divergences", "divergent", "{:d}"),
@@ -448,7 +494,7 @@ def goals(results: dict) -> list[str]:
             continue
         methods = targets[name]["methods"]
         best = max(  # the faster of the converged, if any
-            ["NFMALA identity (T1)", "NFMALA jacobian (T1)"],
+            [LOCAL, GLOBAL, "NFMALA jacobian (T1)"],
             key=lambda m: (methods[m]["rhat_max"] <= RHAT_OK, methods[m]["ess_bulk_per_s"]),
         )
         ratio = methods[best]["ess_bulk_per_s"] / methods["NUTS"]["ess_bulk_per_s"]
@@ -483,7 +529,74 @@ def goals(results: dict) -> list[str]:
             f"{ratio:.1f}x lower "
             f"(goal >= 5x: {'met' if ratio >= 5 else 'NOT met'})"
         )
+    lines += global_move_goals(results)
     return lines
+
+
+def global_move_goals(results: dict) -> list[str]:
+    """Issue 14's goals for the global moves, on this run's numbers."""
+    lines, targets = [], results["targets"]
+    for name in ["mixture16", "ring8", "mixture8"]:
+        if name in targets and GLOBAL in targets[name]["methods"]:
+            row = targets[name]["methods"][GLOBAL]
+            met = row["rhat_max"] <= 1.01 and row["mode_weight_error_mcse"] <= 2
+            lines.append(
+                f"{name}: {GLOBAL} R-hat {row['rhat_max']:.3f}, mode-weight error "
+                f"{row['mode_weight_error']:.3f} = {row['mode_weight_error_mcse']:.1f} MCSE "
+                f"(goal R-hat <= 1.01 and <= 2 MCSE: {'met' if met else 'NOT met'})"
+            )
+    if "double_moon" in targets and GLOBAL in targets["double_moon"]["methods"]:
+        row = targets["double_moon"]["methods"][GLOBAL]
+        met = row["chains_in_every_mode"] == NUM_CHAINS and row["rhat_max"] <= 1.01
+        lines.append(
+            f"double_moon: {GLOBAL}: {row['chains_in_every_mode']} of {NUM_CHAINS} chains visit both moons, "
+            f"R-hat {row['rhat_max']:.3f} (goal: every chain, R-hat <= 1.01: {'met' if met else 'NOT met'})"
+        )
+    if "eight_schools" in targets and GLOBAL in targets["eight_schools"]["methods"]:
+        methods = targets["eight_schools"]["methods"]
+        row, local, nuts = methods[GLOBAL], methods[LOCAL], methods["NUTS"]
+        vs_local = row["ess_bulk_per_s"] / local["ess_bulk_per_s"]
+        vs_nuts = row["ess_bulk_per_s"] / nuts["ess_bulk_per_s"]
+        met = vs_local >= 5 and vs_nuts >= 20 and row["ess_bulk_per_1k_grad"] >= 300
+        lines.append(
+            f"eight_schools: {GLOBAL} {row['ess_bulk_per_s']:.1f} ESS bulk/s (R-hat {row['rhat_max']:.3f}): "
+            f"{vs_local:.1f}x local-only, {vs_nuts:.1f}x NUTS (NUTS R-hat {nuts['rhat_max']:.2f}, "
+            f"{'converged' if nuts['rhat_max'] <= RHAT_OK else 'not converged'}); "
+            f"{row['ess_bulk_per_1k_grad']:.0f} ESS per 1k evaluations (goal >= 5x, >= 20x, >= 300: "
+            f"{'met' if met else 'NOT met'})"
+        )
+    return lines
+
+
+def mode_weight_figure(all_runs: dict, suffix: str) -> None:
+    """The running weight of the first mode (all chains' draws up to each draw) against the draw, for
+    local moves only, local + global moves, and NUTS, on every target with several modes."""
+    import matplotlib.pyplot as plt
+
+    shown = [
+        name
+        for name, (target, _) in all_runs.items()
+        if target.toy is not None and len(target.toy.weights) > 1
+    ]
+    if not shown:
+        return
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], shown):
+        target, runs = all_runs[name]
+        for label, color in [(LOCAL, "C0"), (GLOBAL, "C3"), ("NUTS", "C1")]:
+            if label not in runs:
+                continue
+            x = runs[label].x
+            first = target.toy.assign_modes(x.reshape(-1, target.dim).float()).reshape(x.shape[:2]) == 0
+            running = first.double().sum(0).cumsum(0) / (NUM_CHAINS * torch.arange(1, x.shape[1] + 1))
+            ax.plot(running.numpy(), color=color, label=label.replace(" (T1)", ""))
+        ax.axhline(float(target.toy.weights[0]), color="k", ls="--", lw=1, label="exact")
+        ax.set(title=name, xlabel="draw", ylim=(-0.02, 1.02))
+    axes[0, 0].set_ylabel("weight of the first mode\n(running, all chains)")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"compare_mode_weights{suffix}.png", dpi=100)
+    plt.close(fig)
 
 
 def ess_figure(results: dict, suffix: str) -> None:
@@ -494,7 +607,7 @@ def ess_figure(results: dict, suffix: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results["targets"])
-    methods = ["NFMALA identity (T1)", "NFMALA jacobian (T1)", "plain MALA", "NUTS", "NeuTra-NUTS"]
+    methods = [LOCAL, GLOBAL, "NFMALA jacobian (T1)", "plain MALA", "NUTS", "NeuTra-NUTS"]
     fig, ax = plt.subplots(figsize=(12, 4.5))
     width = 0.8 / len(methods)
     for k, method in enumerate(methods):
@@ -533,6 +646,7 @@ def figures(results: dict, all_runs: dict, suffix: str) -> None:
     import matplotlib.pyplot as plt
 
     ess_figure(results, suffix)
+    mode_weight_figure(all_runs, suffix)
 
     shown = [n for n in ["double_moon", "ring8", "banana2", "funnel10"] if n in all_runs]
     if not shown:
@@ -540,7 +654,8 @@ def figures(results: dict, all_runs: dict, suffix: str) -> None:
     labels = [
         "exact",
         "naive flow",
-        "NFMALA identity (T1)",
+        LOCAL,
+        GLOBAL,
         "NFMALA jacobian (T1)",
         "NFMALA jacobian (T2, beta=1)",
         "plain MALA",
