@@ -2,6 +2,7 @@
 
     python benchmarks/refinement.py           # 512 chains x (400 warmup + 200 draws), 2,000-step fit
     python benchmarks/refinement.py --quick   # 128 chains x (100 + 50), 300-step fit
+    python benchmarks/refinement.py --replot  # the figure again from the saved JSON
 
 The flow is fitted by maximum likelihood to exact draws of seven of the eight modes of `ring8`
 (eight equal-weight Gaussians on a circle of radius 4, scale 0.3); the eighth mode is missing.
@@ -93,8 +94,13 @@ def run(ring, flow, chains, warmup, draws, *, global_moves, refine, start_everyw
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--replot", action="store_true", help="the table's figure again from the saved JSON")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    if args.replot:
+        suffix = "_quick" if args.quick else ""
+        figure(GaussianRing(), json.loads((RESULTS / f"refinement{suffix}.json").read_text()), suffix)
+        return
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     chains, warmup, draws, steps = (128, 100, 50, 300) if args.quick else (512, 400, 200, 2000)
     ring = GaussianRing()
@@ -102,6 +108,8 @@ def main() -> None:
     flow = fit_on_seven_modes(ring, steps)
     fit_seconds = time.perf_counter() - start
     check = check_flow(flow, ring.log_prob)
+    with torch.no_grad():
+        own = flow.to_data(flow.sample_base((2000,), generator=torch.Generator().manual_seed(5)))[0]
     variants = {
         "local": dict(global_moves=False, refine=False, start_everywhere=False),
         "local + global": dict(global_moves=True, refine=False, start_everywhere=False),
@@ -116,6 +124,7 @@ def main() -> None:
         "budget": {"chains": chains, "warmup": warmup, "draws": draws, "fit_steps": steps},
         "fit_seconds": fit_seconds,
         "flow_check": {"khat": check.khat, "ess_fraction": check.ess_fraction},
+        "flow_draws": own.tolist(),
         "runs": {},
     }
     for label, options in variants.items():
@@ -141,11 +150,13 @@ def main() -> None:
         )
     table = "\n".join(lines) + "\n"
     (RESULTS / f"refinement{suffix}.md").write_text(table)
-    figure(ring, flow, results, suffix)
+    figure(ring, results, suffix)
     print(table)
 
 
-def figure(ring, flow, results, suffix) -> None:
+def figure(ring, results, suffix) -> None:
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,22 +164,21 @@ def figure(ring, flow, results, suffix) -> None:
 
     labels = list(results["runs"])
     fig, axes = plt.subplots(
-        1, len(labels) + 1, figsize=(3.1 * (len(labels) + 1), 3.3), sharex=True, sharey=True
+        1, len(labels) + 1, figsize=(3.1 * (len(labels) + 1), 3.9), sharex=True, sharey=True
     )
-    with torch.no_grad():
-        own = flow.to_data(flow.sample_base((2000,), generator=torch.Generator().manual_seed(5)))[0]
+    own = np.asarray(results["flow_draws"])
     axes[0].scatter(own[:, 0], own[:, 1], s=1, alpha=0.3, c="C7")
     axes[0].set_title("the flow's own draws\n(fitted to 7 modes)", fontsize=8)
     for ax, label in zip(axes[1:], labels):
         x = np.asarray(results["runs"][label]["draws"])
         ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.4)
         r = results["runs"][label]
-        ax.set_title(f"{label}\nmissing mode: {r['missing_mode_weight']:.3f} (exact 0.125)", fontsize=8)
-    locs = ring.locs
+        title = textwrap.fill(label, 30)
+        ax.set_title(f"{title}\nmissing mode: {r['missing_mode_weight']:.3f} (exact 0.125)", fontsize=8)
     for ax in axes:
-        if locs is not None:
-            ax.scatter(locs[MISSING, 0], locs[MISSING, 1], marker="x", c="red", s=40)
+        ax.scatter(ring.locs[MISSING, 0], ring.locs[MISSING, 1], marker="x", c="red", s=40)
         ax.set(xlim=(-5.5, 5.5), ylim=(-5.5, 5.5), xticks=[], yticks=[], aspect="equal")
+    fig.suptitle("The last draw of each chain; x marks the mode the flow was not fitted to", fontsize=9)
     fig.tight_layout()
     fig.savefig(RESULTS / f"refinement{suffix}.png", dpi=100)
     plt.close(fig)

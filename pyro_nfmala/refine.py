@@ -21,8 +21,10 @@ flow there), so that sampling is one fixed, exact kernel.
 **A flow cannot learn a mode that no chain visits.** Refinement trains on where the chains are,
 and latent moves, local or global, go where the flow puts mass. A mode far from everything the
 flow covers stays missing, and nothing in the chains shows it (every chain agrees); Grenioux,
-Durmus, Moulines & Gabrié (ICML 2023) discuss this limit of flow-based samplers. Start chains
-in every region you know of (``initial_z``), or fit the flow on draws that cover them.
+Durmus, Moulines & Gabrié (ICML 2023) discuss this limit of flow-based samplers. What it can do
+is amplify a thin tail: where a few chains reach a mode through the flow's tails (independence
+moves help), refinement learns it, and more chains follow. Many chains make that likelier; start
+chains in every region you know of (``initial_z``), or fit the flow on draws that cover them.
 
 Example:
     >>> flow = LatentFlow(zuko.flows.NSF(2, transforms=2))

@@ -87,6 +87,10 @@ def test_funnel_density_and_sampler():
         xs = torch.linspace(-10, 10, 2001, dtype=torch.float64) * (v0 / 2).exp()
         marginal.append(torch.trapezoid(funnel2.log_prob(torch.stack([v0.expand_as(xs), xs], -1)).exp(), xs))
     assert float(torch.trapezoid(torch.stack(marginal), vs)) == pytest.approx(1.0, abs=1e-4)
+    # deep in the neck the conditional scale underflows to 0: a density of -inf, not an error (a
+    # distribution object would raise there, and an unregistered error stops the samplers)
+    deep = funnel.log_prob(torch.tensor([-1500.0] + [0.1] * 9, dtype=torch.float64))
+    assert deep == -float("inf")
 
 
 def test_energy_distance_known_answers():

@@ -249,11 +249,14 @@ class NealFunnel(_Unimodal):
         self.weights = torch.ones(1, dtype=dtype)
 
     def log_prob(self, x: Tensor) -> Tensor:
+        r"""In log form, :math:`\log N(x_{2..d}; 0, e^v I) = -\frac12 |x_{2..d}|^2 e^{-v}
+        - \frac{d-1}{2} (v + \log 2\pi)`: no scale to underflow to 0 deep in the neck (where a
+        distribution object would raise), only a density that goes to minus infinity."""
         x = x.to(self.dtype)
         v, rest = x[..., 0], x[..., 1:]
-        return Normal(0.0, self.scale).log_prob(v) + Normal(0.0, (v / 2).exp().unsqueeze(-1)).log_prob(
-            rest
-        ).sum(-1)
+        k = rest.shape[-1]
+        conditional = -0.5 * rest.square().sum(-1) * (-v).exp() - 0.5 * k * (v + math.log(2 * math.pi))
+        return Normal(0.0, self.scale).log_prob(v) + conditional
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         v = self.scale * torch.randn(n, 1, generator=generator, dtype=self.dtype)
