@@ -561,7 +561,7 @@ def global_move_goals(results: dict) -> list[str]:
         lines.append(
             f"eight_schools: {GLOBAL} {row['ess_bulk_per_s']:.1f} ESS bulk/s (R-hat {row['rhat_max']:.3f}): "
             f"{vs_local:.1f}x local-only, {vs_nuts:.1f}x NUTS (NUTS R-hat {nuts['rhat_max']:.2f}, "
-            f"{'converged' if nuts['rhat_max'] <= RHAT_OK else 'not converged'}); "
+            f"{'converged' if nuts['rhat_max'] <= 1.01 else 'not converged by R-hat <= 1.01'}); "
             f"{row['ess_bulk_per_1k_grad']:.0f} ESS per 1k evaluations (goal >= 5x, >= 20x, >= 300: "
             f"{'met' if met else 'NOT met'})"
         )
