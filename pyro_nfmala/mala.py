@@ -14,7 +14,9 @@ A proposal whose log density, gradient or log acceptance ratio is not finite is 
 (:math:`\alpha = 0`) and counted as divergent: a chain never moves to a NaN. Errors raised
 while evaluating a proposal follow Pyro's policy for HMC and NUTS: those that a handler
 registered with :func:`pyro.ops.integrator.register_exception_handler` accepts (by default,
-singular or non-positive-definite matrices) are numerical failures, rejected and counted
+singular or non-positive-definite matrices), and a distribution's argument check failing (a
+parameter that under- or overflowed out of its support, such as a scale :math:`e^u = 0`), are
+numerical failures, rejected and counted
 like non-finite values, and returned in :attr:`StepInfo.errors`; every other error
 (out of memory, a shape or programming error, a ``ValueError`` of the model) propagates at
 once. In a batch, a failing evaluation is split in halves until the failing chains are found,
@@ -111,12 +113,25 @@ def is_numerical_error(error: BaseException) -> bool:
     """Whether an error raised at a proposal is a numerical failure (a divergence), as in Pyro's HMC.
 
     True when a handler registered with :func:`pyro.ops.integrator.register_exception_handler`
-    accepts it; out-of-memory errors never are.
+    accepts it, or when a distribution's argument check failed (a parameter out of its support);
+    out-of-memory errors never are.
     """
     if isinstance(error, torch.OutOfMemoryError) or not isinstance(error, Exception):
         return False
+    if _is_out_of_support(error):
+        return True
     handlers = getattr(pyro.ops.integrator, "_EXCEPTION_HANDLERS", {})
     return any(handler(error) for handler in list(handlers.values()))
+
+
+def _is_out_of_support(error: BaseException) -> bool:
+    """A distribution's argument check failing at a proposal ("Expected parameter scale ... to satisfy
+    the constraint GreaterThan(...)"): a parameter that under- or overflowed out of its support (a scale
+    exp(u) that reached 0 deep in a funnel), which is a numerical failure, not a programming error."""
+    message = str(error)
+    return (
+        isinstance(error, ValueError) and message.startswith("Expected parameter") and "constraint" in message
+    )
 
 
 def evaluate(target: LatentTarget, precond: Preconditioner, z: Tensor) -> MALAState:

@@ -364,3 +364,24 @@ def test_flow_and_target_on_different_devices_is_a_clear_error():
     target = PosteriorPullback(LatentFlow(zuko.flows.RealNVP(1)), lambda x: -((x - data) ** 2).sum(-1), 1)
     with pytest.raises(ValueError, match="flow.to\\(device\\)"):
         ChainSampler(target, 4)
+
+
+def test_a_scale_that_underflows_to_zero_is_a_rejection_not_a_crash():
+    """Deep in a funnel a scale exp(u) reaches 0 and a distribution's argument check raises ValueError
+    (outside Pyro's MCMC, which turns validation off): a numerical failure, rejected and counted."""
+
+    def log_prob(x):
+        u = x[..., 0]
+        scale = u.exp()
+        return dist.Normal(0.0, 3.0).log_prob(u) + dist.Normal(0.0, scale, validate_args=True).log_prob(
+            torch.full_like(u, 0.1)
+        )
+
+    target = PosteriorPullback(identity_flow(1), log_prob)
+    # steps of 20,000: proposals far into the neck (u < -104), where exp(u) underflows to 0 in float32
+    sampler = ChainSampler(target, 8, step_size=20000.0, mass_matrix=None, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        state = sampler.advance(5, progress=False)
+    assert torch.isfinite(state.x).all()
+    assert sampler.num_errors > 0
