@@ -52,15 +52,18 @@ class ChainSampler:
             :class:`~pyro_nfmala.TemperedFlow`).
         num_chains: Number of chains, at least 1.
         preconditioner: ``"identity"`` (default), ``"jacobian"`` (the Jacobian-aware dynamics of
-            Coeurdoux et al., for the tempered target), ``"dense_jacobian"``, or a
+            Coeurdoux et al., for the tempered target: a data-space Langevin step linearized
+            through :math:`J_f`), ``"data_space"`` (the same step, exact:
+            :class:`~pyro_nfmala.precond.DataSpacePreconditioner`), ``"dense_jacobian"``, or a
             :class:`~pyro_nfmala.precond.Preconditioner`.
         step_size: Initial step size; ``None`` finds one by doubling/halving (per chain, or
             their median when adaptation is shared).
         target_accept_prob: Acceptance probability adaptation aims at.
         adapt: ``"shared"`` (one step size for all chains) or ``"per_chain"``.
-        mass_matrix: A constant latent mass matrix adapted in warmup (from all chains' states, on
-            Stan's windows): ``"diagonal"``, ``"dense"``, ``None``, or ``"auto"`` (default:
-            diagonal with the identity preconditioner, none with the others).
+        mass_matrix: A constant mass matrix adapted in warmup (from all chains' states, on Stan's
+            windows): ``"diagonal"``, ``"dense"``, ``None``, or ``"auto"`` (default: diagonal with
+            the identity preconditioner, in latent space, and with ``"jacobian"`` and
+            ``"data_space"``, in data space; none with the others).
         independence_every: ``None`` (default): MALA steps only. ``k``: every ``k``-th step is
             followed by a latent independence move :math:`z' \sim \mathcal{N}(0, s^2 I)`, accepted
             by the exact Metropolis-Hastings ratio (:mod:`pyro_nfmala.independence`): with a flow

@@ -45,6 +45,7 @@ __all__ = [
     "check_target_accept_prob",
 ]
 
+import copy
 import math
 import numbers
 import warnings
@@ -100,19 +101,30 @@ def check_target_accept_prob(target_accept_prob: object) -> float:
 
 
 def check_mass_matrix(mass_matrix: object, preconditioner: Preconditioner) -> str | None:
-    """``None``, ``"diagonal"`` or ``"dense"`` (``"auto"``: diagonal with the identity preconditioner,
-    else none); a mass matrix goes with the identity preconditioner only."""
+    """``None``, ``"diagonal"`` or ``"dense"``; ``"auto"`` is diagonal for a preconditioner that takes a
+    mass matrix (the identity's in latent space; ``"jacobian"``'s and ``"data_space"``'s in data space),
+    else none."""
+    takes_mass = _mass_space(preconditioner) is not None
     if mass_matrix == "auto":
-        return "diagonal" if getattr(preconditioner, "name", None) == "identity" else None
+        return "diagonal" if takes_mass else None
     if mass_matrix not in (None, "diagonal", "dense"):
         raise ValueError(f"mass_matrix must be 'auto', 'diagonal', 'dense' or None, got {mass_matrix!r}")
-    if mass_matrix is not None and getattr(preconditioner, "name", None) not in ("identity", "mass"):
+    if mass_matrix is not None and not takes_mass:
         raise ValueError(
-            f"mass_matrix={mass_matrix!r} goes with the identity preconditioner; the "
-            f"{getattr(preconditioner, 'name', preconditioner)!r} preconditioner has its own metric: "
-            "use mass_matrix=None with it"
+            f"mass_matrix={mass_matrix!r} goes with the identity, jacobian or data_space preconditioners; "
+            f"the {getattr(preconditioner, 'name', preconditioner)!r} preconditioner takes none: use "
+            "mass_matrix=None with it"
         )
     return mass_matrix
+
+
+def _mass_space(preconditioner: Preconditioner) -> str | None:
+    """Where a preconditioner's mass matrix lives (``"latent"`` or ``"data"``), or ``None`` if it has none."""
+    if getattr(preconditioner, "name", None) == "identity":
+        return "latent"  # the samplers replace it by a MassMatrixPreconditioner of their own
+    if hasattr(preconditioner, "set_inverse_mass"):
+        return getattr(preconditioner, "space", "latent")
+    return None
 
 
 def check_num_chains(num_chains: object) -> int:
@@ -128,14 +140,16 @@ class Driver:
     Arguments:
         target: The latent target.
         num_chains: Number of chains in the batch.
-        preconditioner: ``"identity"`` (default), ``"jacobian"``, ``"dense_jacobian"``, or a
-            :class:`~pyro_nfmala.precond.Preconditioner`.
+        preconditioner: ``"identity"`` (default), ``"jacobian"``, ``"data_space"``,
+            ``"dense_jacobian"``, or a :class:`~pyro_nfmala.precond.Preconditioner`.
         target_accept_prob: Acceptance probability that adaptation aims at (0.574, optimal for MALA).
         adapt: ``"shared"`` (one step size for all chains) or ``"per_chain"``.
-        mass_matrix: ``"diagonal"`` or ``"dense"``: adapt a constant latent mass matrix in warmup
-            (with the identity preconditioner only, which it then replaces by a
-            :class:`~pyro_nfmala.precond.MassMatrixPreconditioner` of its own); ``None``: none;
-            ``"auto"``: diagonal with the identity preconditioner, none with the others.
+        mass_matrix: ``"diagonal"`` or ``"dense"``: adapt a constant mass matrix in warmup, to the
+            covariance of the chains' latent states with the identity preconditioner (which it
+            then replaces by a :class:`~pyro_nfmala.precond.MassMatrixPreconditioner` of its own),
+            of their data-space states with ``"jacobian"`` and ``"data_space"`` (a copy of the
+            preconditioner holds it); ``None``: none; ``"auto"``: diagonal with those three,
+            none with the others.
         independence_every: ``None`` (default): MALA steps only. ``k``: every ``k``-th step is
             followed by an independence move :math:`z' \sim \mathcal{N}(0, s^2 I)`.
         independence_scale: :math:`s > 0` (1: the flow's base law).
@@ -169,12 +183,19 @@ class Driver:
         self.num_chains = check_num_chains(num_chains)
         self.preconditioner = get_preconditioner(preconditioner)
         self.mass_matrix = check_mass_matrix(mass_matrix, self.preconditioner)
+        self._mass_space = _mass_space(self.preconditioner) if self.mass_matrix is not None else None
         if self.mass_matrix is not None:  # a fresh one: it holds this driver's adapted matrix
-            self.preconditioner = MassMatrixPreconditioner(
-                torch.ones(self.flow.dim, dtype=self.flow.dtype, device=self.flow.device)
+            options = {"dtype": self.flow.dtype, "device": self.flow.device}
+            unit = (
+                torch.ones(self.flow.dim, **options)
                 if self.mass_matrix == "diagonal"
-                else torch.eye(self.flow.dim, dtype=self.flow.dtype, device=self.flow.device)
+                else torch.eye(self.flow.dim, **options)
             )
+            if getattr(self.preconditioner, "name", None) == "identity":
+                self.preconditioner = MassMatrixPreconditioner(unit)
+            else:
+                self.preconditioner = copy.copy(self.preconditioner)
+                self.preconditioner.set_inverse_mass(unit)
         self.target_accept_prob = check_target_accept_prob(target_accept_prob)
         self.independence_every, self.independence_scale = check_independence(
             independence_every, independence_scale
@@ -288,7 +309,8 @@ class Driver:
         window = next(((first, last) for first, last in self._windows if first <= t <= last), None)
         if window is None:
             return
-        self._welford.update_batch(self.state.z.detach().double().cpu())
+        points = self.state.x if self._mass_space == "data" else self.state.z
+        self._welford.update_batch(points.detach().double().cpu())
         if t != window[1] or self._welford.n_samples < 2:
             return
         covariance = self._welford.get_covariance(regularize=True).to(self.flow.dtype).to(self.flow.device)

@@ -344,6 +344,33 @@ class LatentFlow:
         r"""Returns :math:`z = f^{-1}(x)`."""
         return self.distribution.transform(x)
 
+    def to_latent_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Returns :math:`z = f^{-1}(x)` and :math:`\log|\det J_{f^{-1}}(x)| = -\mathrm{ladj}(z)`."""
+        return self.distribution.transform.call_and_ladj(x)
+
+    def data_gradient(self, x: Tensor, latent_grad: Tensor) -> Tensor:
+        r"""The gradient in data space of a latent log density read in data space.
+
+        For a latent log density :math:`\log \pi` with gradient ``latent_grad`` :math:`= \nabla_z
+        \log \pi(z)` at :math:`z = f^{-1}(x)`, returns :math:`\nabla_x \log p_X(x)` for
+        :math:`\log p_X(x) = \log \pi(f^{-1}(x)) + \log|\det J_{f^{-1}}(x)|`, the density of
+        :math:`f(z)` when :math:`z \sim \pi`:
+
+        .. math:: J_{f^{-1}}(x)^T \nabla_z \log \pi(z) + \nabla_x \log|\det J_{f^{-1}}(x)|,
+
+        one pass of :math:`f^{-1}` and one backward.
+        """
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            z, ladj = self.to_latent_and_ladj(x)
+            pairs = [(z, latent_grad.detach()), (ladj, torch.ones_like(ladj))]
+            pairs = [(out, cotangent) for out, cotangent in pairs if out.requires_grad]  # constant: no term
+            if not pairs:
+                return torch.zeros_like(x)
+            outputs, cotangents = zip(*pairs)
+            (grad,) = torch.autograd.grad(outputs, x, cotangents, allow_unused=True)
+        return torch.zeros_like(x) if grad is None else grad
+
     def jvp_to_data(self, z: Tensor, tangent: Tensor) -> Tensor:
         r"""Returns :math:`J_f(z)\, v`."""
         return self._jvp("to_data", z, tangent)

@@ -92,9 +92,9 @@ class IndependenceProposal:
         return z_new, self._log_normal(z_new)
 
     def log_proposal_density(
-        self, flow: LatentFlow, z_to: Tensor, state_from: MALAState, step_size: Tensor
+        self, flow: LatentFlow, state_to: MALAState, state_from: MALAState, step_size: Tensor
     ) -> Tensor:
-        return self._log_normal(z_to)
+        return self._log_normal(state_to.z)
 
 
 def check_scale(scale: object) -> float:

@@ -105,10 +105,13 @@ class NFMALA(MCMCKernel):
             small latent steps where the flow stretches). The jacobian step undoes the flow's
             whitening: on a posterior whose data space is badly scaled (a funnel) it mixes as
             poorly as MALA in data space. Use it for the tempered target (``beta``); keep
-            ``"identity"`` for posteriors.
-        mass_matrix: A constant latent mass matrix adapted in warmup on Stan's windows:
-            ``"diagonal"``, ``"dense"`` or ``None``; ``"auto"`` (default): diagonal with the
-            identity preconditioner, none with ``"jacobian"`` (which has its own metric).
+            ``"identity"`` for posteriors. ``"data_space"``: the same data-space Langevin step
+            without the linearization, mapped back exactly through :math:`f^{-1}`
+            (:class:`~pyro_nfmala.precond.DataSpacePreconditioner`): larger steps where the flow
+            bends, for two more passes of :math:`f^{-1}`.
+        mass_matrix: A constant mass matrix adapted in warmup on Stan's windows: ``"diagonal"``,
+            ``"dense"`` or ``None``; ``"auto"`` (default): diagonal. It lives in latent space with
+            the identity preconditioner, in data space with ``"jacobian"`` and ``"data_space"``.
         independence_every: ``k``: every ``k``-th MALA step is followed by a latent independence
             move :math:`z' \sim \mathcal{N}(0, s^2 I)` accepted by the exact Metropolis-Hastings
             ratio (:mod:`pyro_nfmala.independence`): where the map is close to the posterior, a

@@ -190,7 +190,7 @@ def _evaluate_proposal(
     target, precond, state: MALAState, z_new: Tensor, step_size: Tensor
 ) -> tuple[MALAState, Tensor]:
     proposal = evaluate(target, precond, z_new)
-    return proposal, precond.log_proposal_density(target.flow, state.z, proposal, step_size)
+    return proposal, precond.log_proposal_density(target.flow, state, proposal, step_size)
 
 
 def _rows(state: MALAState, index: slice) -> MALAState:

@@ -10,7 +10,7 @@ comparison.
 import torch
 
 from pyro_nfmala.mala import init_state, mala_step
-from pyro_nfmala.precond import IdentityPreconditioner, JacobianPreconditioner
+from pyro_nfmala.precond import DataSpacePreconditioner, IdentityPreconditioner, JacobianPreconditioner
 
 NUM_PARTICLES = 5000  # particles, each an independent chain
 NUM_STEPS = 10
@@ -38,16 +38,16 @@ def max_abs_z_score(particles, reference):
 class JacobianWithoutReverseLadj(JacobianPreconditioner):
     """Negative control: forgets the log-determinant term of the reverse proposal density."""
 
-    def log_proposal_density(self, flow, z_to, state_from, step_size):
-        return super().log_proposal_density(flow, z_to, state_from, step_size) - state_from.ladj
+    def log_proposal_density(self, flow, state_to, state_from, step_size):
+        return super().log_proposal_density(flow, state_to, state_from, step_size) - state_from.ladj
 
 
 class IdentityWithFlippedReverseDrift(IdentityPreconditioner):
     """Negative control: a sign error in the reverse density's drift, mu(z') = z' - eps g(z')."""
 
-    def log_proposal_density(self, flow, z_to, state_from, step_size):
+    def log_proposal_density(self, flow, state_to, state_from, step_size):
         flipped = state_from._replace(grad=-state_from.grad)
-        return super().log_proposal_density(flow, z_to, flipped, step_size)
+        return super().log_proposal_density(flow, state_to, flipped, step_size)
 
 
 def run_particles(target, precond, step_size, mixture, seed=2):
@@ -58,3 +58,25 @@ def run_particles(target, precond, step_size, mixture, seed=2):
         state, info = mala_step(state, target, precond, step_size)
         accept.append(float(info.accept_prob.mean()))
     return state, sum(accept) / len(accept)
+
+
+class DataSpaceWithoutReverseLadj(DataSpacePreconditioner):
+    """Negative control: reads the reverse data-space density as a latent one, forgetting ladj(z)."""
+
+    def log_proposal_density(self, flow, state_to, state_from, step_size):
+        return super().log_proposal_density(flow, state_to, state_from, step_size) - state_to.ladj
+
+
+def check_invariance(target, correct, broken, mixture, reference):
+    """Exact draws stay exact under ``correct`` (which really moves them), and not under ``broken``,
+    at a step size found for ``correct``."""
+    from pyro_nfmala.adaptation import find_reasonable_step_size
+
+    torch.manual_seed(0)
+    probe = init_state(target, correct, exact_latents(target.flow, mixture, 256))
+    step_size = float(find_reasonable_step_size(probe, target, correct).median())
+    state, accept_rate = run_particles(target, correct, step_size, mixture)
+    assert 0.2 < accept_rate < 0.95  # the chains really move
+    assert max_abs_z_score(statistics(state.z, state.x), reference) < 4.5
+    state, _ = run_particles(target, broken, step_size, mixture)
+    assert max_abs_z_score(statistics(state.z, state.x), reference) > 6.0

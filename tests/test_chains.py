@@ -20,7 +20,7 @@ def _advance_from(sampler_kwargs, target, z0, steps=10):
     return sampler.advance(steps, progress=False)
 
 
-@pytest.mark.parametrize("preconditioner", ["identity", "jacobian"])
+@pytest.mark.parametrize("preconditioner", ["identity", "jacobian", "data_space"])
 def test_vectorized_sampler_keeps_exact_posterior_law(latent_flow, mixture, preconditioner):
     target = PosteriorPullback(latent_flow, mixture.log_prob, dim=2)
     torch.manual_seed(0)
@@ -47,7 +47,7 @@ def test_tempered_beta_zero_keeps_the_latent_gaussian(latent_flow):
     reference = statistics(reference_z, latent_flow.to_data(reference_z)[0].detach())
     probe = init_state(target, JacobianPreconditioner(), z0[:256])
     step = float(find_reasonable_step_size(probe, target, JacobianPreconditioner()).median())
-    for precond in ("identity", "jacobian"):
+    for precond in ("identity", "jacobian", "data_space"):
         state = _advance_from(dict(preconditioner=precond, step_size=step, seed=4), target, z0)
         assert max_abs_z_score(statistics(state.z, state.x), reference) < 4.5, precond
     broken = _advance_from(

@@ -35,8 +35,8 @@ class IndependenceWithoutProposalDensity(IndependenceProposal):
         z_new, _ = super().propose(flow, state, step_size, noise)
         return z_new, torch.zeros(z_new.shape[:-1], dtype=z_new.dtype)
 
-    def log_proposal_density(self, flow, z_to, state_from, step_size):
-        return torch.zeros(z_to.shape[:-1], dtype=z_to.dtype)
+    def log_proposal_density(self, flow, state_to, state_from, step_size):
+        return torch.zeros(state_to.z.shape[:-1], dtype=state_to.z.dtype)
 
 
 def run_moves(target, proposal, mixture, seed=3):

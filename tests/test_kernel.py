@@ -91,7 +91,7 @@ def assert_moments(draws, mean, sd, label=""):
 # exact posteriors end to end
 
 
-@pytest.mark.parametrize("preconditioner", ["identity", "jacobian"])
+@pytest.mark.parametrize("preconditioner", ["identity", "jacobian", "data_space"])
 def test_normal_normal_posterior(preconditioner):
     pyro.set_rng_seed(0)
     kernel = NFMALA(normal_normal, flow=zuko.flows.RealNVP(1, transforms=2), preconditioner=preconditioner)

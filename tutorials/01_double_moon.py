@@ -97,7 +97,8 @@ def last_states(target, preconditioner):
     return sampler.advance(STEPS, progress=False).x
 
 
-configs = [(beta, precond) for beta in (0.5, 1.0) for precond in ("identity", "jacobian")]
+PRECONDITIONERS = ("identity", "jacobian", "data_space")
+configs = [(beta, precond) for beta in (0.5, 1.0) for precond in PRECONDITIONERS]
 for beta, precond in configs:
     label = f"T2 beta={beta}, {precond}"
     start = time.perf_counter()
@@ -164,7 +165,7 @@ for beta, precond in configs:
 # ## 4. Figures: the samples side by side
 
 # %%
-fig, axes = plt.subplots(2, 4, figsize=(16, 8), sharex=True, sharey=True)
+fig, axes = plt.subplots(2, 5, figsize=(20, 8), sharex=True, sharey=True)
 for ax, (label, x) in zip(axes.flat, samples.items()):
     x = x.detach().cpu()
     in_gap = moon.log_prob(x) < threshold

@@ -77,6 +77,9 @@ NUM_CHAINS = 100 if SMOKE else 1_000
 WARMUP, DRAWS, THIN = (3, 2, 2) if SMOKE else (100, 4, 50)  # 4 draws per chain, 50 steps apart
 BETAS = (0.05, 0.1, 0.2, 1.0)  # identity preconditioner
 JACOBIAN_BETA, JACOBIAN_CHAINS = 0.1, (50 if SMOKE else 300)
+DATA_SPACE_BETAS = (0.2, 1.0)  # the exact data-space move
+# the data-space mass matrix is adapted on Stan's windows, which need at least 150 warmup steps
+DATA_SPACE_WARMUP = 3 if SMOKE else 150
 LOW_CONFIDENCE = 0.5  # a sample is "between classes" when no class gets at least this probability
 
 # %% [markdown]
@@ -189,7 +192,9 @@ for beta, low, balance, ess in zip(PREVIEW_BETAS, preview_low, preview_balance, 
 # ## 4. Sample: naive, and latent MALA on T2
 # Each run starts its chains at z ~ q_Z, adapts one step size in warmup, then keeps 4 states per
 # chain, 50 steps apart. The identity preconditioner runs at each beta of `BETAS`; the jacobian
-# preconditioner at one beta, on fewer chains (section 6 says why).
+# preconditioner at one beta, on fewer chains (section 6 says why); the exact data-space move
+# (`preconditioner="data_space"`) at two, with a diagonal data-space mass matrix adapted in a
+# longer warmup.
 
 # %%
 samples, timings, step_sizes, accept = {}, {}, {}, {}
@@ -197,12 +202,16 @@ start = time.perf_counter()
 with torch.no_grad():
     samples["naive, x = f(z)"] = to_pixels(flow().sample((NUM_CHAINS * DRAWS,)))
 timings["naive, x = f(z)"] = time.perf_counter() - start
-configs = [(beta, "identity", NUM_CHAINS) for beta in BETAS] + [(JACOBIAN_BETA, "jacobian", JACOBIAN_CHAINS)]
-for beta, precond, chains in configs:
+configs = (
+    [(beta, "identity", NUM_CHAINS, WARMUP) for beta in BETAS]
+    + [(JACOBIAN_BETA, "jacobian", JACOBIAN_CHAINS, WARMUP)]
+    + [(beta, "data_space", NUM_CHAINS, DATA_SPACE_WARMUP) for beta in DATA_SPACE_BETAS]
+)
+for beta, precond, chains, warmup in configs:
     label = f"T2 beta={beta}, {precond}"
     start = time.perf_counter()
     sampler = ChainSampler(TemperedFlow(flow, beta), chains, preconditioner=precond, seed=1)
-    sampler.warmup(WARMUP, progress=not SMOKE)
+    sampler.warmup(warmup, progress=not SMOKE)
     draws = sampler.sample(DRAWS, thin=THIN, keep_latent=False, progress=not SMOKE)
     samples[label] = to_pixels(
         torch.as_tensor(draws.posterior["x"].values).transpose(0, 1).reshape(-1, 64)
@@ -269,7 +278,7 @@ for label, m in metrics.items():
         f"| {timings[label]:.0f} |"
     )
 naive = metrics["naive, x = f(z)"]
-for beta, precond, _ in configs:
+for beta, precond, _, _ in configs:
     m = metrics[f"T2 beta={beta}, {precond}"]
     print(
         f"T2 beta={beta}, {precond}: between-class share {m['low_confidence']:.3f} "
@@ -327,30 +336,12 @@ print(
 probe[f"dense_jacobian ({same['jacobian'].shape[1]} of the draws)"] = same["dense_jacobian"].mean(-1).tolist()
 
 
-# For comparison, not a sampler of this library: exact MALA in data space on T2's push-forward,
-# log p(x) = log q_Z(f^-1(x)) + (1 + beta) log|det J_f^-1(x)|. The jacobian step is its
-# linearization through J_f(z); what it loses on top of this is the cost of that linearization.
-data_to_latent = probe_flow().transform  # zuko's direction: data to latent
-
-
-def data_log_density(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x = x.detach().requires_grad_(True)
-    z, ladj_inverse = data_to_latent.call_and_ladj(x)
-    value = probe_target.flow.base_log_prob(z) + (1 + JACOBIAN_BETA) * ladj_inverse
-    return value.detach(), torch.autograd.grad(value.sum(), x)[0]
-
-
-with torch.no_grad():
-    probe_x = probe_target.flow.to_data(probe_z)[0]
-log_p, grad_p = data_log_density(probe_x)
-probe["exact MALA in data space"] = []
-for eps in probe_steps:
-    noise = torch.randn(probe_x.shape, generator=torch.Generator().manual_seed(5), dtype=probe_x.dtype)
-    proposal = probe_x + eps * grad_p + np.sqrt(2 * eps) * noise
-    log_p_new, grad_new = data_log_density(proposal)
-    reverse = -(probe_x - proposal - eps * grad_new).square().sum(-1) / (4 * eps)
-    log_ratio = (log_p_new - log_p + reverse + 0.5 * noise.square().sum(-1)).clamp(max=0)
-    probe["exact MALA in data space"].append(float(torch.nan_to_num(log_ratio.exp(), nan=0.0).mean()))
+# The exact data-space move ("data_space", here without a mass matrix, as in the probe of the
+# other two): the same Langevin step in data space on T2's push-forward,
+# log p(x) = log q_Z(f^-1(x)) + (1 + beta) log|det J_f^-1(x)|, mapped back exactly by f^-1. The
+# jacobian step is its linearization through J_f(z); what it loses on top of this is the cost of
+# that linearization.
+probe["data_space (exact)"] = one_step_acceptance("data_space", probe_z).mean(-1).tolist()
 singular_values = torch.linalg.svdvals(probe_target.flow.jacobian_to_data(probe_z[:50]).detach())
 condition = (singular_values[:, 0] / singular_values[:, -1]).median()
 print("mean acceptance probability of one step from naive draws, by step size:")
@@ -383,6 +374,13 @@ for beta in BETAS:
         color="C3",
         label="chains (identity)" if beta == BETAS[0] else None,
     )
+for beta in DATA_SPACE_BETAS:
+    m = metrics[f"T2 beta={beta}, data_space"]
+    first = beta == DATA_SPACE_BETAS[0]
+    axes[0].plot(beta, m["low_confidence"], "D", color="C2", label="chains (data space)" if first else None)
+    axes[1].plot(
+        beta, 100 * m["balance_error"], "D", color="C2", label="chains (data space)" if first else None
+    )
 axes[0].axhline(
     metrics["held-out real digits"]["low_confidence"], color="grey", ls=":", label="held-out real digits"
 )
@@ -414,7 +412,7 @@ def image_grid(ax, pixels: torch.Tensor, rows: int = 8, cols: int = 8) -> None:
 
 
 panels = {"held-out real digits": torch.as_tensor(fresh_images), **samples}
-fig, axes = plt.subplots(2, 4, figsize=(17, 9.6))
+fig, axes = plt.subplots(2, 5, figsize=(21, 9.6))
 for ax, (label, pixels) in zip(axes.flat, panels.items()):
     image_grid(ax, pixels)
     m = metrics[label]
@@ -433,6 +431,7 @@ fig.savefig(FIGURES / f"03_samples{SUFFIX}.png", dpi=100)
 
 # The least confident samples of naive sampling and of two MALA runs, with the classifier's top guess
 rows = ["naive, x = f(z)", f"T2 beta={BETAS[1]}, identity", f"T2 beta={BETAS[2]}, identity"]
+rows.append(f"T2 beta={DATA_SPACE_BETAS[0]}, data_space")
 fig, axes = plt.subplots(len(rows), 12, figsize=(14, 1.7 * len(rows)))
 for row, label in zip(axes, rows):
     pixels = samples[label]
