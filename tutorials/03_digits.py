@@ -23,7 +23,7 @@
 # naive draws with importance weights predict what the chains will give, for every beta at once
 # (`preview_tempering`). That is how beta is chosen here, and the chains are checked against it.
 #
-# Run: `python tutorials/03_digits.py` (about 13 minutes on 2 cores); `SMOKE_TEST=1` for seconds.
+# Run: `python tutorials/03_digits.py` (about 20 minutes on 2 cores); `SMOKE_TEST=1` for seconds.
 
 # %%
 import os
@@ -506,72 +506,80 @@ print(f"figures written to {FIGURES}")
 # %% [markdown]
 # ## 9. What we measured
 #
-# Measured on 2026-11-29 (`python tutorials/03_digits.py`, 12.6 minutes on 2 cores, twice with the
-# same numbers): spline flow trained 3,000 steps in 172-175 s (NLL 10.87 nats per image in logit
-# space; the RealNVP used before reached 26.7); classifier accuracy 0.970 on held-out digits;
-# 1,000 chains x 4 draws, 50 steps apart, after 100 warmup steps (300 chains for the jacobian
-# run); "preview" is T2's value predicted from 20,000 weighted naive draws (section 3).
-# "Between classes" is the share of samples with classifier confidence < 0.5, "balance" the worst
-# class share - 10%, "saturated" the share of saturated pixels.
+# Measured on 2026-11-30 (`python tutorials/03_digits.py` on 2 cores shared with a test run, so
+# its times are 2-4x a quiet machine's: the flow took 716 s to train, 175 s alone): spline flow
+# trained 3,000 steps (NLL 10.94 nats per image in logit space); classifier accuracy 0.970 on
+# held-out digits; 1,000 chains x 4 draws, 50 steps apart, after 100 warmup steps (300 chains for
+# the jacobian run; 150 warmup steps for the data-space runs, whose diagonal data-space mass
+# matrix needs them); "preview" is T2's value predicted from 20,000 weighted naive draws
+# (section 3). "Between classes" is the share of samples with classifier confidence < 0.5,
+# "balance" the worst class share - 10%, "saturated" the share of saturated pixels.
 #
 # | method | between classes | preview | precision | recall | balance | saturated | step size | accept prob. |
 # | --- | --- | --- | --- | --- | --- | --- | --- | --- |
 # | held-out real digits | 0.027 | | 0.897 | 0.917 | 1.0 pts | 0.583 | | |
-# | naive, x = f(z) | 0.155 | 0.158 | 0.832 | 0.811 | 1.9 pts | 0.503 | | |
-# | T2 beta=0.05, identity | 0.128 | 0.133 | 0.838 | 0.804 | 3.2 pts | 0.510 | 0.2 | 0.57 |
-# | T2 beta=0.1, identity | 0.112 | 0.111 | 0.853 | 0.818 | 5.8 pts | 0.517 | 0.078 | 0.57 |
-# | T2 beta=0.2, identity | 0.080 | 0.072 | 0.886 | 0.828 | 9.6 pts | 0.530 | 0.029 | 0.59 |
-# | T2 beta=1.0, identity | 0.083 | 0.000 (ESS 2) | 0.853 | 0.856 | 2.3 pts | 0.556 | 0.0039 | 0.67 |
-# | T2 beta=0.1, jacobian | 0.148 | | 0.831 | 0.828 | 4.0 pts | 0.502 | 1.2e-06 | 0.57 |
+# | naive, x = f(z) | 0.166 | 0.158 | 0.825 | 0.797 | 2.1 pts | 0.503 | | |
+# | T2 beta=0.05, identity | 0.138 | 0.134 | 0.845 | 0.821 | 3.7 pts | 0.509 | 0.2 | 0.58 |
+# | T2 beta=0.1, identity | 0.116 | 0.113 | 0.853 | 0.817 | 5.9 pts | 0.514 | 0.08 | 0.57 |
+# | T2 beta=0.2, identity | 0.077 | 0.078 | 0.882 | 0.796 | 9.8 pts | 0.529 | 0.029 | 0.59 |
+# | T2 beta=1.0, identity | 0.094 | 0.001 (ESS 1) | 0.839 | 0.856 | 2.5 pts | 0.553 | 0.0039 | 0.65 |
+# | T2 beta=0.1, jacobian | 0.167 | | 0.820 | 0.838 | 3.4 pts | 0.504 | 1.2e-06 | 0.55 |
+# | T2 beta=0.2, data_space | 0.153 | | 0.826 | 0.813 | 2.3 pts | 0.505 | 5.6e-04 | 0.56 |
+# | T2 beta=1.0, data_space | 0.152 | | 0.821 | 0.826 | 2.1 pts | 0.506 | 2.7e-04 | 0.51 |
 #
-# Preview of T2 (20,000 naive draws): between classes 0.158 / 0.133 / 0.111 / 0.072 / 0.043 at
-# beta = 0 / 0.05 / 0.1 / 0.2 / 0.3, worst class 1.8 / 3.6 / 6.6 / 14.5 / 22.2 pts from 10%, ESS
-# 20,000 / 17,364 / 11,094 / 1,652 / 132; at beta = 0.5 and 1 the ESS is 7 and 2.
+# Preview of T2 (20,000 naive draws): between classes 0.158 / 0.134 / 0.113 / 0.078 / 0.055 at
+# beta = 0 / 0.05 / 0.1 / 0.2 / 0.3, worst class 2.0 / 3.3 / 6.1 / 13.3 / 20.5 pts from 10%, ESS
+# 20,000 / 17,384 / 11,307 / 2,195 / 252; at beta = 0.5 and 1 the ESS is 9 and 1.
 #
-# **What T2 does on the digits.** It removes samples between classes, and the chains agree with
-# the preview wherever the preview can be trusted (beta <= 0.2: 0.128 against 0.133, 0.112
-# against 0.111, 0.080 against 0.072). The price is class balance: T2 favours where the flow
+# **What T2 does on the digits.** It removes samples between classes, and the identity chains
+# agree with the preview wherever the preview can be trusted (beta <= 0.2: 0.138 against 0.134,
+# 0.116 against 0.113, 0.077 against 0.078). The price is class balance: T2 favours where the flow
 # contracts, and the flow contracts some classes more than others (figure `03_metrics.png`, class
-# balance panel), so the worst class drifts from 1.9 points off 10% (naive) to 3.2 (beta = 0.05), 5.8
-# (0.1) and 9.6 (0.2). Within "a few points" of balance, T2 lowers the between-class share from
-# 15.5% to 12.8% (beta = 0.05, 1.2x lower) or 11.2% (beta = 0.1, 1.4x lower, 5.8 points); halving
-# it (8.0% at beta = 0.2) costs 9.6 points. Precision rises (0.83 to 0.89 at beta = 0.2) and
-# recall is kept (0.81 to 0.83).
+# balance panel), so the worst class drifts from 2.1 points off 10% (naive) to 3.7 (beta = 0.05),
+# 5.9 (0.1) and 9.8 (0.2). Within "a few points" of balance, T2 lowers the between-class share from
+# 16.6% to 13.8% (beta = 0.05, 1.2x lower) or 11.6% (beta = 0.1, 1.4x lower, 5.9 points); halving
+# it (7.7% at beta = 0.2) costs 9.8 points. Precision rises (0.83 to 0.88 at beta = 0.2) and
+# recall is kept (0.80).
 #
-# **The paper's procedure at beta = 1** (N chains from naive draws, K steps) gives 8.3% between
-# classes with the class balance kept (2.3 points) and the best precision and recall of all
-# samplers here (0.853, 0.856). But these are not samples of T2 at beta = 1: the preview puts
-# T2's mass on a couple of draws (ESS 2, one class taking 60 points extra), and 300 steps at step
-# size 0.004 only move each chain up its own neighbourhood's flow density. The result depends on
-# K: `python benchmarks/digits_steps.py` (benchmarks/README.md) follows the same chains for 800
-# steps: 8.2% after 50 steps, 5.4% after 400 and 800 (2.9x lower than naive), with the worst class
-# drifting slowly, 1.9 to 2.6 points up to K = 200, 2.8 at 400, 3.4 at 800; a much longer run
-# would drift towards T2's one-class answer. At beta = 0.1 the same benchmark shows the chains at
-# T2 from the end of warmup on.
+# **The paper's procedure at beta = 1** (N chains from naive draws, K steps) gives 9.4% between
+# classes with the class balance kept (2.5 points) and the best recall of all samplers here
+# (0.856). But these are not samples of T2 at beta = 1: the preview puts T2's mass on a single
+# draw (ESS 1), and 300 steps at step size 0.004 only move each chain up its own neighbourhood's
+# flow density. The result depends on K: `python benchmarks/digits_steps.py` (benchmarks/README.md)
+# follows the same chains for 800 steps (on the flow of 2026-11-29: 8.2% after 50 steps, 5.4% after
+# 400 and 800, the worst class drifting from 1.9 to 3.4 points); a much longer run would drift
+# towards T2's one-class answer.
 #
 # **The goal** (clearly fewer between-class samples than naive, class balance within a few
-# points) is met by the paper's procedure, beta = 1 with K of a few hundred steps (15.5% to 8.3%
-# at K = 200, 5.4% at K = 400, balance within 2.3-2.8 points), and by T2 itself only mildly
-# (15.5% to 12.8% at beta = 0.05, 3.2 points); sampling T2 exactly at larger beta trades class
-# balance for fewer between-class samples, as the preview shows before any chain is run.
+# points) is met by the paper's procedure, beta = 1 with K of a few hundred steps, and by T2 itself
+# only mildly (16.6% to 13.8% at beta = 0.05, 3.7 points); sampling T2 exactly at larger beta
+# trades class balance for fewer between-class samples, as the preview shows before any chain is
+# run.
 #
-# **The jacobian preconditioner does not move on this flow**, and section 6 shows why: from naive
-# draws one step is accepted with probability 0.63 at step size 1e-6, 0.25 at 1e-5 and 0.03 at
-# 1e-4 (identity: 0.99 at 1e-4, 0.85 at 1e-2), so dual averaging settles at 1.2e-6 and the chains
-# stay where they started (between classes 14.8%, naive 15.5%). It is not an error of the
+# **The data-space moves on this flow**, and section 6 shows why they are slow. From naive draws
+# one jacobian step is accepted with probability 0.59 at step size 1e-6, 0.23 at 1e-5 and 0.02 at
+# 1e-4 (identity: 0.99 at 1e-4, 0.84 at 1e-2), so dual averaging settles at 1.2e-6 and the chains
+# stay where they started (between classes 16.7%, naive 16.6%). It is not an error of the
 # matrix-free products (the dense reference gives the same acceptance; on the same 50 draws and
-# noise the two agree to 1.8e-11) nor rounding (float64). Two things add up:
+# noise the two agree to 8e-11) nor rounding (float64). Two things add up:
 #
-# - Data space is badly scaled for an isotropic step: J_f has singular values from 0.04 to 12.5
-#   (median condition number 318), so the push-forward density has directions 0.04 wide. Even
-#   exact MALA in data space is accepted with probability 0.91 at 1e-4 and 0.31 at 1e-3, while
-#   the identity step works in latent space, where T2 is close to N(0, I).
-# - The jacobian step is that data-space step linearized through J_f(z), scored in reverse with
-#   J_f(z'); J_f changes fast over the step, and the linearization costs about another factor 100
-#   in step size (0.25 against 0.99 at 1e-5, 0.03 against 0.91 at 1e-4).
+# - The linearization: the jacobian step is the data-space Langevin step linearized through
+#   J_f(z) and scored in reverse with J_f(z'); J_f changes fast over a step here. The exact
+#   data-space move (`preconditioner="data_space"`) takes the same step without it and is accepted
+#   with probability 0.89 at 1e-4 and 0.33 at 1e-3 (jacobian: 0.02 and 0.00): in the chains,
+#   warmup adapts its step size to 5.6e-4 at beta = 0.2 and 2.7e-4 at beta = 1, 470x and 225x the
+#   jacobian's 1.2e-6, at acceptance 0.56 and 0.51, for about 1.5x the time of an identity step
+#   (0.75 s against 0.5 s per step for 1,000 chains here; `benchmarks/scaling.py` measures it alone).
+# - Data space itself is badly scaled, and not in a way a constant mass matrix fixes: J_f has
+#   singular values from 0.036 to 12.7 (median condition number 324), varying from point to
+#   point. A diagonal data-space mass matrix (the default) and a dense one (`mass_matrix="dense"`,
+#   measured once at beta = 0.2: step size 6.2e-4, between classes 15.3%) give the same steps. So
+#   even the exact move needs steps near 5e-4, and in 350 steps its chains barely leave their
+#   naive starting points (15.3% and 15.2% between classes, balance within 2.3 points); the
+#   identity step works in latent space, where the flow has already whitened T2 point by point.
 #
-# On the 2-D double moon (tutorial 01), where data space is well scaled, the same preconditioner
-# is the one that empties the gaps.
+# On the 2-D double moon (tutorial 01), where data space is well scaled, the data-space moves are
+# the ones that empty the gaps. On this flow, for T2, the identity preconditioner is the choice.
 #
 # With zuko's RealNVP instead of the spline flow (the previous version of this tutorial), naive
 # sampling put 17.5% between classes and T2 made it worse (19% at beta = 0.1, 50% at 0.5): that
