@@ -13,7 +13,7 @@
 # samples of the true double moon, and we also run the exact target (T1, which needs the true
 # density) as a reference.
 #
-# Run: `python tutorials/01_double_moon.py` (about 3 minutes on 2 cores); `SMOKE_TEST=1` for seconds.
+# Run: `python tutorials/01_double_moon.py` (about 5 minutes on 2 cores); `SMOKE_TEST=1` for seconds.
 
 # %%
 import os
@@ -156,9 +156,9 @@ for beta, precond in configs:
     )
 
 # %% [markdown]
-# Measured on 2026-11-30 (2 cores shared with other jobs, so the times are inflated; 4,096 samples
-# each, 100 steps after 100 warmup steps; the jacobian and data-space moves with their default
-# diagonal data-space mass matrix, which needs 150 warmup steps to adapt, so here it is the identity):
+# Measured on 2026-11-30 (2 cores; 4,096 samples each, 100 steps after 100 warmup steps; the
+# jacobian and data-space moves with their default diagonal data-space mass matrix, which needs
+# 150 warmup steps to adapt, so here it is the identity; times in the printed table):
 #
 # | method | gap mass | energy distance | mode-weight error |
 # | --- | --- | --- | --- |
@@ -171,17 +171,18 @@ for beta, precond in configs:
 # | T2 beta=1.0, jacobian | 0.0010 | 0.0184 | 0.009 |
 # | T2 beta=1.0, data_space | 0.0022 | 0.0289 | 0.014 |
 # | T1 (true density), jacobian | 0.0017 | 0.0010 | 0.009 |
-# | T2 beta=0.5 itself (preview) | 0.0016 | 0.0059 | |
-# | T2 beta=1.0 itself (preview) | 0.0011 | 0.0243 | |
+# | T2 beta=0.5 itself (preview) | 0.0015 | 0.0084 | |
+# | T2 beta=1.0 itself (preview) | 0.0010 | 0.0206 | |
 #
 # **What improves**: with a data-space move (jacobian or data_space), T2 empties the gaps: at
-# beta = 1 both reach the gap mass of T2 itself (0.0011, from 400,000 weighted naive draws) within
+# beta = 1 both reach the gap mass of T2 itself (0.0010, from 400,000 weighted naive draws) within
 # the noise of 4,096 samples (one binomial standard error is about 0.0006 at this level), 5-10x
 # less than naive sampling (0.0103; exact sampling 0.0007). **What gets worse**: T2 is not the
 # flow's law, it reweights by |det J_f|^(-beta), so the moons change shape: T2's own energy
-# distance to exact draws is 0.0059 at beta = 0.5 and 0.024 at beta = 1, against 0.0004 for naive
-# sampling; a chain that converges to T2 shows that distance, and a smaller one only means it has
-# not arrived yet. The mode balance stays within the noise. **Exact or linearized**: on this 2-D
+# distance to exact draws is about 0.008 at beta = 0.5 and 0.02 at beta = 1 (one resampling of
+# 4,096 draws; another gave 0.006 and 0.024), against 0.0004 for naive sampling: a chain that
+# converges to T2 shows that distance, and the run-to-run noise at 4,096 samples is a few
+# thousandths. The mode balance stays within the noise. **Exact or linearized**: on this 2-D
 # flow, J_f changes little over a step, so the exact data-space move and its linearization (the
 # jacobian step) do equally well, and both land near T2's own numbers; tutorial 03 shows where
 # they part (a 64-d flow). **What does not work**: the identity preconditioner barely empties the
