@@ -63,8 +63,10 @@ def from_arrays(
     attrs = {"inference_library": "pyro_nfmala", **(attrs or {})}
 
     with warnings.catch_warnings():
-        # Thousands of short chains are normal for the vectorized sampler.
+        # Thousands of short chains are normal for the vectorized sampler (ArviZ 0.x and 1.x say so
+        # in other words).
         warnings.filterwarnings("ignore", message="More chains .* than draws")
+        warnings.filterwarnings("ignore", message="Found chain dimension to be longer than draw dimension")
         if _arviz_major() >= 1:
             group_attrs = {name: dict(attrs) for name in data}  # ArviZ 1.x takes attrs per group
             return arviz.from_dict(data, coords=coords, dims=dims, attrs=group_attrs)

@@ -243,9 +243,10 @@ def test_arviz_from_pyro_and_our_inference_data():
     summary = az.summary(ours)
     assert "p" in summary.index
 
-    theirs = az.from_pyro(mcmc, log_likelihood=False)
-    assert theirs.posterior["p"].shape == (3, 120)
-    assert theirs.sample_stats["diverging"].shape == (3, 120)
+    if hasattr(az, "from_pyro"):  # ArviZ 0.x; 1.x has no Pyro converter (our own output is the way there)
+        theirs = az.from_pyro(mcmc, log_likelihood=False)
+        assert theirs.posterior["p"].shape == (3, 120)
+        assert theirs.sample_stats["diverging"].shape == (3, 120)
 
 
 def test_to_inference_data_needs_a_finished_run():

@@ -38,6 +38,7 @@ from pyro_nfmala import NFMALA, from_arrays, identity_flow, to_inference_data  #
 from pyro_nfmala.arviz import diverging_draws  # noqa: E402
 
 SMOKE = os.environ.get("SMOKE_TEST") == "1"
+ARVIZ_1 = int(az.__version__.split(".")[0]) >= 1  # ArviZ 1.x (Python 3.12+) renamed its plots
 FIGURES = Path(__file__).resolve().parent / "figures"
 FIGURES.mkdir(exist_ok=True)
 SUFFIX = "_smoke" if SMOKE else ""
@@ -141,10 +142,16 @@ for label, (data, elapsed) in runs.items():
 # trajectories; it is right, at a higher cost per draw.
 
 # %%
-az.plot_trace(idata, compact=True)
+if ARVIZ_1:  # ArviZ 1.x (Python 3.12+): arviz-plots' names and keywords
+    az.plot_trace_dist(idata, compact=True)
+else:
+    az.plot_trace(idata, compact=True)
 plt.gcf().tight_layout()
 plt.savefig(FIGURES / f"00_trace{SUFFIX}.png", dpi=100)
 
-az.plot_pair(idata, kind="scatter", marginals=True, scatter_kwargs={"alpha": 0.3})
+if ARVIZ_1:
+    az.plot_pair(idata, marginal=True, visuals={"scatter": {"alpha": 0.3}})
+else:
+    az.plot_pair(idata, kind="scatter", marginals=True, scatter_kwargs={"alpha": 0.3})
 plt.savefig(FIGURES / f"00_pair{SUFFIX}.png", dpi=100)
 print(f"figures written to {FIGURES}")

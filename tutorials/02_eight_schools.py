@@ -45,6 +45,7 @@ from pyro_nfmala.examples.posteriordb import (  # noqa: E402
 )
 
 SMOKE = os.environ.get("SMOKE_TEST") == "1"
+ARVIZ_1 = int(az.__version__.split(".")[0]) >= 1  # ArviZ 1.x (Python 3.12+) renamed its plots
 HERE = Path(__file__).resolve().parent
 FIGURES = HERE / "figures"
 OUTPUTS = HERE / "outputs"
@@ -252,7 +253,10 @@ print_per_parameter(detail, reference, runs)
 # %%
 for label, tag in [("NFMALA identity", "nfmala"), ("NUTS", "nuts")]:
     idata = runs[label]["idata"]
-    az.plot_trace(idata, var_names=["mu", "tau"], compact=True)
+    if ARVIZ_1:  # ArviZ 1.x (Python 3.12+): arviz-plots' names and keywords
+        az.plot_trace_dist(idata, var_names=["mu", "tau"], compact=True)
+    else:
+        az.plot_trace(idata, var_names=["mu", "tau"], compact=True)
     plt.gcf().suptitle(f"{label}: traces")
     plt.gcf().tight_layout()
     plt.savefig(FIGURES / f"02_trace_{tag}{SUFFIX}.png", dpi=90)
@@ -280,13 +284,16 @@ for ax, label in zip(axes, ["NFMALA identity", "NFMALA jacobian", "NUTS", "NeuTr
 axes[0].set_ylabel("log tau")
 fig.tight_layout()
 fig.savefig(FIGURES / f"02_funnel{SUFFIX}.png", dpi=100)
+pair_options = (
+    {"visuals": {"scatter": {"alpha": 0.2}}}
+    if ARVIZ_1
+    else {"kind": "scatter", "divergences": True, "scatter_kwargs": {"alpha": 0.2}}
+)
 az.plot_pair(
     runs["NFMALA identity"]["idata"],
     var_names=["mu", "tau", "theta"],
     coords={"theta_dim_0": [0, 1]},
-    kind="scatter",
-    divergences=True,
-    scatter_kwargs={"alpha": 0.2},
+    **pair_options,
 )
 plt.savefig(FIGURES / f"02_pair_nfmala{SUFFIX}.png", dpi=80)
 plt.close("all")
