@@ -183,7 +183,6 @@ class Driver:
         self.num_chains = check_num_chains(num_chains)
         self.preconditioner = get_preconditioner(preconditioner)
         self.mass_matrix = check_mass_matrix(mass_matrix, self.preconditioner)
-        self._mass_space = _mass_space(self.preconditioner) if self.mass_matrix is not None else None
         if self.mass_matrix is not None:  # a fresh one: it holds this driver's adapted matrix
             options = {"dtype": self.flow.dtype, "device": self.flow.device}
             unit = (
@@ -309,7 +308,7 @@ class Driver:
         window = next(((first, last) for first, last in self._windows if first <= t <= last), None)
         if window is None:
             return
-        points = self.state.x if self._mass_space == "data" else self.state.z
+        points = self.state.x if _mass_space(self.preconditioner) == "data" else self.state.z
         self._welford.update_batch(points.detach().double().cpu())
         if t != window[1] or self._welford.n_samples < 2:
             return

@@ -360,16 +360,13 @@ class LatentFlow:
 
         one pass of :math:`f^{-1}` and one backward.
         """
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            z, ladj = self.to_latent_and_ladj(x)
-            pairs = [(z, latent_grad.detach()), (ladj, torch.ones_like(ladj))]
-            pairs = [(out, cotangent) for out, cotangent in pairs if out.requires_grad]  # constant: no term
-            if not pairs:
-                return torch.zeros_like(x)
-            outputs, cotangents = zip(*pairs)
-            (grad,) = torch.autograd.grad(outputs, x, cotangents, allow_unused=True)
-        return torch.zeros_like(x) if grad is None else grad
+
+        def latent_and_ladj(u: Tensor) -> Tensor:
+            z, ladj = self.to_latent_and_ladj(u)
+            return torch.cat([z, ladj.unsqueeze(-1)], -1)
+
+        cotangent = torch.cat([latent_grad, torch.ones_like(latent_grad[..., :1])], -1)
+        return vjp(latent_and_ladj, x, cotangent)[1]
 
     def jvp_to_data(self, z: Tensor, tangent: Tensor) -> Tensor:
         r"""Returns :math:`J_f(z)\, v`."""

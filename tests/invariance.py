@@ -9,6 +9,7 @@ comparison.
 
 import torch
 
+from pyro_nfmala.adaptation import find_reasonable_step_size
 from pyro_nfmala.mala import init_state, mala_step
 from pyro_nfmala.precond import DataSpacePreconditioner, IdentityPreconditioner, JacobianPreconditioner
 
@@ -70,8 +71,6 @@ class DataSpaceWithoutReverseLadj(DataSpacePreconditioner):
 def check_invariance(target, correct, broken, mixture, reference):
     """Exact draws stay exact under ``correct`` (which really moves them), and not under ``broken``,
     at a step size found for ``correct``."""
-    from pyro_nfmala.adaptation import find_reasonable_step_size
-
     torch.manual_seed(0)
     probe = init_state(target, correct, exact_latents(target.flow, mixture, 256))
     step_size = float(find_reasonable_step_size(probe, target, correct).median())

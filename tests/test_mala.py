@@ -7,6 +7,7 @@ import pyro.ops.integrator
 import pytest
 import torch
 
+from dense_reference import dense_log_accept_ratio
 from invariance import (
     IdentityWithFlippedReverseDrift,
     JacobianWithoutReverseLadj,
@@ -106,33 +107,6 @@ def test_detailed_balance_on_random_pairs(target, name):
     assert torch.allclose(
         log_q_backward, precond.log_proposal_density(flow, state, state_new, EPS), atol=1e-8
     )
-
-
-def dense_log_accept_ratio(target, name, z, step_size, noise):
-    """The MALA log acceptance ratio by dense linear algebra and torch's multivariate normal, one chain
-    at a time: independent of the preconditioners' matrix-free code."""
-
-    def log_pi(u):
-        return target.log_density(u[None])[0][0]
-
-    def jacobian(u):
-        return torch.autograd.functional.jacobian(lambda v: target.flow.to_data(v[None])[0][0], u)
-
-    def proposal(u):  # mean and covariance of q(. | u), and the matrix square root A(u)^(1/2)
-        root = jacobian(u) if name == "jacobian" else torch.eye(len(u), dtype=u.dtype)
-        metric = root.T @ root
-        mean = u + step_size * torch.linalg.solve(metric, torch.autograd.functional.jacobian(log_pi, u))
-        return mean, 2 * step_size * torch.linalg.inv(metric), root
-
-    ratios = []
-    for u, xi in zip(z, noise):
-        mean, covariance, root = proposal(u)
-        u_new = mean + math.sqrt(2 * step_size) * torch.linalg.solve(root, xi)
-        mean_new, covariance_new, _ = proposal(u_new)
-        forward = torch.distributions.MultivariateNormal(mean, covariance).log_prob(u_new)
-        backward = torch.distributions.MultivariateNormal(mean_new, covariance_new).log_prob(u)
-        ratios.append(log_pi(u_new) - log_pi(u) + backward - forward)
-    return torch.stack(ratios).detach()
 
 
 @pytest.mark.parametrize(
