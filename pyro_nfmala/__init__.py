@@ -10,7 +10,7 @@ read latent-to-data), :mod:`~pyro_nfmala.target`, :mod:`~pyro_nfmala.precond`,
 :mod:`~pyro_nfmala.chains`; around them :mod:`~pyro_nfmala.model` (Pyro models as flat
 densities), :mod:`~pyro_nfmala.fit` and :mod:`~pyro_nfmala.flows` (fitting, building, saving
 flows), :mod:`~pyro_nfmala.tempering` and :mod:`~pyro_nfmala.arviz`. The method is written out
-in the project's ``docs/method.md``.
+in the documentation's method page (``docs/method.md`` in the repository).
 """
 
 from .arviz import from_arrays, to_inference_data

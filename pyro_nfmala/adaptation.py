@@ -146,8 +146,8 @@ class BatchWelfordCovariance(WelfordCovariance):
     """Pyro's :class:`~pyro.ops.welford.WelfordCovariance`, fed a batch of draws at a time.
 
     A batch ``(n, d)`` is merged into the running estimate with Chan et al.'s pairwise update, so
-    that feeding ``n`` draws at once equals feeding them one by one; :meth:`get_covariance` (with
-    Stan's regularization) is Pyro's.
+    that feeding ``n`` draws at once equals feeding them one by one;
+    :meth:`~pyro.ops.welford.WelfordCovariance.get_covariance` (with Stan's regularization) is Pyro's.
 
     Example:
         >>> welford = BatchWelfordCovariance(diagonal=True)

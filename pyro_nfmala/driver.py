@@ -60,7 +60,7 @@ from .mala import MALAState, StepInfo, finite_chains, init_state, mala_step
 from .precond import MassMatrixPreconditioner, Preconditioner, get_preconditioner
 from .target import LatentTarget
 
-#: The preconditioner of both samplers unless told otherwise: plain MALA on the latent target.
+#: The preconditioner of both samplers unless told otherwise (plain MALA on the latent target).
 DEFAULT_PRECONDITIONER = "identity"
 #: Above this share of divergent proposals (in warmup or in sampling), the end of a run warns.
 DIVERGENCE_WARNING_RATE = 0.01

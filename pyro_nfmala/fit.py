@@ -12,7 +12,7 @@ flow); it makes the latent target far from :math:`N(0, I)`, so chains mix slower
 adapted step sizes and low ESS per draw are the signs to look for.
 
 Both fits run Adam with cosine annealing of the learning rate. A step whose loss or gradient
-is not finite is skipped; when none of the first :data:`MAX_NONFINITE_STEPS` steps is finite, or
+is not finite is skipped; when none of the first ``MAX_NONFINITE_STEPS`` (100) steps is finite, or
 the flow's parameters end non-finite, the fit raises (for reverse KL the usual cause is a
 posterior that is improper, or not finite where the flow puts its mass).
 
@@ -28,7 +28,7 @@ importance ESS of at least 90% of the draws):
    (:class:`~pyro_nfmala.flows.StagedFlow`), fitted by reverse KL.
 
 Each reverse-KL fit stops when its objective settles (the mean loss of the last
-:data:`SETTLE_WINDOW` steps no longer improves on the window before by more than two of its
+``SETTLE_WINDOW`` (200) steps no longer improves on the window before by more than two of its
 standard errors), at the latest after ``num_steps``. The map kept is the first that passes the
 check, else the one with the smallest :math:`\hat k`; when even that one is above 0.7, the fit
 warns.
@@ -226,7 +226,7 @@ def fit_flow_to_model(
     The layout is the one :class:`~pyro_nfmala.NFMALA` uses, so the fitted map plugs straight
     into ``NFMALA(model, flow=result.flow)``; ``NFMALA(model)`` with no flow does this itself.
     With ``flow=None``, the cheapest of the staged maps that passes the flow check is kept (see
-    the module; the flow stage is an affine coupling flow, :func:`default_flow` with
+    the module; the flow stage is an affine coupling flow, :func:`~pyro_nfmala.default_flow` with
     ``kind="affine"``). With a ``flow``, it is fitted in front of the better Gaussian stage
     (:class:`~pyro_nfmala.flows.StagedFlow`) and kept. ``init_strategy`` and
     ``max_plate_nesting`` are as for Pyro's NUTS (an init strategy that starts improper
@@ -344,7 +344,7 @@ def fit_flow_to_samples(
     r"""Fits ``flow`` (in place) to ``samples`` ``(n, d)`` by maximum likelihood,
     :math:`\max \sum \log q_X(x_i)`.
 
-    With ``flow=None``, a :func:`default_flow` of the samples' dimension is built. Minibatches
+    With ``flow=None``, a :func:`~pyro_nfmala.default_flow` of the samples' dimension is built. Minibatches
     are drawn from ``samples`` with ``generator``; the loss history is the minibatch negative
     log-likelihood. Adam with cosine annealing of ``lr``.
 

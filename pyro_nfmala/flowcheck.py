@@ -53,7 +53,7 @@ GOOD_ESS_FRACTION = 0.9
 class FlowCheck(NamedTuple):
     """The flow check of a map against a target (see the module)."""
 
-    khat: float  #: Pareto k-hat of the importance weights' upper tail (inf: too few finite weights)
+    khat: float  #: Pareto k-hat of the importance weights' upper tail (inf with too few finite weights)
     ess: float  #: importance effective sample size, (sum w)^2 / sum w^2
     num_samples: int  #: draws of the map
     num_finite: int  #: draws with a finite weight
@@ -65,13 +65,14 @@ class FlowCheck(NamedTuple):
 
     @property
     def good(self) -> bool:
-        """The map alone is a good approximation of the target: k-hat below 0.5, or an importance ESS
-        of at least 90% of the draws (nearly equal weights, whose tail fit is noise)."""
+        """Whether the map alone is a good approximation of the target (k-hat below 0.5, or an
+        importance ESS of at least 90% of the draws: nearly equal weights, whose tail fit is noise)."""
         return self.khat < KHAT_GOOD or (self.reliable and self.ess_fraction >= GOOD_ESS_FRACTION)
 
     @property
     def reliable(self) -> bool:
-        """k-hat at most 0.7: importance weights, and the map's coverage, can be trusted."""
+        """Whether k-hat is at most 0.7, so that the importance weights, and the map's coverage, can be
+        trusted."""
         return self.khat <= KHAT_BAD
 
     def warn(self, what: str = "the flow", stacklevel: int = 2) -> None:

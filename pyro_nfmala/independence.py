@@ -83,17 +83,20 @@ class IndependenceProposal:
         )
 
     def prepare(self, flow: LatentFlow, state: MALAState):
+        """The wrapped preconditioner's cache of ``state``."""
         return self.precond.prepare(flow, state)
 
     def propose(
         self, flow: LatentFlow, state: MALAState, step_size: Tensor, noise: Tensor
     ) -> tuple[Tensor, Tensor]:
+        r"""``(z', log q(z'))`` with :math:`z' = s\,\xi`, whatever the state and step size."""
         z_new = self.scale * noise
         return z_new, self._log_normal(z_new)
 
     def log_proposal_density(
         self, flow: LatentFlow, state_to: MALAState, state_from: MALAState, step_size: Tensor
     ) -> Tensor:
+        r""":math:`\log \mathcal{N}(z_\mathrm{to}; 0, s^2 I)`, whatever ``state_from``."""
         return self._log_normal(state_to.z)
 
 

@@ -215,7 +215,7 @@ class NFMALA(MCMCKernel):
 
     @property
     def step_size(self) -> float | None:
-        """The step size: the one adapted in warmup once a chain has run, else the one given."""
+        """The step size, the one adapted in warmup once a chain has run, else the one given."""
         return self._step_size if self._step_size is not None else self._user_step_size
 
     def setup(self, warmup_steps: int, *args, **kwargs) -> None:

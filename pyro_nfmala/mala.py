@@ -68,8 +68,9 @@ class MALAState(NamedTuple):
         ladj: :math:`\log|\det J_f(z)|`, ``(...)``.
         log_density: :math:`\log \pi(z)`, ``(...)``.
         grad: :math:`\nabla_z \log \pi(z)`, ``(..., d)``.
-        cache: What the preconditioner keeps about this state (:meth:`Preconditioner.prepare`):
-            ``None``, a tensor or a tuple of tensors, each with the batch shape first.
+        cache: What the preconditioner keeps about this state
+            (:meth:`~pyro_nfmala.precond.Preconditioner.prepare`): ``None``, a tensor or a tuple of
+            tensors, each with the batch shape first.
     """
 
     z: Tensor
@@ -148,7 +149,7 @@ def evaluate(target: LatentTarget, precond: Preconditioner, z: Tensor) -> MALASt
 
 def init_state(target: LatentTarget, precond: Preconditioner, z: Tensor) -> MALAState:
     """The state at ``z``, for the first step, after the target's check of a batch
-    (:meth:`LatentTarget.check`).
+    (:meth:`~pyro_nfmala.target.LatentTarget.check`).
 
     A target that computes on another device than the flow fails here with a ``ValueError``
     that names both, rather than with torch's error from deep inside the model.

@@ -7,7 +7,7 @@
 # to the posterior by variational inference, then sample the **exact** posterior with NFMALA
 # (latent MALA on the pull-back T1, both preconditioners), with Pyro's NUTS on the same model,
 # and with NeuTra-NUTS on the same flow. Every run is scored against posteriordb's reference
-# draws (long Stan runs shipped in `pyro_nfmala/data/posteriordb`), in units of the reference
+# draws (long Stan runs shipped in `pyro_nfmala/examples/data/posteriordb`), in units of the reference
 # standard deviation, with ESS per second, R-hat over 4 chains and divergences.
 #
 # Section 5 repeats the check on posteriordb's `low_dim_gauss_mix`: a two-component mixture with

@@ -524,6 +524,7 @@ def hmm_example(N: int, K: int, y: torch.Tensor) -> None:
     pyro.factor("forward", torch.logsumexp(gamma, -1))
 
 
+#: The ten Pyro models, by data set name.
 MODELS: dict[str, Callable[..., None]] = {
     "eight_schools": eight_schools_centered,
     "low_dim_gauss_mix": low_dim_gauss_mix,
