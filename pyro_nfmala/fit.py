@@ -72,17 +72,13 @@ NUM_STARTS = 4
 
 
 class FitResult(NamedTuple):
-    """A fitted flow, its loss history (one value per step), and for staged fits what was kept.
+    """A fitted flow, its loss history (one value per step), and for staged fits what was kept."""
 
-    ``check`` is the flow check of the map kept, ``stage`` says which map it is (``"laplace"``,
-    ``"gaussian"``, ``"flow"``), ``seconds`` the wall-clock time of the whole fit.
-    """
-
-    flow: zuko.flows.Flow
-    losses: list[float]
-    check: FlowCheck | None = None
-    stage: str | None = None
-    seconds: float = math.nan
+    flow: zuko.flows.Flow  #: the fitted flow (for a staged fit, the map kept)
+    losses: list[float]  #: the loss at each step
+    check: FlowCheck | None = None  #: the flow check of the map kept (staged fits)
+    stage: str | None = None  #: which map was kept, ``"laplace"``, ``"gaussian"`` or ``"flow"``
+    seconds: float = math.nan  #: wall-clock time of the whole fit
 
 
 def fit_flow(

@@ -60,24 +60,16 @@ from .target import LatentTarget
 
 
 class MALAState(NamedTuple):
-    r"""The state of a batch of chains, with everything a step reuses.
+    """The state of a batch of chains, with everything a step reuses."""
 
-    Attributes:
-        z: Latent position, ``(..., d)``.
-        x: Data-space point :math:`f(z)`, ``(..., d)``.
-        ladj: :math:`\log|\det J_f(z)|`, ``(...)``.
-        log_density: :math:`\log \pi(z)`, ``(...)``.
-        grad: :math:`\nabla_z \log \pi(z)`, ``(..., d)``.
-        cache: What the preconditioner keeps about this state
-            (:meth:`~pyro_nfmala.precond.Preconditioner.prepare`): ``None``, a tensor or a tuple of
-            tensors, each with the batch shape first.
-    """
-
-    z: Tensor
-    x: Tensor
-    ladj: Tensor
-    log_density: Tensor
-    grad: Tensor
+    z: Tensor  #: latent position, ``(..., d)``
+    x: Tensor  #: data-space point :math:`f(z)`, ``(..., d)``
+    ladj: Tensor  #: :math:`\log|\det J_f(z)|`, ``(...)``
+    log_density: Tensor  #: :math:`\log \pi(z)`, ``(...)``
+    grad: Tensor  #: :math:`\nabla_z \log \pi(z)`, ``(..., d)``
+    #: what the preconditioner keeps about this state
+    #: (:meth:`~pyro_nfmala.precond.Preconditioner.prepare`): ``None``, a tensor or a tuple of
+    #: tensors, each with the batch shape first
     cache: Any = None
 
 
@@ -85,11 +77,11 @@ class StepInfo(NamedTuple):
     """What happened in one step, per chain (shape ``(...)`` each), and the numerical errors
     that evaluations raised and that were turned into rejections."""
 
-    accept_prob: Tensor
-    accepted: Tensor
-    diverging: Tensor
-    log_accept_ratio: Tensor
-    errors: tuple[BaseException, ...] = ()
+    accept_prob: Tensor  #: :math:`\alpha`, 0 for a divergent proposal
+    accepted: Tensor  #: whether the chain moved
+    diverging: Tensor  #: whether the proposal was non-finite or raised a numerical error
+    log_accept_ratio: Tensor  #: the log Metropolis-Hastings ratio before the min with 0; -inf if divergent
+    errors: tuple[BaseException, ...] = ()  #: the numerical errors turned into rejections
 
 
 def _map_tensors(fn: Callable[..., Tensor], *caches: Any) -> Any:

@@ -47,12 +47,12 @@ from .target import check_beta
 class TemperingPreview(NamedTuple):
     """Naive draws and their T2 importance weights, one row of weights per beta."""
 
-    betas: Tensor  # (B,)
-    z: Tensor  # (n, d) latent draws, z ~ q_Z
-    x: Tensor  # (n, d) their images f(z)
-    ladj: Tensor  # (n,) log |det J_f(z)|
-    weights: Tensor  # (B, n) self-normalized importance weights of T2 at each beta
-    ess: Tensor  # (B,) Kish effective sample size of each row of weights
+    betas: Tensor  #: the values of beta, ``(B,)``
+    z: Tensor  #: latent draws :math:`z \sim q_Z`, ``(n, d)``
+    x: Tensor  #: their images :math:`f(z)`, ``(n, d)``
+    ladj: Tensor  #: :math:`\log|\det J_f(z)|`, ``(n,)``
+    weights: Tensor  #: self-normalized importance weights of T2 at each beta, ``(B, n)``
+    ess: Tensor  #: Kish effective sample size of each row of weights, ``(B,)``
 
     def expect(self, values: Tensor) -> Tensor:
         """T2 expectations, one per beta, of per-draw ``values`` of shape ``(n,)`` or ``(n, k)``."""

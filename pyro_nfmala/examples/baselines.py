@@ -35,9 +35,9 @@ from ..model import check_flow_dim, model_density
 class NeuTraResult(NamedTuple):
     """A NeuTra-NUTS run: the Pyro ``MCMC`` on the latent ``z`` and the model's constrained draws."""
 
-    mcmc: MCMC
-    samples: dict[str, torch.Tensor]  # constrained, (chains, draws, *shape)
-    latent: torch.Tensor  # (chains, draws, d)
+    mcmc: MCMC  #: Pyro's ``MCMC`` of NUTS on the latent pull-back
+    samples: dict[str, torch.Tensor]  #: constrained draws of each site, ``(chains, draws, *shape)``
+    latent: torch.Tensor  #: the latent draws, ``(chains, draws, d)``
 
     def to_inference_data(self):
         """Posterior in the model's constrained sites; ``sample_stats.diverging`` from NUTS."""
