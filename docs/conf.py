@@ -5,6 +5,8 @@ Build (what CI runs, warnings are errors so that a broken docstring or link fail
     python -m pip install -e ".[docs]"
     python -m sphinx -W --keep-going -b html docs docs/_build/html
 
+and look at the pages with ``bash docs/screenshots.sh`` (headless Chromium).
+
 Sphinx, because the docstrings are reStructuredText with Sphinx roles (as Pyro's and zuko's are)
 and autodoc reads them as they are; MyST for the Markdown pages; the tutorials, ``# %%`` scripts
 that jupytext reads, become pages at build time with the figures of their last full run.
@@ -110,9 +112,8 @@ def tutorial_page(script: Path) -> str:
             parts += [f"![{name}](figures/{name})" for name in saved_figures(source, script)]
         if number == 0:
             parts.append(
-                f"{{download}}`Download the script <../../tutorials/{script.name}>` and run it with "
-                f"`python tutorials/{script.name}` (`SMOKE_TEST=1` shrinks it to seconds), or open "
-                f"it as a notebook with jupytext. The figures below are those of its last full run."
+                f"{{download}}`Download the script <../../tutorials/{script.name}>` (jupytext opens it "
+                f"as a notebook). The figures below are those of its last full run."
             )
     return "\n\n".join(parts) + "\n"
 
