@@ -75,6 +75,7 @@ if os.environ.get("PYRO_NFMALA_MATHJAX"):
 # Tutorials: tutorials/NN_topic.py (``# %%`` cells) -> docs/tutorials/NN_topic.md at build time.
 
 TUTORIALS = sorted((ROOT / "tutorials").glob("[0-9][0-9]_*.py"))
+FIGURES = ROOT / "tutorials" / "figures"  # the pages show them from there (Sphinx copies them)
 GENERATED = DOCS / "tutorials"
 
 
@@ -87,8 +88,7 @@ def saved_figures(code: str, script: Path) -> list[str]:
     names = []
     for pattern in FIGURE_SAVED.findall(code):
         pattern = re.sub(r"\{[^}]*\}", "*", pattern.replace("{SUFFIX}", ""))
-        figures = (ROOT / "tutorials" / "figures").glob(pattern)
-        found = sorted(p.name for p in figures if "_smoke" not in p.stem)
+        found = sorted(p.name for p in FIGURES.glob(pattern) if "_smoke" not in p.stem)
         if not found:
             raise RuntimeError(f"{script.name} saves {pattern}, which no full run has made: run the tutorial")
         names += found
@@ -109,7 +109,7 @@ def tutorial_page(script: Path) -> str:
             parts.append(source)
         else:
             parts.append(f"```python\n{source}\n```")
-            parts += [f"![{name}](figures/{name})" for name in saved_figures(source, script)]
+            parts += [f"![{name}](../../tutorials/figures/{name})" for name in saved_figures(source, script)]
         if number == 0:
             parts.append(
                 f"{{download}}`Download the script <../../tutorials/{script.name}>` (jupytext opens it "
@@ -119,12 +119,6 @@ def tutorial_page(script: Path) -> str:
 
 
 def write_tutorial_pages(app=None) -> None:
-    (GENERATED / "figures").mkdir(parents=True, exist_ok=True)
-    for figure in (ROOT / "tutorials" / "figures").glob("*.png"):
-        if "_smoke" not in figure.stem:
-            target = GENERATED / "figures" / figure.name
-            if not target.exists() or target.read_bytes() != figure.read_bytes():
-                target.write_bytes(figure.read_bytes())
     for script in TUTORIALS:
         page = GENERATED / f"{script.stem}.md"
         text = tutorial_page(script)
