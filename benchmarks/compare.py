@@ -241,7 +241,7 @@ def run_chain_sampler(
         NUM_CHAINS * (steps + moves),
         float(stats["accept_prob"].mean()),
         int(stats["diverging"].sum()),
-        sampler.global_acceptance_rate if independence_every else float("nan"),
+        sampler.independence_acceptance_rate if independence_every else float("nan"),
     )
 
 

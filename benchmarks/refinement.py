@@ -82,7 +82,7 @@ def run(ring, flow, chains, warmup, draws, *, global_moves, refine, start_everyw
         "missing_mode_weight": float(weights[MISSING]),
         "worst_mode_weight_error": float((weights - 0.125).abs().max()),
         "chains_visiting_missing_mode": int((modes == MISSING).any(1).sum()),
-        "global_accept": sampler.global_acceptance_rate if global_moves else float("nan"),
+        "global_accept": sampler.independence_acceptance_rate if global_moves else float("nan"),
         "rhat": rhat,
         "refinements": sampler.refinements,
         "khat_after": after.khat,

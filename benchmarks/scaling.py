@@ -33,6 +33,7 @@ import ctypes
 import json
 import multiprocessing
 import platform
+import sys
 import time
 
 from pathlib import Path
@@ -45,6 +46,9 @@ from step_cost import best_time, flow_pass
 from pyro_nfmala import LatentFlow, TemperedFlow
 from pyro_nfmala.mala import init_state, mala_step
 from pyro_nfmala.precond import get_preconditioner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from dense_reference import DenseJacobianPreconditioner  # noqa: E402 - the tests' dense reference
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("flow_pass", "identity", "jacobian", "data_space", "dense_jacobian")
@@ -106,7 +110,7 @@ def measure(
 
     else:
         target = TemperedFlow(flow, beta=1.0)
-        precond = get_preconditioner(method)
+        precond = DenseJacobianPreconditioner() if method == "dense_jacobian" else get_preconditioner(method)
         state = init_state(target, precond, z)
 
         def step():

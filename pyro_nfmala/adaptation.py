@@ -1,4 +1,5 @@
-r"""Adaptation in warmup: a reasonable first step size, dual averaging, and a latent mass matrix.
+r"""Adaptation in warmup, as one object (:class:`WarmupAdaptation`: ``init / update / final``): a
+reasonable first step size, dual averaging, a mass matrix on Stan's windows, and the flow.
 
 Dual averaging (Hoffman & Gelman 2014, Pyro's :class:`pyro.ops.dual_averaging.DualAveraging`)
 drives :math:`\log \epsilon` so that the mean acceptance probability reaches a target
@@ -20,6 +21,13 @@ estimate the covariance of the chains' latent states (Welford's scheme,
 fast buffer (50 steps) adapts the step size alone.
 After warmup both are fixed: sampling is one fixed kernel.
 
+:class:`WarmupAdaptation` runs that schedule: ``init`` starts it from the kernel's parameters
+(:class:`KernelParameters`: the step size and the Langevin move with its mass matrix, and the
+target), ``update`` takes one warmup step's state and returns the parameters for the next step,
+``final`` returns the fixed ones. It returns new parameters and changes none in place: a new mass
+matrix is a new move (:meth:`~pyro_nfmala.precond.Preconditioner.with_inverse_mass`), a
+refined flow a new target (:class:`FlowRefinement`, the hook where the flow itself adapts).
+
 Example:
     >>> adapter = StepSizeAdapter(0.1, target_accept_prob=0.574)
     >>> for _ in range(50):
@@ -30,9 +38,20 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["BatchWelfordCovariance", "StepSizeAdapter", "adaptation_windows", "find_reasonable_step_size"]
+__all__ = [
+    "BatchWelfordCovariance",
+    "FlowRefinement",
+    "KernelParameters",
+    "StepSizeAdapter",
+    "WarmupAdaptation",
+    "adaptation_windows",
+    "find_reasonable_step_size",
+]
 
 import math
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -40,7 +59,8 @@ from pyro.ops.dual_averaging import DualAveraging
 from pyro.ops.welford import WelfordCovariance
 from torch import Tensor
 
-from .mala import MALAState, mala_step
+from .mala import MALAState, Move, mala_step
+from .target import LatentTarget
 
 
 class StepSizeAdapter:
@@ -169,3 +189,152 @@ class BatchWelfordCovariance(WelfordCovariance):
         self._mean = self._mean + delta * (count / total)
         self._m2 = self._m2 + m2 + (delta.square() if self.diagonal else torch.outer(delta, delta)) * weight
         self.n_samples = total
+
+
+class KernelParameters(NamedTuple):
+    """What the step receives from adaptation: the same in every warmup step until changed, then fixed."""
+
+    target: LatentTarget  #: the latent target (a refined flow makes a new one)
+    move: Move  #: the Langevin move, with the mass matrix adapted so far
+    step_size: Tensor  #: one step size per chain, ``(chains,)``
+
+
+class FlowRefinement:
+    """The flow's part of warmup: every ``every`` steps, up to step ``last``, the flow is refined on the
+    states collected since the last refinement (:class:`~pyro_nfmala.refine.FlowRefiner`), and a new
+    target is made from it by ``make_target``. Fixed after warmup, as everything adapted is."""
+
+    def __init__(self, refiner, every: int, make_target: Callable) -> None:
+        self.refiner, self.every, self.make_target = refiner, every, make_target
+        self.last = 0
+
+    def init(self, num_steps: int) -> None:
+        self.last = (3 * num_steps) // 4  # the last quarter adapts the step size and mass to the final flow
+
+    def update(self, step: int, state: MALAState) -> LatentTarget | None:
+        """Collects the chains' states after warmup step ``step`` (0-based); on schedule, a new target."""
+        self.refiner.add(state.x)
+        if (step + 1) % self.every or step + 1 > self.last:
+            return None
+        return self.make_target(self.refiner.refine())
+
+
+class WarmupAdaptation:
+    r"""Warmup as one object: the step size by dual averaging, a mass matrix on Stan's windows, and
+    (with ``flow``) the flow, each started by :meth:`init`, fed by :meth:`update` and fixed by
+    :meth:`final`.
+
+    Arguments:
+        num_steps: Warmup steps.
+        adapt_step_size: Adapt the step size (dual averaging, restarted after each mass window).
+        mass_matrix: ``None``, ``"diagonal"`` or ``"dense"``: the mass matrix of the move, estimated in
+            its ``mass_space`` (``"latent"``: the chains' ``z``; ``"data"``: their ``x``).
+        target_accept_prob: The acceptance probability dual averaging aims at.
+        per_chain: One step size per chain (else one shared, fed the chains' mean acceptance).
+        find_step_size: ``find_step_size(parameters, start)`` gives a reasonable step size per chain
+            for new parameters from the chains' current state (after a mass window), starting the
+            search at ``start``.
+        flow: A :class:`FlowRefinement`, or ``None``.
+    """
+
+    def __init__(
+        self,
+        num_steps: int,
+        *,
+        adapt_step_size: bool = True,
+        mass_matrix: str | None = None,
+        target_accept_prob: float = 0.574,
+        per_chain: bool = False,
+        find_step_size: Callable[[KernelParameters, float], Tensor] | None = None,
+        flow: FlowRefinement | None = None,
+    ) -> None:
+        if num_steps < 0:
+            raise ValueError(f"the number of warmup steps must be >= 0, got {num_steps}")
+        self.num_steps = int(num_steps)
+        self.adapt_step_size = adapt_step_size
+        self.mass_matrix = mass_matrix
+        self.target_accept_prob = target_accept_prob
+        self.per_chain = per_chain
+        self.find_step_size = find_step_size
+        self.flow = flow
+        self.windows = adaptation_windows(self.num_steps) if mass_matrix is not None else []
+        self.step = 0
+        self._dual_averaging: StepSizeAdapter | None = None
+        self._welford = BatchWelfordCovariance(diagonal=mass_matrix == "diagonal")
+
+    @property
+    def done(self) -> bool:
+        """Whether every warmup step has been seen (or :meth:`final` was called)."""
+        return self.step >= self.num_steps
+
+    def _restart_dual_averaging(self, step_size: Tensor) -> None:
+        initial = step_size if self.per_chain else step_size[0]
+        self._dual_averaging = StepSizeAdapter(initial.double().cpu(), self.target_accept_prob)
+
+    def _expand(self, step_size: Tensor, like: Tensor) -> Tensor:
+        return step_size.to(like).expand(like.shape).clone()
+
+    def init(self, parameters: KernelParameters) -> KernelParameters:
+        """Starts the schedule from the kernel's initial parameters; returns them."""
+        if self.num_steps and self.adapt_step_size:
+            self._restart_dual_averaging(parameters.step_size)
+        if self.flow is not None:
+            self.flow.init(self.num_steps)
+        return parameters
+
+    def update(self, parameters: KernelParameters, state: MALAState, accept_prob: Tensor) -> KernelParameters:
+        """Takes one warmup step (its state, after the Langevin move, and its acceptance probabilities);
+        returns the parameters of the next step (the fixed ones after the last warmup step)."""
+        if self.done:
+            return parameters
+        step_size = parameters.step_size
+        if self._dual_averaging is not None:
+            accept = accept_prob.double().cpu()
+            new = self._dual_averaging.update(accept if self.per_chain else accept.mean())
+            step_size = self._expand(new, step_size)
+        parameters = parameters._replace(step_size=step_size)
+        if self.mass_matrix is not None:
+            parameters = self._adapt_mass_matrix(parameters, state)
+        self.step += 1
+        if self.done:
+            return self.final(parameters)
+        return parameters
+
+    def update_flow(self, parameters: KernelParameters, state: MALAState) -> KernelParameters:
+        """The flow's part of a warmup step, after all its moves: a new target on schedule."""
+        if self.flow is None or self.step > self.num_steps or self.step == 0:
+            return parameters
+        target = self.flow.update(self.step - 1, state)
+        return parameters if target is None else parameters._replace(target=target)
+
+    def _adapt_mass_matrix(self, parameters: KernelParameters, state: MALAState) -> KernelParameters:
+        """Inside a slow window, feeds the chains' states to Welford; at its end, a new move with
+        :math:`M^{-1}` their covariance, a step size found for it, and dual averaging restarted."""
+        t = self.step
+        window = next(((first, last) for first, last in self.windows if first <= t <= last), None)
+        if window is None:
+            return parameters
+        move = parameters.move
+        points = state.x if move.mass_space == "data" else state.z
+        self._welford.update_batch(points.detach().double().cpu())
+        if t != window[1] or self._welford.n_samples < 2:
+            return parameters
+        covariance = self._welford.get_covariance(regularize=True).to(points.dtype).to(points.device)
+        self._welford.reset()
+        parameters = parameters._replace(move=move.with_inverse_mass(covariance))
+        found = self.find_step_size(parameters, float(parameters.step_size.median()))
+        found = found if self.per_chain else found.median().expand(found.shape)
+        parameters = parameters._replace(step_size=self._expand(found, parameters.step_size))
+        if self._dual_averaging is not None:
+            self._restart_dual_averaging(parameters.step_size)
+        return parameters
+
+    def final(self, parameters: KernelParameters) -> KernelParameters:
+        """Ends warmup now (also when interrupted): the step size is dual averaging's final value, and
+        everything is fixed from here on."""
+        if self._dual_averaging is not None:
+            final = self._dual_averaging.final()
+            parameters = parameters._replace(step_size=self._expand(final, parameters.step_size))
+        self._dual_averaging = None
+        self.step = max(self.step, self.num_steps)
+        return parameters

@@ -85,7 +85,7 @@ def to_inference_data(mcmc, *, coords=None, dims=None):
     ``mcmc.get_samples(group_by_chain=True)``); ``sample_stats`` holds, per chain and draw,
     ``accept_prob``, ``step_size``, ``diverging`` and ``lp`` (the log density of the draw's
     unconstrained parameters: minus Pyro's potential energy under the exact target), and with
-    independence moves ``global_accept_prob`` (NaN on draws without one). Works for
+    independence moves ``independence_accept_prob`` (NaN on draws without one). Works for
     sequential and parallel chains alike, for any number of chains.
 
     A run that may be wrong warns, saying what to do: split R-hat above 1.01 (chains disagree) or a

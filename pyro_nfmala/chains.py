@@ -37,11 +37,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .arviz import from_arrays
-from .driver import DEFAULT_PRECONDITIONER, Driver, check_num_chains, check_step_size
-from .mala import MALAState, StepInfo
-from .precond import Preconditioner
+from .driver import Driver
+from .mala import MALAState, Move, StepInfo
+from .options import DEFAULT_PRECONDITIONER, SamplerOptions, check_num_chains
 from .refine import FlowRefiner
-from .target import LatentTarget, PosteriorPullback
+from .target import LatentTarget
 
 
 class ChainSampler:
@@ -51,38 +51,19 @@ class ChainSampler:
         target: A latent target (:class:`~pyro_nfmala.PosteriorPullback`,
             :class:`~pyro_nfmala.TemperedFlow`).
         num_chains: Number of chains, at least 1.
-        preconditioner: ``"identity"`` (default), ``"jacobian"`` (the Jacobian-aware dynamics of
-            Coeurdoux et al., for the tempered target: a data-space Langevin step linearized
-            through :math:`J_f`), ``"data_space"`` (the same step, exact:
-            :class:`~pyro_nfmala.precond.DataSpacePreconditioner`), ``"dense_jacobian"``, or a
-            :class:`~pyro_nfmala.precond.Preconditioner`.
-        step_size: Initial step size; ``None`` finds one by doubling/halving (per chain, or
-            their median when adaptation is shared).
-        target_accept_prob: Acceptance probability adaptation aims at.
-        adapt: ``"shared"`` (one step size for all chains) or ``"per_chain"``.
-        mass_matrix: A constant mass matrix adapted in warmup (from all chains' states, on Stan's
-            windows): ``"diagonal"``, ``"dense"``, ``None``, or ``"auto"`` (default: diagonal with
-            the identity preconditioner, in latent space, and with ``"jacobian"`` and
-            ``"data_space"``, in data space; none with the others).
-        independence_every: ``None`` (default): MALA steps only. ``k``: every ``k``-th step is
-            followed by a latent independence move :math:`z' \sim \mathcal{N}(0, s^2 I)`, accepted
-            by the exact Metropolis-Hastings ratio (:mod:`pyro_nfmala.independence`): with a flow
-            close to the target, a nearly independent draw, across modes the flow covers.
-        independence_scale: :math:`s > 0` (1: the flow's base law).
-        refine_every: ``None`` (default): the flow is fixed. ``n``: during warmup (not in its last
-            quarter), every ``n`` steps the flow takes a few maximum-likelihood steps on the
-            states the chains visited since the last refinement, and the chains continue from
-            the same data-space points (:mod:`pyro_nfmala.refine`; posterior pull-back only).
-            The flow is fixed when warmup ends, so sampling is one fixed, exact kernel;
-            ``sampler.flow`` is then the refined flow.
-        refine_options: Keyword arguments of :class:`~pyro_nfmala.refine.FlowRefiner` (``steps``,
-            ``lr``, ``batch_size``).
         initial_z: Initial latents ``(num_chains, d)``; by default :math:`z_0 \sim q_Z`.
         seed: Seed of the sampler's own random generator; the same seed gives the same chains
             (on the same machine and device).
 
+    The sampler's options, ``preconditioner``, ``mass_matrix``, ``step_size``,
+    ``target_accept_prob``, ``adapt``, ``independence_every``, ``independence_scale``,
+    ``refine_every`` and ``refine_options``, are passed to
+    :class:`~pyro_nfmala.options.SamplerOptions` (documented there; ``independence_every`` is
+    ``None`` or an integer here, and ``refine_every`` needs a posterior pull-back).
+
     The current state (``state``) and step sizes (``step_size``) persist between calls, so
     :meth:`warmup`, :meth:`sample` and :meth:`advance` can be called again to continue a run.
+    After a warmup with ``refine_every``, ``sampler.flow`` is the refined flow.
     """
 
     def __init__(
@@ -90,7 +71,7 @@ class ChainSampler:
         target: LatentTarget,
         num_chains: int,
         *,
-        preconditioner: str | Preconditioner = DEFAULT_PRECONDITIONER,
+        preconditioner: str | Move = DEFAULT_PRECONDITIONER,
         mass_matrix: str | None = "auto",
         step_size: float | None = None,
         target_accept_prob: float = 0.574,
@@ -102,50 +83,64 @@ class ChainSampler:
         initial_z: Tensor | None = None,
         seed: int | None = None,
     ) -> None:
-        step_size = check_step_size(step_size)
+        options = SamplerOptions.from_arguments(locals())
+        if options.independence_every == "auto":
+            raise ValueError(
+                "independence_every must be None or an integer >= 1 for ChainSampler ('auto' needs the "
+                "flow check of NFMALA's own map)"
+            )
         if not isinstance(target, LatentTarget):
             raise TypeError(
                 "target must be a LatentTarget (PosteriorPullback, TemperedFlow), "
                 f"got {type(target).__name__}"
             )
-        self.target = target
-        self.flow = target.flow
         self.num_chains = check_num_chains(num_chains)
-        self.generator = torch.Generator(device=self.flow.device)
+        self.generator = torch.Generator(device=target.flow.device)
         self.generator.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
         self._driver = Driver(
-            target,
-            self.num_chains,
-            preconditioner=preconditioner,
-            target_accept_prob=target_accept_prob,
-            adapt=adapt,
-            mass_matrix=mass_matrix,
-            independence_every=independence_every,
-            independence_scale=independence_scale,
-            generator=self.generator,
-            label="ChainSampler",
+            target, self.num_chains, options, generator=self.generator, label="ChainSampler"
         )
         if initial_z is None:
             z0 = self.flow.sample_base((self.num_chains,), self.generator)
         else:
             z0 = self._check_initial_z(initial_z)
-        self._driver.start(z0, step_size=step_size, search_from=1.0 if step_size is None else None)
+        self._driver.start(
+            z0, step_size=options.step_size, search_from=1.0 if options.step_size is None else None
+        )
         self._reported = self._driver.checkpoint()
-        self.refine_every = self._check_refine_every(refine_every)
         self.refiner = (
-            FlowRefiner(self.flow, generator=self.generator, **dict(refine_options or {}))
-            if self.refine_every is not None
+            FlowRefiner(self.flow, generator=self.generator, **options.refine_options)
+            if options.refine_every is not None
             else None
         )
-        self.refinements = 0
 
     @property
-    def preconditioner(self) -> Preconditioner:
-        return self._driver.preconditioner
+    def target(self) -> LatentTarget:
+        """The latent target (after a warmup with refinement, the one of the refined flow)."""
+        return self._driver.target
+
+    @property
+    def flow(self):
+        """The flow of the target (after a warmup with refinement, the refined flow)."""
+        return self._driver.flow
+
+    @property
+    def refine_every(self) -> int | None:
+        return self._driver.options.refine_every
+
+    @property
+    def refinements(self) -> int:
+        """How many flow refinements took effect."""
+        return self._driver.refinements
+
+    @property
+    def preconditioner(self) -> Move:
+        """The Langevin move (after warmup, with the adapted mass matrix)."""
+        return self._driver.move
 
     @property
     def adapt(self) -> str:
-        return self._driver.adapt
+        return self._driver.options.adapt
 
     @property
     def state(self) -> MALAState:
@@ -160,22 +155,22 @@ class ChainSampler:
     @property
     def num_steps(self) -> int:
         """Steps made so far, warmup included."""
-        return self._driver.counts["steps"]
+        return self._driver.steps
 
     @property
-    def global_acceptance_rate(self) -> float:
+    def independence_acceptance_rate(self) -> float:
         """The share of independence proposals accepted so far, warmup included (NaN without any)."""
-        return self._driver.global_acceptance_rate
+        return self._driver.independence_acceptance_rate
 
     @property
     def num_divergent(self) -> int:
-        """Divergent (rejected non-finite or failed) proposals so far, warmup included."""
-        return self._driver.counts["warmup_divergent"] + self._driver.counts["divergent"]
+        """Divergent (rejected non-finite or failed) Langevin proposals so far, warmup included."""
+        return self._driver.ledgers["langevin"].total("divergent")
 
     @property
     def num_errors(self) -> int:
         """Evaluations that raised a numerical error so far (each failing batch or half-batch counts once)."""
-        return self._driver.counts["errors"]
+        return self._driver.errors
 
     def _check_initial_z(self, z: Tensor) -> Tensor:
         if not isinstance(z, Tensor):
@@ -189,57 +184,21 @@ class ChainSampler:
             raise ValueError(f"initial_z is on {z.device} but the flow is on {self.flow.device}")
         return z
 
-    def _check_refine_every(self, every: object) -> int | None:
-        if every is None:
-            return None
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"refine_every must be None or an integer >= 1, got {every!r}")
-        if not isinstance(self.target, PosteriorPullback):
-            raise ValueError(
-                "refine_every changes the flow, and a tempered target (TemperedFlow) is defined by its flow: "
-                "refinement is for the posterior pull-back (PosteriorPullback) only"
-            )
-        return every
-
-    def _refine(self) -> None:
-        """Refits the flow on the states collected since the last refinement; the chains go on from the
-        same data-space points in the new latent space. A refinement that fails leaves the flow as it was."""
-        try:
-            flow = self.refiner.refine()
-            target = PosteriorPullback(flow, self.target.log_prob)
-            with torch.no_grad():
-                z = flow.to_latent(self.state.x)
-            self._driver.replace_target(target, z)
-        except ValueError as error:
-            warnings.warn(
-                f"ChainSampler: a flow refinement failed ({error}); the chains go on with the flow as it was",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            return
-        self.target, self.flow = target, flow
-        self.refinements += 1
-
     def _report(self) -> None:
         self._driver.warn_divergences(self._reported, stacklevel=4)
         self._reported = self._driver.checkpoint()
 
     def warmup(self, num_steps: int, *, adapt_step_size: bool = True, progress: bool = True) -> Tensor:
-        """Runs ``num_steps`` steps adapting the step size by dual averaging; returns the final step sizes.
+        """Runs ``num_steps`` steps adapting the step size by dual averaging (and the mass matrix, and with
+        ``refine_every`` the flow); returns the final step sizes.
 
-        Interrupted (Ctrl-C), it keeps the step size adapted so far, fixed, and the state. With
-        ``refine_every``, the flow is refined on schedule (see the class), and fixed afterwards.
+        Interrupted (Ctrl-C), it keeps the step size adapted so far, fixed, and the state.
         """
-        self._driver.begin_warmup(num_steps, adapt_step_size=adapt_step_size)
+        self._driver.begin_warmup(num_steps, adapt_step_size=adapt_step_size, refiner=self.refiner)
         bar = tqdm(range(num_steps), desc="warmup", disable=not progress)
-        last_refinement = (3 * num_steps) // 4  # the last quarter adapts to the final flow
         try:
-            for i in bar:
+            for _ in bar:
                 info = self._driver.step()
-                if self.refiner is not None:
-                    self.refiner.add(self.state.x)
-                    if (i + 1) % self.refine_every == 0 and i + 1 <= last_refinement:
-                        self._refine()
                 step_size = f"{float(self.step_size.median()):.2e}"
                 bar.set_postfix({**self._postfix(info), "step size": step_size}, refresh=False)
         finally:
@@ -251,7 +210,7 @@ class ChainSampler:
     def _postfix(self, info: StepInfo) -> dict[str, str]:
         postfix = {"acc. prob": f"{float(info.accept_prob.mean()):.3f}"}
         if self._driver.independence_every is not None:
-            postfix["global acc."] = f"{self.global_acceptance_rate:.3f}"
+            postfix["independence acc."] = f"{self.independence_acceptance_rate:.3f}"
         return postfix
 
     def _run(self, num_steps: int, desc: str, progress: bool):
@@ -276,8 +235,8 @@ class ChainSampler:
         The posterior group holds ``x`` (data space, ``(chains, draws, d)``); the ``latent``
         group holds ``z``; ``sample_stats`` holds ``accept_prob``, ``step_size``,
         ``diverging`` and ``lp`` (the log density of ``x`` under the push-forward of the
-        target, up to a constant), and with independence moves ``global_accept_prob`` (NaN on
-        draws without one). Stats are those of the step that produced each kept state.
+        target, up to a constant), and with independence moves ``independence_accept_prob`` (NaN
+        on draws without one). Stats are those of the step that produced each kept state.
         """
         if num_samples < 1 or thin < 1:
             raise ValueError(f"num_samples and thin must be >= 1, got {num_samples} and {thin}")

@@ -1,23 +1,24 @@
-r"""The one driver layer under both samplers: options, chain start, warmup, statistics, warnings.
+r"""The one driver layer under both samplers: chain start, the schedule of moves, warmup, the ledger.
 
 :class:`~pyro_nfmala.NFMALA` (one chain per Pyro kernel) and :class:`~pyro_nfmala.ChainSampler`
 (a batch of chains) are thin front ends on :class:`Driver`, which holds a ``(chains, d)``
 batch of states and owns, once for both:
 
-- the validation of the sampler's options (:func:`check_step_size`, ...);
-- the start: the target's batch check, the initial state, its finiteness, a first step size
+- the options (:class:`~pyro_nfmala.options.SamplerOptions`, checked there);
+- the start: where each chain begins (:meth:`Driver.start_at`: a point the map can reach, else
+  an overdispersed draw of the map), the target's batch check, finiteness, a first step size
   (:func:`~pyro_nfmala.adaptation.find_reasonable_step_size`);
-- the warmup schedule: dual averaging of the step size towards the target acceptance
-  probability, shared by all chains (fed their mean acceptance probability) or per chain, and
-  a latent mass matrix (diagonal or dense, estimated from all chains) on Stan's windows
-  (:mod:`pyro_nfmala.adaptation`); both fixed when warmup ends, so that sampling is one fixed,
-  exact kernel;
-- the global moves: with ``independence_every=k``, every ``k``-th step is followed by a latent
-  independence move from the flow's base (:mod:`pyro_nfmala.independence`), in warmup and in
-  sampling alike (it adapts nothing);
-- the per-draw statistics (``accept_prob``, ``step_size``, ``diverging``, ``lp``, the log
-  density of :math:`x` under the target's push-forward up to a constant,
-  :math:`\log \pi(z) - \mathrm{ladj}(z)`; with independence moves, ``global_accept_prob``,
+- the schedule of moves: every step is one Langevin move (the preconditioner of
+  :mod:`pyro_nfmala.precond`), and with ``independence_every=k`` every ``k``-th is followed by an
+  independence move (:mod:`pyro_nfmala.independence`); each move is one call of the generic
+  Metropolis-Hastings step (:func:`~pyro_nfmala.mala.metropolis_hastings_step`);
+- warmup, as one :class:`~pyro_nfmala.adaptation.WarmupAdaptation` (step size, mass matrix, and
+  the flow where it is refined), whose parameters the steps receive; fixed when warmup ends, so
+  that sampling is one fixed, exact kernel;
+- the ledger: per move and per phase (warmup, sampling) the proposals, acceptances and divergent
+  proposals, and per sampling draw the statistics (``accept_prob``, ``step_size``, ``diverging``,
+  ``lp``: the log density of :math:`x` under the target's push-forward up to a constant,
+  :math:`\log \pi(z) - \mathrm{ladj}(z)`; with independence moves ``independence_accept_prob``,
   NaN on a draw without one);
 - the warnings: the first numerical error of each kind, with its message, and at the end of a
   run the divergences of warmup and sampling and any chain that never moved.
@@ -34,125 +35,80 @@ Example:
 
 from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_PRECONDITIONER",
-    "DIVERGENCE_WARNING_RATE",
-    "SAMPLE_STATS",
-    "Driver",
-    "check_mass_matrix",
-    "check_num_chains",
-    "check_step_size",
-    "check_target_accept_prob",
-]
+__all__ = ["DIVERGENCE_WARNING_RATE", "SAMPLE_STATS", "Driver", "MoveLedger"]
 
-import copy
-import math
-import numbers
 import warnings
 
 import torch
 
 from torch import Tensor
 
-from .adaptation import BatchWelfordCovariance, StepSizeAdapter, adaptation_windows, find_reasonable_step_size
-from .independence import check_independence, independence_step
+from .adaptation import FlowRefinement, KernelParameters, WarmupAdaptation, find_reasonable_step_size
+from .independence import independence_step
 from .mala import MALAState, StepInfo, finite_chains, init_state, mala_step
-from .precond import MassMatrixPreconditioner, Preconditioner, get_preconditioner
-from .target import LatentTarget
+from .options import SamplerOptions, check_num_chains
+from .target import LatentTarget, PosteriorPullback
 
-#: The preconditioner of both samplers unless told otherwise (plain MALA on the latent target).
-DEFAULT_PRECONDITIONER = "identity"
 #: Above this share of divergent proposals (in warmup or in sampling), the end of a run warns.
 DIVERGENCE_WARNING_RATE = 0.01
-#: Per-draw statistics both samplers record, in ArviZ's vocabulary.
+#: Per-draw statistics of the Langevin move, in ArviZ's vocabulary; the independence move's carry
+#: its name first (``independence_accept_prob``).
 SAMPLE_STATS = ("accept_prob", "step_size", "diverging", "lp")
 #: A chain that accepted nothing in this many steps after warmup is reported as stuck.
 STUCK_AFTER_STEPS = 100
+#: Draws of the map tried for a finite starting point before giving up.
+START_TRIES = 100
+#: A chain starts at its given point if that lies within this many of the map's sds ...
+MAX_LATENT_START = 10.0
+#: ... else at an overdispersed draw of the map, z0 ~ N(0, INITIAL_SPREAD^2 I).
+INITIAL_SPREAD = 2.0
 
 
-def _as_real(value: object) -> float | None:
-    """A Python float of a real number, NumPy scalar or one-element tensor; ``None`` otherwise."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, Tensor):
-        return float(value) if value.numel() == 1 and not value.is_complex() else None
-    if isinstance(value, numbers.Real):
-        return float(value)
-    return None
+class MoveLedger:
+    """What one move did, by phase: ``proposals``, ``accepted`` and ``divergent`` counts, and the sum of
+    its acceptance probabilities."""
 
+    PHASES = ("warmup", "sampling")
 
-def check_step_size(step_size: object) -> float | None:
-    """``None``, or the step size as a float: a finite real number > 0 (NumPy scalar and 0-d
-    tensor included)."""
-    if step_size is None:
-        return None
-    value = _as_real(step_size)
-    if value is None or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"step_size must be a finite number > 0 (or None), got {step_size!r}")
-    return value
+    def __init__(self) -> None:
+        self.counts = {phase: {"proposals": 0, "accepted": 0, "divergent": 0} for phase in self.PHASES}
+        self.accept_prob_sum = 0.0
 
+    def add(self, phase: str, info: StepInfo) -> None:
+        counts = self.counts[phase]
+        counts["proposals"] += info.accept_prob.numel()
+        counts["accepted"] += int(info.accepted.sum())
+        counts["divergent"] += int(info.diverging.sum())
+        self.accept_prob_sum += float(info.accept_prob.sum())
 
-def check_target_accept_prob(target_accept_prob: object) -> float:
-    """The target acceptance probability as a float in (0, 1)."""
-    value = _as_real(target_accept_prob)
-    if value is None or not 0 < value < 1:
-        raise ValueError(f"target_accept_prob must lie in (0, 1), got {target_accept_prob!r}")
-    return value
+    def total(self, name: str) -> int:
+        """A count over both phases."""
+        return sum(self.counts[phase][name] for phase in self.PHASES)
 
+    @property
+    def acceptance_rate(self) -> float:
+        """The share of proposals accepted so far, both phases (NaN before the first)."""
+        proposals = self.total("proposals")
+        return self.total("accepted") / proposals if proposals else float("nan")
 
-def check_mass_matrix(mass_matrix: object, preconditioner: Preconditioner) -> str | None:
-    """``None``, ``"diagonal"`` or ``"dense"``; ``"auto"`` is diagonal for a preconditioner that takes a
-    mass matrix (the identity's in latent space; ``"jacobian"``'s and ``"data_space"``'s in data space),
-    else none."""
-    takes_mass = _mass_space(preconditioner) is not None
-    if mass_matrix == "auto":
-        return "diagonal" if takes_mass else None
-    if mass_matrix not in (None, "diagonal", "dense"):
-        raise ValueError(f"mass_matrix must be 'auto', 'diagonal', 'dense' or None, got {mass_matrix!r}")
-    if mass_matrix is not None and not takes_mass:
-        raise ValueError(
-            f"mass_matrix={mass_matrix!r} goes with the identity, jacobian or data_space preconditioners; "
-            f"the {getattr(preconditioner, 'name', preconditioner)!r} preconditioner takes none: use "
-            "mass_matrix=None with it"
-        )
-    return mass_matrix
+    @property
+    def mean_accept_prob(self) -> float:
+        """The mean acceptance probability so far, both phases (NaN before the first)."""
+        proposals = self.total("proposals")
+        return self.accept_prob_sum / proposals if proposals else float("nan")
 
-
-def _mass_space(preconditioner: Preconditioner) -> str | None:
-    """Where a preconditioner's mass matrix lives (``"latent"`` or ``"data"``), or ``None`` if it has none."""
-    if getattr(preconditioner, "name", None) == "identity":
-        return "latent"  # the samplers replace it by a MassMatrixPreconditioner of their own
-    if hasattr(preconditioner, "set_inverse_mass"):
-        return getattr(preconditioner, "space", "latent")
-    return None
-
-
-def check_num_chains(num_chains: object) -> int:
-    """The number of chains: an integer >= 1 (not a bool)."""
-    if isinstance(num_chains, bool) or not isinstance(num_chains, numbers.Integral) or num_chains < 1:
-        raise ValueError(f"num_chains must be an integer >= 1, got {num_chains!r}")
-    return int(num_chains)
+    def snapshot(self) -> dict:
+        return {phase: dict(counts) for phase, counts in self.counts.items()}
 
 
 class Driver:
-    r"""A batch of latent MALA chains with their warmup schedule, statistics and warnings.
+    r"""A batch of latent MALA chains with their schedule of moves, warmup, ledger and warnings.
 
     Arguments:
         target: The latent target.
         num_chains: Number of chains in the batch.
-        preconditioner: ``"identity"`` (default), ``"jacobian"``, ``"data_space"``,
-            ``"dense_jacobian"``, or a :class:`~pyro_nfmala.precond.Preconditioner`.
-        target_accept_prob: Acceptance probability that adaptation aims at (0.574, optimal for MALA).
-        adapt: ``"shared"`` (one step size for all chains) or ``"per_chain"``.
-        mass_matrix: ``"diagonal"`` or ``"dense"``: adapt a constant mass matrix in warmup, to the
-            covariance of the chains' latent states with the identity preconditioner (which it
-            then replaces by a :class:`~pyro_nfmala.precond.MassMatrixPreconditioner` of its own),
-            of their data-space states with ``"jacobian"`` and ``"data_space"`` (a copy of the
-            preconditioner holds it); ``None``: none; ``"auto"``: diagonal with those three,
-            none with the others.
-        independence_every: ``None`` (default): MALA steps only. ``k``: every ``k``-th step is
-            followed by an independence move :math:`z' \sim \mathcal{N}(0, s^2 I)`.
-        independence_scale: :math:`s > 0` (1: the flow's base law).
+        options: The sampler's options (:class:`~pyro_nfmala.options.SamplerOptions`); or give them
+            as keywords (``Driver(target, 8, independence_every=2)``).
         generator: Random generator of the steps; the global one if ``None``.
         label: How warnings name the sampler.
     """
@@ -161,76 +117,73 @@ class Driver:
         self,
         target: LatentTarget,
         num_chains: int = 1,
+        options: SamplerOptions | None = None,
         *,
-        preconditioner: str | Preconditioner = DEFAULT_PRECONDITIONER,
-        target_accept_prob: float = 0.574,
-        adapt: str = "shared",
-        mass_matrix: str | None = None,
-        independence_every: int | None = None,
-        independence_scale: float = 1.0,
         generator: torch.Generator | None = None,
         label: str = "NFMALA",
+        **option_values,
     ) -> None:
         if not isinstance(target, LatentTarget):
             raise TypeError(
                 "target must be a LatentTarget (PosteriorPullback, TemperedFlow), "
                 f"got {type(target).__name__}"
             )
-        if adapt not in ("shared", "per_chain"):
-            raise ValueError(f"adapt must be 'shared' or 'per_chain', got {adapt!r}")
-        self.target = target
-        self.flow = target.flow
-        self.num_chains = check_num_chains(num_chains)
-        self.preconditioner = get_preconditioner(preconditioner)
-        self.mass_matrix = check_mass_matrix(mass_matrix, self.preconditioner)
-        if self.mass_matrix is not None:  # a fresh one: it holds this driver's adapted matrix
-            options = {"dtype": self.flow.dtype, "device": self.flow.device}
-            unit = (
-                torch.ones(self.flow.dim, **options)
-                if self.mass_matrix == "diagonal"
-                else torch.eye(self.flow.dim, **options)
+        if options is None:
+            options = SamplerOptions(**option_values)
+        elif option_values:
+            raise TypeError("give the options either as a SamplerOptions or as keywords, not both")
+        if options.independence_every == "auto":
+            raise ValueError(
+                "independence_every='auto' is resolved by NFMALA from its flow check: give None or k"
             )
-            if getattr(self.preconditioner, "name", None) == "identity":
-                self.preconditioner = MassMatrixPreconditioner(unit)
-            else:
-                self.preconditioner = copy.copy(self.preconditioner)
-                self.preconditioner.set_inverse_mass(unit)
-        self.target_accept_prob = check_target_accept_prob(target_accept_prob)
-        self.independence_every, self.independence_scale = check_independence(
-            independence_every, independence_scale
-        )
-        self.adapt = adapt
+        if options.refine_every is not None and not isinstance(target, PosteriorPullback):
+            raise ValueError(
+                "refine_every changes the flow, and a tempered target (TemperedFlow) is defined by its flow: "
+                "refinement is for the posterior pull-back (PosteriorPullback) only"
+            )
+        self.options = options
+        self.target = target
+        self.num_chains = check_num_chains(num_chains)
         self.generator = generator
         self.label = label
+        self.move = options.preconditioner  # the Langevin move; adaptation replaces it by new ones
+        if options.mass_matrix is not None:  # a move of this driver's own, with M = I until adapted
+            unit = {"dtype": self.flow.dtype, "device": self.flow.device}
+            dim = self.flow.dim
+            eye = torch.ones(dim, **unit) if options.mass_matrix == "diagonal" else torch.eye(dim, **unit)
+            self.move = self.move.with_inverse_mass(eye)
+        self.independence_every = options.independence_every
         self.state: MALAState | None = None
         self.step_size: Tensor | None = None
-        self._adapter: StepSizeAdapter | None = None
-        self._warmup_left = 0
-        self._warmup_step = 0
-        self._windows: list[tuple[int, int]] = []
-        self._welford: BatchWelfordCovariance | None = None
+        self.adaptation: WarmupAdaptation | None = None
+        self.refinements = 0
+        self.ledgers = {"langevin": MoveLedger(), "independence": MoveLedger()}
+        self.steps = 0
+        self.errors = 0
         self._errors_seen: set[str] = set()
-        self.counts = {
-            "steps": 0,
-            "warmup_proposals": 0,
-            "warmup_divergent": 0,
-            "proposals": 0,
-            "divergent": 0,
-            "errors": 0,
-            "global_proposals": 0,
-            "global_accepted": 0,
-            "global_nonfinite": 0,
-        }
-        self._last_global: Tensor | None = None
+        self._last_step_size: Tensor | None = None
+        self._last_independence: Tensor | None = None
         self.accepted = torch.zeros(self.num_chains, dtype=torch.long)
         self.sampling_steps = 0
+        self.recording = False
+        self.draws: dict[str, list[Tensor]] = {}
+
+    @property
+    def flow(self):
+        """The flow of the current target."""
+        return self.target.flow
+
+    @property
+    def parameters(self) -> KernelParameters:
+        """The target, the Langevin move and the step size that the next step receives."""
+        return KernelParameters(self.target, self.move, self.step_size)
 
     # ------------------------------------------------------------------------------------------
     # start
 
     def initial_state(self, z: Tensor) -> MALAState:
         """The state at latents ``z`` ``(num_chains, d)``, after the target's batch check."""
-        return init_state(self.target, self.preconditioner, z)
+        return init_state(self.target, self.move, z)
 
     def start(
         self, state: MALAState | Tensor, *, step_size: float | None = None, search_from: float | None = None
@@ -251,9 +204,9 @@ class Driver:
         self.state = state
         if search_from is not None:
             found = find_reasonable_step_size(
-                state, self.target, self.preconditioner, search_from, generator=self.generator
+                state, self.target, self.move, search_from, generator=self.generator
             )
-            step = found.median().expand(self.num_chains) if self.adapt == "shared" else found
+            step = found.median().expand(self.num_chains) if self.options.adapt == "shared" else found
         elif step_size is not None:
             step = torch.as_tensor(step_size)
         else:
@@ -265,16 +218,60 @@ class Driver:
         )
         return state
 
-    def replace_target(self, target: LatentTarget, z: Tensor) -> None:
-        """Goes on with another target (a refined flow, in warmup) from latents ``z`` of it; every chain
-        must be finite there, else the driver keeps its target and state and raises ``ValueError``."""
-        state = init_state(target, self.preconditioner, z)
-        bad = ~finite_chains(state)
-        if bad.any():
-            raise ValueError(
-                f"{int(bad.sum())} of {self.num_chains} chains have a non-finite state under the new target"
-            )
-        self.target, self.flow, self.state = target, target.flow, state
+    def start_at(self, x: Tensor | None, *, fallback: bool = False, describe=None) -> MALAState:
+        """The state of one chain at ``f^{-1}(x)`` (``x`` a data-space point), or at a draw of the map when
+        ``x`` is ``None``; with ``fallback``, at an overdispersed draw of the map where ``x`` lies beyond
+        ``MAX_LATENT_START`` of the map's sds or where the map cannot reach it (which warns).
+
+        ``describe()`` adds a note on what ``x`` was to an error raised at it. Raises ``ValueError``
+        where no finite start is found.
+        """
+        flow = self.flow
+        if x is not None and fallback:
+            point = x.detach().to(dtype=flow.dtype, device=flow.device).reshape(1, flow.dim)
+            with torch.no_grad():
+                z = flow.to_latent(point)
+            reachable = bool(torch.isfinite(z).all())
+            if reachable and float(z.abs().max()) <= MAX_LATENT_START:
+                state = self.initial_state(z)
+                if bool(finite_chains(state).all()):
+                    return state
+            if not reachable:
+                warnings.warn(
+                    f"{self.label}: the map cannot reach this chain's starting point (its inverse is not "
+                    "finite there): the map may miss that part of the posterior. Starting at a draw of the "
+                    "map instead; check R-hat across chains.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            # a start far out in the map's tails (a narrow posterior): an overdispersed draw of the map
+            for _ in range(START_TRIES):
+                state = self.initial_state(INITIAL_SPREAD * flow.sample_base().unsqueeze(0))
+                if bool(finite_chains(state).all()):
+                    return state
+            x = None
+        if x is not None:
+            point = x.detach().to(dtype=flow.dtype, device=flow.device).reshape(1, flow.dim)
+            try:
+                state = self.initial_state(flow.to_latent(point).detach())
+            except Exception as error:
+                if describe is not None and hasattr(error, "add_note"):
+                    error.add_note(describe())
+                raise
+            if not bool(finite_chains(state).all()):
+                raise ValueError(
+                    "the initial parameters give a non-finite log density or gradient "
+                    f"(log density {float(state.log_density[0]):.4g}): start elsewhere"
+                )
+            return state
+        for _ in range(START_TRIES):
+            state = self.initial_state(flow.sample_base().unsqueeze(0))
+            if bool(finite_chains(state).all()):
+                return state
+        raise ValueError(
+            f"{START_TRIES} draws of the flow all gave a non-finite log density or gradient: the flow does "
+            "not cover the posterior's support; pass initial_params or an init_strategy"
+        )
 
     # ------------------------------------------------------------------------------------------
     # warmup and steps
@@ -282,122 +279,118 @@ class Driver:
     @property
     def warming_up(self) -> bool:
         """Whether the coming step is a warmup step."""
-        return self._warmup_left > 0
+        return self.adaptation is not None and not self.adaptation.done
 
-    def begin_warmup(self, num_steps: int, *, adapt_step_size: bool = True) -> None:
-        """The next ``num_steps`` steps are warmup: they adapt the step size (if ``adapt_step_size``),
-        which is fixed after the last of them."""
-        if num_steps < 0:
-            raise ValueError(f"the number of warmup steps must be >= 0, got {num_steps}")
-        self._warmup_left = int(num_steps)
-        self._warmup_step = 0
-        self._adapter = None
-        if num_steps and adapt_step_size:
-            self._restart_step_size_adaptation()
-        self._windows = adaptation_windows(num_steps) if self.mass_matrix is not None else []
-        self._welford = BatchWelfordCovariance(diagonal=self.mass_matrix == "diagonal")
-
-    def _restart_step_size_adaptation(self) -> None:
-        initial = self.step_size if self.adapt == "per_chain" else self.step_size[0]
-        self._adapter = StepSizeAdapter(initial.double().cpu(), self.target_accept_prob)
-
-    def _adapt_mass_matrix(self) -> None:
-        """Inside a slow window, feeds the chains' states to Welford; at its end, sets M^-1 to their
-        covariance and restarts the step-size search and dual averaging from the new kernel."""
-        t = self._warmup_step
-        window = next(((first, last) for first, last in self._windows if first <= t <= last), None)
-        if window is None:
-            return
-        points = self.state.x if _mass_space(self.preconditioner) == "data" else self.state.z
-        self._welford.update_batch(points.detach().double().cpu())
-        if t != window[1] or self._welford.n_samples < 2:
-            return
-        covariance = self._welford.get_covariance(regularize=True).to(self.flow.dtype).to(self.flow.device)
-        self._welford.reset()
-        self.preconditioner.set_inverse_mass(covariance)
-        self.state = self.state._replace(cache=self.preconditioner.prepare(self.flow, self.state))
-        found = find_reasonable_step_size(
-            self.state,
-            self.target,
-            self.preconditioner,
-            float(self.step_size.median()),
-            generator=self.generator,
+    def begin_warmup(self, num_steps: int, *, adapt_step_size: bool | None = None, refiner=None) -> None:
+        """The next ``num_steps`` steps are warmup (:class:`~pyro_nfmala.adaptation.WarmupAdaptation`):
+        they adapt the step size (``adapt_step_size``, by default the options'), the mass matrix, and,
+        given a :class:`~pyro_nfmala.refine.FlowRefiner`, the flow (every ``refine_every`` steps)."""
+        options = self.options
+        flow = None
+        if refiner is not None:
+            log_prob = self.target.log_prob
+            flow = FlowRefinement(refiner, options.refine_every, lambda f: PosteriorPullback(f, log_prob))
+        self.adaptation = WarmupAdaptation(
+            num_steps,
+            adapt_step_size=options.adapt_step_size if adapt_step_size is None else adapt_step_size,
+            mass_matrix=options.mass_matrix,
+            target_accept_prob=options.target_accept_prob,
+            per_chain=options.adapt == "per_chain",
+            find_step_size=self._find_step_size,
+            flow=flow,
         )
-        found = found.median().expand(self.num_chains) if self.adapt == "shared" else found
-        self.step_size = found.to(self.step_size).clone()
-        if self._adapter is not None:
-            self._restart_step_size_adaptation()
+        self._apply(self.adaptation.init(self.parameters))
+
+    def _find_step_size(self, parameters: KernelParameters, start: float) -> Tensor:
+        return find_reasonable_step_size(
+            self.state, parameters.target, parameters.move, start, generator=self.generator
+        )
+
+    def _apply(self, parameters: KernelParameters) -> None:
+        """Takes the parameters adaptation returned; a new target (a refined flow) moves the chains to the
+        same data-space points in its latent space, or is refused with a warning where any is not finite."""
+        self.move, self.step_size = parameters.move, parameters.step_size
+        if parameters.target is self.target:
+            return
+        target = parameters.target
+        with torch.no_grad():
+            z = target.flow.to_latent(self.state.x)
+        state = init_state(target, self.move, z)
+        bad = ~finite_chains(state)
+        if bad.any():
+            self._refinement_failed(
+                f"{int(bad.sum())} of {self.num_chains} chains have a non-finite state under the new target"
+            )
+            return
+        self.target, self.state = target, state
+        self.refinements += 1
+
+    def _refinement_failed(self, why: str) -> None:
+        warnings.warn(
+            f"{self.label}: a flow refinement failed ({why}); the chains go on with the flow as it was",
+            RuntimeWarning,
+            stacklevel=5,
+        )
 
     def end_warmup(self) -> None:
         """Ends warmup now (also when interrupted): the step size adapted so far is kept and fixed."""
-        if self._adapter is not None:
-            self.step_size = self._adapter.final().to(self.step_size).expand(self.num_chains).clone()
-        self._adapter = None
-        self._warmup_left = 0
+        if self.adaptation is not None and not self.adaptation.done:
+            self._apply(self.adaptation.final(self.parameters))
 
     def step(self) -> StepInfo:
-        """One MALA step of every chain (then, on schedule, an independence move); adapts and counts as
-        the schedule says."""
+        """One Langevin move of every chain (then, on schedule, an independence move); adapts and records
+        as the schedule says."""
         warmup = self.warming_up
+        phase = "warmup" if warmup else "sampling"
         step_size = self.step_size
-        self.state, info = mala_step(
-            self.state, self.target, self.preconditioner, step_size, generator=self.generator
-        )
-        self.counts["steps"] += 1
+        self.state, info = mala_step(self.state, self.target, self.move, step_size, generator=self.generator)
+        self.steps += 1
         self._note_errors(info.errors)
-        diverging = int(info.diverging.sum())
-        if self.warming_up:
-            self.counts["warmup_proposals"] += self.num_chains
-            self.counts["warmup_divergent"] += diverging
-            if self._adapter is not None:
-                accept = info.accept_prob.double().cpu()
-                new = self._adapter.update(accept if self.adapt == "per_chain" else accept.mean())
-                self.step_size = new.to(self.step_size).expand(self.num_chains).clone()
-            if self.mass_matrix is not None:
-                self._adapt_mass_matrix()
-            self._warmup_step += 1
-            self._warmup_left -= 1
-            if self._warmup_left == 0:
-                self.end_warmup()
+        self.ledgers["langevin"].add(phase, info)
+        if warmup:
+            self._apply(self.adaptation.update(self.parameters, self.state, info.accept_prob))
         else:
-            self.counts["proposals"] += self.num_chains
-            self.counts["divergent"] += diverging
             self.accepted += info.accepted.reshape(-1).long().cpu()
             self.sampling_steps += 1
         self._last_step_size = step_size
-        self._last_global = None
-        if self.independence_every is not None and self.counts["steps"] % self.independence_every == 0:
-            self._global_move(warmup)
+        self._last_independence = None
+        if self.independence_every is not None and self.steps % self.independence_every == 0:
+            self._independence_move(phase)
+        if warmup and self.adaptation.flow is not None:
+            try:
+                self._apply(self.adaptation.update_flow(self.parameters, self.state))
+            except ValueError as error:
+                self._refinement_failed(str(error))
+        if self.recording and not warmup:
+            for name, value in self.stats(info).items():
+                self.draws.setdefault(name, []).append(value.detach().cpu())
         return info
 
-    def _global_move(self, warmup: bool) -> None:
+    def _independence_move(self, phase: str) -> None:
         """One independence move of every chain (:mod:`pyro_nfmala.independence`)."""
         self.state, info = independence_step(
-            self.state, self.target, self.preconditioner, self.independence_scale, generator=self.generator
+            self.state, self.target, self.move, self.options.independence_scale, generator=self.generator
         )
         self._note_errors(info.errors)
-        self.counts["global_proposals"] += self.num_chains
-        self.counts["global_accepted"] += int(info.accepted.sum())
-        self.counts["global_nonfinite"] += int(info.diverging.sum())
-        if not warmup:  # a chain that moves only by global moves is not stuck
+        self.ledgers["independence"].add(phase, info)
+        if phase == "sampling":  # a chain that moves only by independence moves is not stuck
             self.accepted += info.accepted.reshape(-1).long().cpu()
-        self._last_global = info.accept_prob
+        self._last_independence = info.accept_prob
 
     @property
     def stat_names(self) -> tuple[str, ...]:
         """The names of :meth:`stats`, in order."""
-        extra = ("global_accept_prob",) if self.independence_every is not None else ()
+        extra = ("independence_accept_prob",) if self.independence_every is not None else ()
         return SAMPLE_STATS + extra
 
     @property
-    def global_acceptance_rate(self) -> float:
-        """The share of independence proposals accepted so far (NaN before the first)."""
-        proposals = self.counts["global_proposals"]
-        return self.counts["global_accepted"] / proposals if proposals else float("nan")
+    def independence_acceptance_rate(self) -> float:
+        """The share of independence proposals accepted so far, warmup included (NaN before the first)."""
+        return self.ledgers["independence"].acceptance_rate
 
     def stats(self, info: StepInfo) -> dict[str, Tensor]:
         """The per-draw statistics of the step that gave ``info``, one value per chain (``lp`` and, with
-        independence moves, ``global_accept_prob`` of the state after the step's global move)."""
+        independence moves, ``independence_accept_prob`` of the state after the step's independence move)."""
         stats = {
             "accept_prob": info.accept_prob,
             "step_size": self._last_step_size.expand(self.num_chains),
@@ -405,18 +398,23 @@ class Driver:
             "lp": self.state.log_density - self.state.ladj,
         }
         if self.independence_every is not None:
-            stats["global_accept_prob"] = (
-                self._last_global
-                if self._last_global is not None
+            stats["independence_accept_prob"] = (
+                self._last_independence
+                if self._last_independence is not None
                 else torch.full_like(info.accept_prob, float("nan"))
             )
         return stats
+
+    def record(self) -> None:
+        """From now on, keep the statistics of every sampling step in ``draws`` (forgetting earlier ones)."""
+        self.recording = True
+        self.draws = {name: [] for name in self.stat_names}
 
     # ------------------------------------------------------------------------------------------
     # warnings
 
     def _note_errors(self, errors: tuple[BaseException, ...]) -> None:
-        self.counts["errors"] += len(errors)
+        self.errors += len(errors)
         for error in errors:
             kind = type(error).__name__
             if kind in self._errors_seen:
@@ -432,28 +430,41 @@ class Driver:
             )
 
     def checkpoint(self) -> dict:
-        """The counts so far, to report on what happens after this point (:meth:`warn_divergences`)."""
-        return {**self.counts, "accepted": self.accepted.clone(), "sampling_steps": self.sampling_steps}
+        """The ledger so far, to report on what happens after this point (:meth:`warn_divergences`)."""
+        return {
+            "ledgers": {name: ledger.snapshot() for name, ledger in self.ledgers.items()},
+            "errors": self.errors,
+            "accepted": self.accepted.clone(),
+            "sampling_steps": self.sampling_steps,
+        }
 
     def warn_divergences(self, since: dict | None = None, *, stacklevel: int = 3) -> None:
         """Warns about divergences in warmup and in sampling since the :meth:`checkpoint` ``since``
         (or the start), and about chains that accepted nothing after warmup."""
         since = since or {}
-        counts = {name: value - since.get(name, 0) for name, value in self.counts.items()}
+        before = since.get("ledgers", {})
+
+        def count(move: str, phase: str, name: str) -> int:
+            earlier = before.get(move, {}).get(phase, {}).get(name, 0)
+            return self.ledgers[move].counts[phase][name] - earlier
+
         parts = []
-        for phase, proposals, divergent in (
-            ("during warmup", counts["warmup_proposals"], counts["warmup_divergent"]),
-            ("after warmup", counts["proposals"], counts["divergent"]),
-        ):
+        for phase, words in (("warmup", "during warmup"), ("sampling", "after warmup")):
+            proposals, divergent = (
+                count("langevin", phase, "proposals"),
+                count("langevin", phase, "divergent"),
+            )
             if proposals and divergent > DIVERGENCE_WARNING_RATE * proposals:
-                parts.append(f"{divergent} of {proposals} proposals {phase}")
-        global_nonfinite = counts["global_nonfinite"]
-        if global_nonfinite > DIVERGENCE_WARNING_RATE * max(counts["global_proposals"], 1):
-            parts.append(f"{global_nonfinite} of {counts['global_proposals']} independence proposals")
+                parts.append(f"{divergent} of {proposals} proposals {words}")
+        independent = sum(count("independence", phase, "proposals") for phase in MoveLedger.PHASES)
+        nonfinite = sum(count("independence", phase, "divergent") for phase in MoveLedger.PHASES)
+        if nonfinite > DIVERGENCE_WARNING_RATE * max(independent, 1):
+            parts.append(f"{nonfinite} of {independent} independence proposals")
         if parts:
             cause = "a non-finite log density, gradient or acceptance ratio"
-            if counts["errors"]:
-                cause += f", or one of {counts['errors']} numerical errors raised by an evaluation"
+            errors = self.errors - since.get("errors", 0)
+            if errors:
+                cause += f", or one of {errors} numerical errors raised by an evaluation"
             warnings.warn(
                 f"{self.label}: {' and '.join(parts)} were divergent ({cause}) and were rejected. "
                 "Rejections keep the target's law, but many of them slow the chains down: look at where "

@@ -40,7 +40,14 @@ maximum likelihood through the data-to-latent one (:math:`f^{-1}`): prefer coupl
 
 from __future__ import annotations
 
-__all__ = ["FitResult", "fit_flow", "fit_flow_to_model", "fit_flow_to_samples", "fit_staged_map"]
+__all__ = [
+    "FitResult",
+    "fit_flow",
+    "fit_flow_to_model",
+    "fit_flow_to_samples",
+    "fit_map_to_density",
+    "fit_staged_map",
+]
 
 import logging
 import math
@@ -59,7 +66,7 @@ from tqdm.auto import tqdm
 from .flowcheck import FlowCheck, check_flow
 from .flows import StagedFlow, default_flow
 from .gaussian import GaussianFlow, gaussian_stage
-from .model import model_density
+from .model import ModelDensity, model_density
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +222,7 @@ def fit_flow_to_model(
     progress: bool = True,
     init_strategy: Callable | None = None,
     max_plate_nesting: int | None = None,
+    transforms: dict | None = None,
     check_samples: int = 1000,
 ) -> FitResult:
     """Fits the staged map of a Pyro model's posterior on its flat unconstrained parameters.
@@ -224,10 +232,11 @@ def fit_flow_to_model(
     With ``flow=None``, the cheapest of the staged maps that passes the flow check is kept (see
     the module; the flow stage is an affine coupling flow, :func:`~pyro_nfmala.default_flow` with
     ``kind="affine"``). With a ``flow``, it is fitted in front of the better Gaussian stage
-    (:class:`~pyro_nfmala.flows.StagedFlow`) and kept. ``init_strategy`` and
-    ``max_plate_nesting`` are as for Pyro's NUTS (an init strategy that starts improper
-    ``ImproperUniform`` sites is the default); the mode search starts there and at
-    ``NUM_STARTS - 1`` uniform draws in ``(-2, 2)`` of the unconstrained space.
+    (:class:`~pyro_nfmala.flows.StagedFlow`) and kept. ``init_strategy``, ``max_plate_nesting``
+    and ``transforms`` (Pyro's transforms to the unconstrained space, by site) are as for Pyro's
+    NUTS (an init strategy that starts improper ``ImproperUniform`` sites is the default); the
+    mode search starts there and at ``NUM_STARTS - 1`` uniform draws in ``(-2, 2)`` of the
+    unconstrained space (:func:`fit_map_to_density`).
 
     The model is evaluated for all particles in one vectorized run when it allows it. Reverse KL
     is mode-seeking: a fitted flow tends to be too narrow (in a funnel, it misses the neck). The
@@ -243,13 +252,15 @@ def fit_flow_to_model(
         ('laplace', True)
     """
     density = model_density(
-        model, model_args, model_kwargs, init_strategy=init_strategy, max_plate_nesting=max_plate_nesting
+        model,
+        model_args,
+        model_kwargs,
+        init_strategy=init_strategy,
+        max_plate_nesting=max_plate_nesting,
+        transforms=transforms,
     )
-    x0 = density.layout.pack(density.initial_params).detach()
-    starts = torch.cat([x0[None], 4 * torch.rand(NUM_STARTS - 1, len(x0), dtype=x0.dtype) - 2])
-    return fit_staged_map(
-        density.log_prob,
-        starts,
+    return fit_map_to_density(
+        density,
         flow=flow,
         num_steps=num_steps,
         num_particles=num_particles,
@@ -257,6 +268,18 @@ def fit_flow_to_model(
         progress=progress,
         check_samples=check_samples,
     )
+
+
+def fit_map_to_density(density: ModelDensity, **options) -> FitResult:
+    """The staged map of a :class:`~pyro_nfmala.model.ModelDensity` (a Pyro model's, or a
+    ``potential_fn``'s), on its own layout and transforms; ``options`` are :func:`fit_staged_map`'s.
+
+    The mode search starts at the density's initial point and at ``NUM_STARTS - 1`` uniform draws
+    in ``(-2, 2)`` of the unconstrained space (from torch's global generator).
+    """
+    x0 = density.layout.pack(density.initial_params).detach()
+    starts = torch.cat([x0[None], 4 * torch.rand(NUM_STARTS - 1, len(x0), dtype=x0.dtype) - 2])
+    return fit_staged_map(density.log_prob, starts, **options)
 
 
 def fit_staged_map(

@@ -19,11 +19,11 @@ jumps between modes of the target that the flow covers is accepted as readily as
 mode, which local steps never make. Where the flow is poor, proposals are rejected: the chain
 keeps its local MALA moves, and the move costs one evaluation of the target.
 
-The move is an ordinary Metropolis-Hastings step with a proposal that ignores the current
-state, so it reuses the MALA step (:func:`~pyro_nfmala.mala.mala_step`) with
-:class:`IndependenceProposal` in place of a preconditioner: the same rejection of non-finite
-values, the same error policy. The states it produces carry the cache of the preconditioner the
-MALA steps use, so the two kinds of move interleave freely (the samplers' ``independence_every``).
+The move is a :class:`~pyro_nfmala.mala.Move` (:class:`IndependenceProposal`): the generic
+Metropolis-Hastings step (:func:`~pyro_nfmala.mala.metropolis_hastings_step`) accepts it, with the
+same rejection of non-finite values and the same error policy as the Langevin moves. The states
+it produces carry the cache of the Langevin move it is interleaved with, so the two kinds of
+move alternate freely in one schedule (the samplers' ``independence_every``).
 
 A wider proposal (:math:`s > 1`) is safer when the flow is too narrow (reverse-KL fits are), at
 the price of a lower acceptance rate where the flow is good.
@@ -51,26 +51,25 @@ import torch
 from torch import Tensor
 
 from .flow import LatentFlow
-from .mala import MALAState, StepInfo, mala_step
-from .precond import Preconditioner
+from .mala import MALAState, Move, StepInfo, metropolis_hastings_step
 from .target import LatentTarget
 
 
 class IndependenceProposal:
-    r"""The proposal :math:`z' \sim \mathcal{N}(0, s^2 I)`, in the shape of a preconditioner.
+    r"""The independence move :math:`z' \sim \mathcal{N}(0, s^2 I)`, a :class:`~pyro_nfmala.mala.Move`.
 
     :meth:`propose` and :meth:`log_proposal_density` ignore the step size and the state the
-    proposal comes from; :meth:`prepare` is the wrapped preconditioner's, so that states keep the
-    cache their MALA steps need.
+    proposal comes from; :meth:`prepare` is that of the Langevin move the independence move is
+    interleaved with, so that the states of the schedule keep the cache its Langevin steps need.
 
     Arguments:
-        precond: The preconditioner of the MALA steps the move is interleaved with.
+        precond: The Langevin move of the schedule (:mod:`pyro_nfmala.precond`).
         scale: :math:`s > 0`.
     """
 
     name = "independence"
 
-    def __init__(self, precond: Preconditioner, scale: float = 1.0) -> None:
+    def __init__(self, precond: Move, scale: float = 1.0) -> None:
         self.precond = precond
         self.scale = check_scale(scale)
 
@@ -128,7 +127,7 @@ def check_independence(
 def independence_step(
     state: MALAState,
     target: LatentTarget,
-    precond: Preconditioner,
+    precond: Move,
     scale: float = 1.0,
     *,
     generator: torch.Generator | None = None,
@@ -143,7 +142,10 @@ def independence_step(
         generator: Random generator of the proposal and the uniforms; the global one if ``None``.
 
     Returns:
-        The next state and a :class:`~pyro_nfmala.mala.StepInfo`, as :func:`~pyro_nfmala.mala.mala_step`.
+        The next state and a :class:`~pyro_nfmala.mala.StepInfo`, as
+        :func:`~pyro_nfmala.mala.metropolis_hastings_step`.
     """
     one = torch.ones((), dtype=state.z.dtype, device=state.z.device)
-    return mala_step(state, target, IndependenceProposal(precond, scale), one, generator=generator)
+    return metropolis_hastings_step(
+        state, target, IndependenceProposal(precond, scale), one, generator=generator
+    )

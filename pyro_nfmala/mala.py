@@ -1,14 +1,23 @@
-r"""Pure, batched MALA in latent space: state, proposal, accept, and what counts as a divergence.
+r"""The step module: states, the move protocol, and one generic Metropolis-Hastings step.
 
-One step from :math:`z`, with :math:`g = \nabla \log \pi(z)` and a preconditioner
-:math:`A(z)` (see :mod:`pyro_nfmala.precond`):
+A **move** (:class:`Move`) proposes :math:`z'` from a state :math:`z` and gives the proposal
+densities both ways; one generic step (:func:`metropolis_hastings_step`) evaluates the target
+at :math:`z'` and accepts with
+
+.. math::
+    \log \alpha = \min\left(0, \log \pi(z') - \log \pi(z)
+        + \log q(z \mid z') - \log q(z' \mid z)\right).
+
+The Langevin moves (:mod:`pyro_nfmala.precond`: a preconditioner :math:`A(z)` and a step
+:math:`\epsilon`),
 
 .. math::
     \mu(z) = z + \epsilon A(z)^{-1} g, \qquad
     z' = \mu(z) + \sqrt{2 \epsilon}\, A(z)^{-1/2} \xi, \quad \xi \sim \mathcal{N}(0, I),
 
-    \log \alpha = \min\left(0, \log \pi(z') - \log \pi(z)
-        + \log q(z \mid z') - \log q(z' \mid z)\right).
+make it MALA (:func:`mala_step` is the same function); the independence move
+(:mod:`pyro_nfmala.independence`) makes it independent Metropolis-Hastings. The protocol is
+the step's own: moves import it from here.
 
 A proposal whose log density, gradient or log acceptance ratio is not finite is rejected
 (:math:`\alpha = 0`) and counted as divergent: a chain never moves to a NaN. Errors raised
@@ -28,9 +37,9 @@ chains (``(chains, d)``) alike.
 Example:
     >>> from pyro_nfmala.precond import IdentityPreconditioner
     >>> target = PosteriorPullback(zuko.flows.NSF(2, transforms=2), lambda x: -0.5 * (x**2).sum(-1))
-    >>> precond = IdentityPreconditioner()
-    >>> state = init_state(target, precond, torch.zeros(8, 2))
-    >>> state, info = mala_step(state, target, precond, step_size=0.1)
+    >>> move = IdentityPreconditioner()
+    >>> state = init_state(target, move, torch.zeros(8, 2))
+    >>> state, info = metropolis_hastings_step(state, target, move, step_size=0.1)
     >>> info.accept_prob.shape
     torch.Size([8])
 """
@@ -39,23 +48,25 @@ from __future__ import annotations
 
 __all__ = [
     "MALAState",
+    "Move",
     "StepInfo",
     "evaluate",
     "finite_chains",
     "init_state",
     "is_numerical_error",
     "mala_step",
+    "metropolis_hastings_step",
 ]
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import pyro.ops.integrator
 import torch
 
 from torch import Tensor
 
-from .precond import Preconditioner
+from .flow import LatentFlow
 from .target import LatentTarget
 
 
@@ -67,8 +78,8 @@ class MALAState(NamedTuple):
     ladj: Tensor  #: :math:`\log|\det J_f(z)|`, ``(...)``
     log_density: Tensor  #: :math:`\log \pi(z)`, ``(...)``
     grad: Tensor  #: :math:`\nabla_z \log \pi(z)`, ``(..., d)``
-    #: what the preconditioner keeps about this state
-    #: (:meth:`~pyro_nfmala.precond.Preconditioner.prepare`): ``None``, a tensor or a tuple of
+    #: what the move keeps about this state
+    #: (:meth:`Move.prepare`): ``None``, a tensor or a tuple of
     #: tensors, each with the batch shape first
     cache: Any = None
 
@@ -82,6 +93,34 @@ class StepInfo(NamedTuple):
     diverging: Tensor  #: whether the proposal was non-finite or raised a numerical error
     log_accept_ratio: Tensor  #: the log Metropolis-Hastings ratio before the min with 0; -inf if divergent
     errors: tuple[BaseException, ...] = ()  #: the numerical errors turned into rejections
+
+
+@runtime_checkable
+class Move(Protocol):
+    r"""What :func:`metropolis_hastings_step` needs of a move: a proposal and its densities.
+
+    ``step_size`` is a 0-d tensor or one per chain (shape ``(...)``; a move without a step, such as
+    the independence move, ignores it); states are batched, ``(..., d)``. The noise :math:`\xi`
+    is drawn by the step, so the proposal is a deterministic function of it.
+    """
+
+    name: str
+
+    def prepare(self, flow: LatentFlow, state: MALAState) -> Any:
+        """What to keep about ``state`` for later proposals from it (``None``, or tensors with the
+        state's batch shape first): stored as ``state.cache``. Moves interleaved in one schedule
+        share the cache of its Langevin move."""
+
+    def propose(
+        self, flow: LatentFlow, state: MALAState, step_size: Tensor, noise: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        r"""Returns :math:`z'` and :math:`\log q(z' \mid z)`."""
+
+    def log_proposal_density(
+        self, flow: LatentFlow, state_to: MALAState, state_from: MALAState, step_size: Tensor
+    ) -> Tensor:
+        r"""Returns :math:`\log q(z_\mathrm{to} \mid z_\mathrm{from})` (the states carry :math:`x`,
+        :math:`\mathrm{ladj}` and the gradient at both ends)."""
 
 
 def _map_tensors(fn: Callable[..., Tensor], *caches: Any) -> Any:
@@ -127,8 +166,8 @@ def _is_out_of_support(error: BaseException) -> bool:
     )
 
 
-def evaluate(target: LatentTarget, precond: Preconditioner, z: Tensor) -> MALAState:
-    r"""Evaluates :math:`\log \pi`, its gradient, :math:`f` and the preconditioner's cache at ``z``."""
+def evaluate(target: LatentTarget, move: Move, z: Tensor) -> MALAState:
+    r"""Evaluates :math:`\log \pi`, its gradient, :math:`f` and the move's cache at ``z``."""
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
         log_density, x, ladj = target.log_density(z)
@@ -136,10 +175,10 @@ def evaluate(target: LatentTarget, precond: Preconditioner, z: Tensor) -> MALASt
     if grad is None:
         grad = torch.zeros_like(z)
     state = MALAState(z.detach(), x.detach(), ladj.detach(), log_density.detach(), grad.detach())
-    return state._replace(cache=precond.prepare(target.flow, state))
+    return state._replace(cache=move.prepare(target.flow, state))
 
 
-def init_state(target: LatentTarget, precond: Preconditioner, z: Tensor) -> MALAState:
+def init_state(target: LatentTarget, move: Move, z: Tensor) -> MALAState:
     """The state at ``z``, for the first step, after the target's check of a batch
     (:meth:`~pyro_nfmala.target.LatentTarget.check`).
 
@@ -148,7 +187,7 @@ def init_state(target: LatentTarget, precond: Preconditioner, z: Tensor) -> MALA
     """
     try:
         target.check(z)
-        return evaluate(target, precond, z)
+        return evaluate(target, move, z)
     except RuntimeError as error:
         if "device" not in str(error):
             raise
@@ -180,10 +219,10 @@ def _select(accept: Tensor, new: MALAState, old: MALAState) -> MALAState:
 
 
 def _evaluate_proposal(
-    target, precond, state: MALAState, z_new: Tensor, step_size: Tensor
+    target, move, state: MALAState, z_new: Tensor, step_size: Tensor
 ) -> tuple[MALAState, Tensor]:
-    proposal = evaluate(target, precond, z_new)
-    return proposal, precond.log_proposal_density(target.flow, state, proposal, step_size)
+    proposal = evaluate(target, move, z_new)
+    return proposal, move.log_proposal_density(target.flow, state, proposal, step_size)
 
 
 def _rows(state: MALAState, index: slice) -> MALAState:
@@ -206,12 +245,12 @@ def _unflatten(state: MALAState, like: MALAState) -> MALAState:
 
 
 def _evaluate_isolating_failures(
-    target, precond, state: MALAState, z_new: Tensor, step_size: Tensor, errors: list[BaseException]
+    target, move, state: MALAState, z_new: Tensor, step_size: Tensor, errors: list[BaseException]
 ) -> tuple[MALAState, Tensor]:
     """Evaluates the proposals; where that raises a numerical error, splits the batch in halves
     until the failing chains are found, and gives those a NaN log density (a rejection)."""
     try:
-        return _evaluate_proposal(target, precond, state, z_new, step_size)
+        return _evaluate_proposal(target, move, state, z_new, step_size)
     except Exception as error:
         if not is_numerical_error(error):
             _explain(error)
@@ -229,9 +268,7 @@ def _evaluate_isolating_failures(
     for index in (slice(0, n // 2), slice(n // 2, n)):
         step = flat_step[index] if flat_step.dim() else flat_step
         halves.append(
-            _evaluate_isolating_failures(
-                target, precond, _rows(flat_state, index), flat_z[index], step, errors
-            )
+            _evaluate_isolating_failures(target, move, _rows(flat_state, index), flat_z[index], step, errors)
         )
     (first, log_q_first), (second, log_q_second) = halves
     joined = MALAState(
@@ -251,20 +288,24 @@ def _explain(error: BaseException) -> None:
         error._nfmala_explained = True
 
 
-def mala_step(
+def metropolis_hastings_step(
     state: MALAState,
     target: LatentTarget,
-    precond: Preconditioner,
+    move: Move,
     step_size: float | Tensor,
     *,
     generator: torch.Generator | None = None,
 ) -> tuple[MALAState, StepInfo]:
-    r"""One Metropolis-adjusted Langevin step for every chain of ``state``.
+    r"""One Metropolis-Hastings step of ``move`` (a :class:`Move`) for every chain of ``state``.
+
+    The step draws the noise :math:`\xi \sim \mathcal{N}(0, I)` and one uniform per chain, in that
+    order, from ``generator``.
 
     Arguments:
         state: The current state (from :func:`init_state` or a previous step).
         target: The latent target :math:`\pi`.
-        precond: The preconditioner (:mod:`pyro_nfmala.precond`).
+        move: The move: a Langevin move (:mod:`pyro_nfmala.precond`) makes this MALA, the
+            independence move (:mod:`pyro_nfmala.independence`) independent Metropolis-Hastings.
         step_size: :math:`\epsilon > 0`, a number or a tensor of shape ``(...)`` (one per chain).
         generator: Random generator for the noise and the uniforms; the global one if ``None``.
 
@@ -276,9 +317,9 @@ def mala_step(
     noise = torch.randn(state.z.shape, generator=generator, dtype=state.z.dtype, device=state.z.device)
     uniform = torch.rand(batch_shape, generator=generator, dtype=state.z.dtype, device=state.z.device)
 
-    z_new, log_q_forward = precond.propose(target.flow, state, step_size, noise)
+    z_new, log_q_forward = move.propose(target.flow, state, step_size, noise)
     errors: list[BaseException] = []
-    proposal, log_q_backward = _evaluate_isolating_failures(target, precond, state, z_new, step_size, errors)
+    proposal, log_q_backward = _evaluate_isolating_failures(target, move, state, z_new, step_size, errors)
 
     log_ratio = proposal.log_density - state.log_density + log_q_backward - log_q_forward
     finite = finite_chains(proposal) & torch.isfinite(log_ratio)
@@ -293,3 +334,7 @@ def mala_step(
         errors=tuple(errors),
     )
     return _select(accept, proposal, state), info
+
+
+#: One Metropolis-adjusted Langevin step: :func:`metropolis_hastings_step` with a Langevin move.
+mala_step = metropolis_hastings_step

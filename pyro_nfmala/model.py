@@ -164,15 +164,21 @@ class ModelDensity:
         return self._batched_log_prob is not None
 
     def log_prob(self, x: Tensor) -> Tensor:
-        r""":math:`-U(\mathrm{unpack}(x))` for ``x`` of shape ``(d,)`` or ``(..., d)``."""
+        r""":math:`-U(\mathrm{unpack}(x))` for ``x`` of shape ``(d,)`` or ``(..., d)``: a batch in one
+        vectorized run of the model where it allows it (``vectorized``), else point by point."""
+        if x.dim() == 1:
+            return self._point_log_prob(x)
+        if self._batched_log_prob is None:
+            return self.point_log_prob(x)
+        return self._batched_log_prob(x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1])
+
+    def point_log_prob(self, x: Tensor) -> Tensor:
+        r""":math:`-U(\mathrm{unpack}(x))` for ``x`` of shape ``(..., d)``, point by point through Pyro's
+        potential (what a single chain evaluates: one model run per point, no particle plate)."""
         if x.dim() == 1:
             return self._point_log_prob(x)
         flat = x.reshape(-1, x.shape[-1])
-        if self._batched_log_prob is not None:
-            values = self._batched_log_prob(flat)
-        else:
-            values = torch.stack([self._point_log_prob(row) for row in flat])
-        return values.reshape(x.shape[:-1])
+        return torch.stack([self._point_log_prob(row) for row in flat]).reshape(x.shape[:-1])
 
     def _point_log_prob(self, x: Tensor) -> Tensor:
         energy = self.potential_fn(self.layout.unpack(x))

@@ -87,7 +87,7 @@ def test_faults_in_independence_proposals_are_rejected_counted_and_reported():
     mcmc, messages = run_faulty_kernel(potential, 300, independence_every=1)
     diagnostics = mcmc.diagnostics()
     divergences = len(diagnostics["divergences"]["chain 0"])
-    global_nonfinite = diagnostics["global non-finite"]["chain 0"]
+    global_nonfinite = diagnostics["independence non-finite"]["chain 0"]
     assert divergences > 0 and global_nonfinite > 0
     assert divergences + global_nonfinite == potential.faults
     assert any("independence proposals" in message for message in messages)
@@ -150,7 +150,7 @@ def test_model_that_raises_a_registered_error_at_some_points_keeps_sampling(out_
     assert torch.isfinite(loc).all() and bool((loc <= 2.0).all())
     diagnostics = mcmc.diagnostics()
     assert len(diagnostics["divergences"]["chain 0"]) > 0
-    rejected = len(diagnostics["divergences"]["chain 0"]) + diagnostics["global non-finite"]["chain 0"]
+    rejected = len(diagnostics["divergences"]["chain 0"]) + diagnostics["independence non-finite"]["chain 0"]
     assert diagnostics["numerical errors"]["chain 0"] == rejected  # MALA's and the global moves'
 
 

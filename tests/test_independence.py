@@ -121,16 +121,16 @@ def test_the_driver_interleaves_moves_on_schedule_and_keeps_the_law(
     torch.manual_seed(4)
     driver = Driver(target, NUM_PARTICLES, independence_every=2)
     driver.start(exact_latents(latent_flow, mixture, NUM_PARTICLES), step_size=0.3)
-    global_accept = []
+    independence_accept = []
     for _ in range(2 * NUM_MOVES):
         info = driver.step()
-        global_accept.append(driver.stats(info)["global_accept_prob"])
+        independence_accept.append(driver.stats(info)["independence_accept_prob"])
     state = driver.state
     assert max_abs_z_score(statistics(state.z, state.x), reference_statistics) < 4.5
-    assert all(bool(g.isnan().all()) for g in global_accept[0::2])  # steps 1, 3, ...: MALA only
-    assert all(bool((g >= 0).all()) for g in global_accept[1::2])
-    assert driver.counts["global_proposals"] == NUM_MOVES * NUM_PARTICLES
-    assert 0.3 < driver.global_acceptance_rate < 1.0
+    assert all(bool(g.isnan().all()) for g in independence_accept[0::2])  # steps 1, 3, ...: MALA only
+    assert all(bool((g >= 0).all()) for g in independence_accept[1::2])
+    assert driver.ledgers["independence"].total("proposals") == NUM_MOVES * NUM_PARTICLES
+    assert 0.3 < driver.independence_acceptance_rate < 1.0
 
 
 @pytest.mark.parametrize("every", [0, -1, 1.5, True, "2"])
@@ -159,9 +159,9 @@ def test_the_pyro_kernel_reports_the_global_moves():
     mcmc.run()
     diagnostics = mcmc.diagnostics()
     idata = to_inference_data(mcmc)
-    rate = diagnostics["global acceptance rate"]["chain 0"]
+    rate = diagnostics["independence acceptance rate"]["chain 0"]
     assert rate > 0.9  # a Gaussian posterior: the Laplace map is exact
-    assert idata.sample_stats["global_accept_prob"].shape == (2, 200)
-    assert float(idata.sample_stats["global_accept_prob"].mean()) > 0.9
+    assert idata.sample_stats["independence_accept_prob"].shape == (2, 200)
+    assert float(idata.sample_stats["independence_accept_prob"].mean()) > 0.9
     samples = mcmc.get_samples()["loc"]  # 400 nearly independent draws: 4 standard errors
     assert ((samples.mean(0) - torch.tensor([1.0, -2.0])).abs() < 4 * torch.tensor([0.5, 2.0]) / 20).all()

@@ -41,7 +41,7 @@ def test_refinement_in_warmup_learns_the_target_and_then_the_flow_is_fixed():
         warm_flow = sampler.flow
         idata = sampler.sample(50, progress=False)
         assert sampler.flow is warm_flow  # fixed after warmup
-        rates[refine_every] = float(idata.sample_stats["global_accept_prob"].mean())
+        rates[refine_every] = float(idata.sample_stats["independence_accept_prob"].mean())
         if refine_every:
             assert sampler.refinements == 150 // 10  # not in the last quarter of warmup
             x = torch.as_tensor(idata.posterior["x"].values).reshape(-1, 2)

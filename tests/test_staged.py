@@ -11,6 +11,7 @@ import pytest
 import torch
 import zuko
 
+from dense_reference import DenseJacobianPreconditioner
 from invariance import check_invariance, exact_latents, statistics
 from pyro.infer import MCMC
 from pyro.ops.stats import effective_sample_size
@@ -124,17 +125,65 @@ def test_the_map_is_fitted_once_per_run_and_reachable_afterwards(monkeypatch):
     import pyro_nfmala.kernel as kernel_module
 
     fits = []
-    fit = kernel_module.fit_flow_to_model
+    fit = kernel_module.fit_map_to_density
 
     def counting_fit(*args, **kwargs):
         fits.append(1)
         return fit(*args, **kwargs)
 
-    monkeypatch.setattr(kernel_module, "fit_flow_to_model", counting_fit)
+    monkeypatch.setattr(kernel_module, "fit_map_to_density", counting_fit)
     kernel = NFMALA(far_from_origin, fit_options={"progress": False})
     MCMC(kernel, num_samples=20, warmup_steps=20, num_chains=3, disable_progbar=True).run(FAR_DATA)
     assert len(fits) == 1  # three chains, one after another, one fit
     assert isinstance(kernel.fit_result.flow, StagedFlow)
+
+
+def normal_mean(data):
+    loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+    pyro.sample("obs", dist.Normal(loc, 1.0).expand([len(data)]).to_event(1), obs=data)
+
+
+def fitted_location(kernel) -> float:
+    return float(kernel.fit_result.flow.loc[0])
+
+
+def test_a_later_run_on_other_data_refits_the_map_even_in_the_same_tensor():
+    """The map was cached by the ids of the model's arguments: a second run on data changed in place
+    (same id: Pyro's MCMC passes keyword arguments on as they are), or on a new tensor that took a
+    freed tensor's id, reused the first run's map and flow check. Now the arguments are compared by
+    value."""
+    torch.manual_seed(0)
+    data = torch.randn(20, dtype=torch.float64) + 3.0
+    kernel = NFMALA(normal_mean, fit_options={"progress": False})
+    mcmc = MCMC(kernel, num_samples=10, warmup_steps=10, num_chains=2, disable_progbar=True)
+    mcmc.run(data=data)
+    first = kernel.fit_result
+    assert abs(fitted_location(kernel) - float(data.mean())) < 0.05
+    data.sub_(6.0)  # the same tensor, other values
+    mcmc.run(data=data)
+    assert kernel.fit_result is not first
+    assert abs(fitted_location(kernel) - float(data.mean())) < 0.05
+    refitted = kernel.fit_result
+    mcmc.run(data=data.clone())  # the same values in another tensor: no refit
+    assert kernel.fit_result is refitted
+
+
+def test_the_map_is_fitted_on_the_space_the_kernel_samples_with_the_users_transforms():
+    """``NFMALA(model, transforms=...)`` with no flow fitted and checked the map on Pyro's default space,
+    not on the one it samples: here u = 100 loc, so the map was 100 times too narrow and misplaced,
+    while the flow check (of the wrong map on the wrong space) said it was good."""
+    torch.manual_seed(0)
+    data = torch.randn(20, dtype=torch.float64) + 3.0
+    transforms = {"loc": dist.transforms.AffineTransform(0.0, 100.0)}
+    kernel = NFMALA(normal_mean, transforms=transforms, fit_options={"progress": False})
+    mcmc = MCMC(kernel, num_samples=200, warmup_steps=200, num_chains=2, disable_progbar=True)
+    mcmc.run(data)
+    posterior_sd = 100.0 / math.sqrt(len(data) + 0.01)  # in u = 100 loc
+    assert abs(fitted_location(kernel) - 100.0 * float(data.mean())) < 0.1 * posterior_sd
+    assert float(kernel.fit_result.flow.scale_tril[0, 0]) == pytest.approx(posterior_sd, rel=0.05)
+    assert kernel.flow_check.good
+    loc = mcmc.get_samples()["loc"]
+    assert abs(float(loc.mean()) - float(data.mean())) < 0.1
 
 
 def normal_at_five(params):
@@ -216,17 +265,19 @@ def test_mass_matrix_options():
     dense.warmup(100, progress=False)
     assert dense.preconditioner.inverse_mass.shape == (2, 2)
     with pytest.raises(ValueError, match="takes none"):
-        ChainSampler(target, 8, preconditioner="dense_jacobian", mass_matrix="diagonal")
+        ChainSampler(target, 8, preconditioner=DenseJacobianPreconditioner(), mass_matrix="diagonal")
     with pytest.raises(ValueError, match="mass_matrix must be"):
         ChainSampler(target, 8, mass_matrix="full")
-    assert ChainSampler(target, 8, preconditioner="dense_jacobian", seed=0).preconditioner.name == (
-        "dense_jacobian"
-    )  # auto: none
-    for name in ("jacobian", "data_space"):  # auto: diagonal, in data space, on a copy of their own
+    with pytest.raises(ValueError, match="unknown preconditioner 'dense_jacobian'"):
+        ChainSampler(target, 8, preconditioner="dense_jacobian")  # a test reference, not an option
+    assert ChainSampler(
+        target, 8, preconditioner=DenseJacobianPreconditioner(), seed=0
+    ).preconditioner.name == ("dense_jacobian")  # auto: none
+    for name in ("jacobian", "data_space"):  # auto: diagonal, in data space, on a new move of their own
         user = get_preconditioner(name)
         sampler = ChainSampler(target, 8, preconditioner=user, seed=0)
         assert sampler.preconditioner.name == name and sampler.preconditioner is not user
-        assert user.metric is None and sampler.preconditioner.metric.inverse_mass.shape == (2,)
+        assert user.inverse_mass is None and sampler.preconditioner.inverse_mass.shape == (2,)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -85,8 +85,8 @@ idata = to_inference_data(mcmc)
 print(az.summary(idata))
 stats = idata.sample_stats
 print(f"MALA acceptance {float(stats['accept_prob'].mean()):.2f}", end="")
-if "global_accept_prob" in stats:  # independence moves run where the map passes the flow check
-    print(f", independence moves accepted {float(stats['global_accept_prob'].mean()):.2f}", end="")
+if "independence_accept_prob" in stats:  # independence moves run where the map passes the flow check
+    print(f", independence moves accepted {float(stats['independence_accept_prob'].mean()):.2f}", end="")
 print()
 
 # %% [markdown]
@@ -135,7 +135,7 @@ for label, (data, elapsed) in runs.items():
 # %% [markdown]
 # Read the table for ESS per second, fit included: NFMALA's map turns the narrow, tilted
 # posterior into a near-standard normal, so a MALA step goes far, and the independence move after
-# it (`sample_stats.global_accept_prob`) is accepted almost always: nearly independent draws for
+# it (`sample_stats.independence_accept_prob`) is accepted almost always: nearly independent draws for
 # two evaluations of the model each. Plain MALA
 # meets the raw geometry and needs tiny steps (its flow check fails, and NFMALA says so when it
 # runs: k-hat far above 0.7). NUTS adapts a diagonal mass matrix and integrates long

@@ -27,6 +27,7 @@
 
 # %%
 import os
+import sys
 import time
 
 from pathlib import Path
@@ -54,6 +55,11 @@ from pyro_nfmala import (  # noqa: E402
 from pyro_nfmala.examples.metrics import knn_precision_recall  # noqa: E402
 from pyro_nfmala.mala import init_state, mala_step  # noqa: E402
 from pyro_nfmala.precond import get_preconditioner  # noqa: E402
+
+# the dense reference of the jacobian proposal (explicit d x d Jacobians) lives with the tests: it is a
+# check of the matrix-free code, not a sampler option
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from dense_reference import DenseJacobianPreconditioner  # noqa: E402
 
 SMOKE = os.environ.get("SMOKE_TEST") == "1"
 HERE = Path(__file__).resolve().parent
@@ -310,7 +316,7 @@ probe_steps = np.logspace(-8, -1, 8)
 def one_step_acceptance(name: str, z: torch.Tensor) -> torch.Tensor:
     """Acceptance probability of one step of preconditioner ``name`` from each z, by step size:
     (steps, draws)."""
-    precond = get_preconditioner(name)
+    precond = DenseJacobianPreconditioner() if name == "dense_jacobian" else get_preconditioner(name)
     state = init_state(probe_target, precond, z)
     return torch.stack(
         [

@@ -7,6 +7,7 @@ Nothing here is imported by ``import pyro_nfmala``; import the submodules themse
 - :mod:`pyro_nfmala.examples.metrics`: sample-quality metrics against such targets (energy
   distance, mass in the gaps between modes, mode weights, k-NN precision and recall);
 - :mod:`pyro_nfmala.examples.posteriordb`: reference posteriors from posteriordb (models in
-  Pyro, data and gold-standard draws shipped with the package) and standardized errors;
+  Pyro; their data and gold-standard draws in the source repository's
+  ``benchmarks/data/posteriordb``, not in the wheel) and standardized errors;
 - :mod:`pyro_nfmala.examples.baselines`: NeuTra-NUTS on the same flow, the comparator.
 """

@@ -1,9 +1,14 @@
 r"""Reference posteriors from posteriordb, their models written in Pyro, and the comparison.
 
-posteriordb's gold-standard draws (long Stan NUTS runs, 10 chains of 1,000 draws) ship with the
-package (``pyro_nfmala/examples/data/posteriordb``, BSD 3-Clause), so checks run offline. Each
-posterior is named by its data set (the key of :func:`load_data`); :data:`MODELS` maps it to its
-Pyro model, written from the Stan file with Stan's parameter names:
+The models are code and ship with the package; the data, posteriordb's gold-standard draws (long
+Stan NUTS runs, 10 chains of 1,000 draws) and the Stan files (5.7 MB, BSD 3-Clause) ship with the
+source repository only, in ``benchmarks/data/posteriordb``, not in the wheel or the sdist: checks
+run offline from a clone. :func:`data_dir` says where they are read from: the folder named by the
+environment variable ``PYRO_NFMALA_POSTERIORDB`` if it is set, else the checkout's
+``benchmarks/data/posteriordb`` found from this file (there with an editable install). Where the
+folder is missing (an installed wheel), loading raises a :class:`FileNotFoundError` that says so.
+Each posterior is named by its data set (the key of :func:`load_data`); :data:`MODELS` maps it to
+its Pyro model, written from the Stan file with Stan's parameter names:
 
 - ``"eight_schools"`` (10 dims): the hierarchical funnel :math:`(\mu, \tau, \theta_{1..8})`;
   :func:`eight_schools_centered` is the centred model (the hard one, with the funnel), which
@@ -48,6 +53,7 @@ __all__ = [
     "OrderedNormal",
     "arma11",
     "comparable_reference",
+    "data_dir",
     "derived",
     "eight_schools_centered",
     "eight_schools_noncentered",
@@ -68,6 +74,7 @@ __all__ = [
 
 import json
 import math
+import os
 import zipfile
 
 from pathlib import Path
@@ -80,7 +87,9 @@ import torch
 
 from pyro.distributions import constraints
 
-DATA = Path(__file__).resolve().parent / "data" / "posteriordb"
+# the environment variable that names the data folder, and the folder in a checkout of the repository
+ENV_VAR = "PYRO_NFMALA_POSTERIORDB"
+REPOSITORY_DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "posteriordb"
 POSTERIORS = {
     "eight_schools": ("eight_schools-eight_schools_noncentered", "eight_schools"),
     "low_dim_gauss_mix": ("low_dim_gauss_mix-low_dim_gauss_mix", "low_dim_gauss_mix"),
@@ -98,6 +107,35 @@ POSTERIORS = {
 NOT_COMPARABLE = {"hmm_example": ("z_star", "log_p_z_star")}
 
 
+def data_dir() -> Path:
+    """The folder the data and reference draws are read from: ``$PYRO_NFMALA_POSTERIORDB`` if set,
+    else the repository checkout's ``benchmarks/data/posteriordb``. It is looked up at each load,
+    so the variable may be set after import; the folder need not exist (loading then raises)."""
+    folder = os.environ.get(ENV_VAR)
+    return Path(folder).expanduser() if folder else REPOSITORY_DATA
+
+
+def __getattr__(name: str):
+    # ``DATA``, the data folder as a module constant before :func:`data_dir`, kept for old imports
+    if name == "DATA":
+        return data_dir()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _data_file(filename: str) -> Path:
+    path = data_dir() / filename
+    if not path.is_file():
+        source = f"{ENV_VAR}={os.environ[ENV_VAR]}" if os.environ.get(ENV_VAR) else f"{ENV_VAR} not set"
+        raise FileNotFoundError(
+            f"posteriordb reference data {filename!r} not found in {path.parent} ({source}). The data "
+            "and reference draws ship with the source repository (benchmarks/data/posteriordb), not "
+            "with the wheel: clone the repository and install it editable from the clone (pip install "
+            f"-e .), or set the environment variable {ENV_VAR} to a folder holding these files (such "
+            "as benchmarks/data/posteriordb of a clone)."
+        )
+    return path
+
+
 def _read_zipped_json(path: Path):
     with zipfile.ZipFile(path) as archive:
         return json.loads(archive.read(archive.namelist()[0]))
@@ -110,7 +148,7 @@ def _check_name(name: str) -> None:
 
 def _raw_data(name: str) -> dict:
     _check_name(name)
-    return _read_zipped_json(DATA / f"{POSTERIORS[name][1]}.data.json.zip")
+    return _read_zipped_json(_data_file(f"{POSTERIORS[name][1]}.data.json.zip"))
 
 
 def load_data(name: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor | int]:
@@ -126,7 +164,7 @@ def load_reference(name: str) -> dict[str, np.ndarray]:
     """The reference draws: ``{parameter: array (10 chains, 1000 draws)}``, Stan's names
     (``theta[1]``, ...)."""
     _check_name(name)
-    chains = _read_zipped_json(DATA / f"{POSTERIORS[name][0]}.draws.json.zip")
+    chains = _read_zipped_json(_data_file(f"{POSTERIORS[name][0]}.draws.json.zip"))
     return {key: np.array([chain[key] for chain in chains]) for key in chains[0]}
 
 
