@@ -20,6 +20,7 @@ def _advance_from(sampler_kwargs, target, z0, steps=10):
     return sampler.advance(steps, progress=False)
 
 
+@pytest.mark.statistical
 @pytest.mark.parametrize("preconditioner", ["identity", "jacobian", "data_space"])
 def test_vectorized_sampler_keeps_exact_posterior_law(latent_flow, mixture, preconditioner):
     target = PosteriorPullback(latent_flow, mixture.log_prob, dim=2)
@@ -38,6 +39,7 @@ def test_vectorized_sampler_keeps_exact_posterior_law(latent_flow, mixture, prec
         assert max_abs_z_score(statistics(broken.z, broken.x), reference) > 6.0
 
 
+@pytest.mark.statistical
 def test_tempered_beta_zero_keeps_the_latent_gaussian(latent_flow):
     """T2 with beta = 0 is q_Z = N(0, I); the jacobian preconditioner still uses the flow's J."""
     target = TemperedFlow(latent_flow, beta=0.0)
@@ -90,6 +92,7 @@ def test_per_chain_adaptation_gives_one_step_size_per_chain():
     assert step.shape == (8,) and len(set(step.tolist())) > 1
 
 
+@pytest.mark.statistical
 def test_warmup_reaches_the_target_acceptance(latent_flow):
     sampler = ChainSampler(TemperedFlow(latent_flow, 1.0), 512, preconditioner="jacobian", seed=0)
     sampler.warmup(150, progress=False)
@@ -106,6 +109,7 @@ def test_the_papers_procedure_returns_one_sample_per_chain(latent_flow):
     assert x.shape == (32, 2) and torch.isfinite(x).all()
 
 
+@pytest.mark.statistical
 def test_nan_proposals_are_rejected_counted_and_reported(latent_flow):
     def log_prob(x):  # NaN right of 0.5: chains started left of it must never go there
         return torch.where(

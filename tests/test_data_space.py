@@ -71,6 +71,7 @@ def test_acceptance_ratio_matches_an_independent_dense_computation(
     assert (results[1] - expected).abs().max() > 1e-3  # the comparison can fail
 
 
+@pytest.mark.statistical
 @pytest.mark.parametrize("inverse_mass", [None, INVERSE_MASS], ids=["no_mass", "data_mass"])
 def test_exact_law_is_invariant_and_a_wrong_accept_ratio_is_caught(
     latent_flow, mixture, reference_statistics, inverse_mass

@@ -68,6 +68,7 @@ def run_faulty_kernel(potential: FaultyPotential, num_samples: int, independence
     return mcmc, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
 
 
+@pytest.mark.statistical
 @pytest.mark.parametrize("rate", [0.01, 0.2])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_kernel_rejects_and_counts_random_faults(rate, value):
@@ -80,6 +81,7 @@ def test_kernel_rejects_and_counts_random_faults(rate, value):
     assert any("divergent" in message for message in messages) == (potential.faults > 0.01 * 500)
 
 
+@pytest.mark.statistical
 def test_faults_in_independence_proposals_are_rejected_counted_and_reported():
     """With a global move after every MALA step, each fault is a rejection of one kind of move or the
     other: MALA's are divergences, the independence moves' are counted apart; both are reported."""
@@ -129,6 +131,7 @@ class RaisesRightOf:
         pyro.sample("obs", dist.Normal(loc, 1.0), obs=torch.tensor(0.0))
 
 
+@pytest.mark.statistical
 def test_model_that_raises_a_registered_error_at_some_points_keeps_sampling(out_of_domain):
     pyro.set_rng_seed(2)
     kernel = NFMALA(
@@ -316,6 +319,7 @@ def normal_model():
     pyro.sample("obs", dist.Normal(loc, 1.0), obs=torch.tensor([0.3, 0.9]))
 
 
+@pytest.mark.statistical
 @pytest.mark.parametrize("num_chains", [1, 2])
 def test_kernel_runs_are_bit_identical_with_the_same_seed(num_chains):
     def draws(seed):

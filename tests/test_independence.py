@@ -49,6 +49,7 @@ def run_moves(target, proposal, mixture, seed=3):
     return state, sum(accept) / len(accept)
 
 
+@pytest.mark.statistical
 @pytest.mark.parametrize("scale", [1.0, 1.5])
 def test_exact_law_is_invariant_and_a_ratio_without_the_proposal_density_is_caught(
     latent_flow, mixture, reference_statistics, scale
@@ -114,6 +115,7 @@ def test_independence_moves_jump_between_modes_that_local_steps_cannot_cross():
     assert abs(shares[1] - 0.5) < 4 * math.sqrt(0.25 / 256)
 
 
+@pytest.mark.statistical
 def test_the_driver_interleaves_moves_on_schedule_and_keeps_the_law(
     latent_flow, mixture, reference_statistics
 ):
@@ -149,6 +151,7 @@ def test_a_bad_scale_is_a_clear_error(latent_flow, mixture, scale):
         ChainSampler(target, 4, independence_every=1, independence_scale=scale)
 
 
+@pytest.mark.statistical
 def test_the_pyro_kernel_reports_the_global_moves():
     def model():
         pyro.sample("loc", dist.Normal(torch.tensor([1.0, -2.0]), torch.tensor([0.5, 2.0])).to_event(1))

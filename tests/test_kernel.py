@@ -91,6 +91,7 @@ def assert_moments(draws, mean, sd, label=""):
 # exact posteriors end to end
 
 
+@pytest.mark.statistical
 @pytest.mark.parametrize("preconditioner", ["identity", "jacobian", "data_space"])
 def test_normal_normal_posterior(preconditioner):
     pyro.set_rng_seed(0)
@@ -107,6 +108,7 @@ def test_normal_normal_posterior(preconditioner):
     assert kernel.step_size == step_sizes[0] == step_sizes[-1] and kernel.step_size > 0
 
 
+@pytest.mark.statistical
 def test_beta_bernoulli_constrained_site():
     pyro.set_rng_seed(1)
     mcmc = run(NFMALA(beta_bernoulli, flow=zuko.flows.RealNVP(1, transforms=2)), FLIPS, num_samples=800)
@@ -130,6 +132,7 @@ def fitted_gaussian_flow():
     return flow
 
 
+@pytest.mark.statistical
 def test_potential_fn_target():
     pyro.set_rng_seed(2)
     kernel = NFMALA(
@@ -190,6 +193,7 @@ def test_sequential_chains_do_not_leak_state():
     assert torch.equal(single.get_samples()["loc"], loc[0])
 
 
+@pytest.mark.statistical
 def test_parallel_chains(monkeypatch):
     import pyro.infer.mcmc.api as api
 
@@ -212,6 +216,7 @@ def test_parallel_chains(monkeypatch):
 # ArviZ
 
 
+@pytest.mark.statistical
 def test_arviz_from_pyro_and_our_inference_data():
     pyro.set_rng_seed(6)
     mcmc = run(
@@ -259,6 +264,7 @@ def test_to_inference_data_needs_a_finished_run():
 # NaN during sampling
 
 
+@pytest.mark.statistical
 def test_nan_potential_is_rejected_counted_and_reported():
     pyro.set_rng_seed(7)
     kernel = NFMALA(
@@ -336,6 +342,7 @@ def mixture_with_enumerable_site(y):
         pyro.sample("y", dist.Normal(loc + 2.0 * z, 1.0), obs=y)
 
 
+@pytest.mark.statistical
 def test_enumerable_discrete_sites_are_summed_out():
     """NFMALA samples loc with z summed out of the potential, as Pyro's NUTS does: its moments match
     the marginal posterior's, computed by quadrature on a grid."""

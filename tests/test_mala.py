@@ -242,6 +242,7 @@ def test_a_failing_batch_is_bisected_to_the_failing_chains(latent_flow, out_of_d
 # Invariance (see tests/invariance.py): exact samples stay exact, and a wrong accept ratio is caught.
 
 
+@pytest.mark.statistical
 @pytest.mark.parametrize(
     "correct, broken",
     [

@@ -162,6 +162,7 @@ def dirichlet_gamma_flow():
     )
 
 
+@pytest.mark.statistical
 @pytest.mark.parametrize(
     "preconditioner, num_samples",
     # the jacobian step is a data-space Langevin step: it needs longer chains on a simplex
@@ -201,6 +202,7 @@ def test_the_staged_fit_keeps_the_cheapest_map_that_passes_the_check(dirichlet_g
     assert dirichlet_gamma_flow.losses == [] and dirichlet_gamma_flow.seconds > 0
 
 
+@pytest.mark.statistical
 def test_a_given_flow_is_fitted_in_front_of_the_gaussian_stage_until_its_loss_settles():
     pyro.set_rng_seed(3)
     fit = fit_flow_to_model(
@@ -240,6 +242,7 @@ def run_eight_schools(fit_steps: int, num_samples: int, num_chains: int, seed: i
     return samples, flat, reference
 
 
+@pytest.mark.statistical
 def test_eight_schools_means_match_the_posteriordb_reference():
     """The one-line NFMALA (staged map fitted at setup, two chains) on the non-centred eight schools:
     posterior means agree with posteriordb's reference draws within ESS-based tolerances.
@@ -307,6 +310,7 @@ def test_standardized_errors_of_the_reference_itself_are_zero():
         standardized_errors({"mu": samples["mu"]}, reference)
 
 
+@pytest.mark.statistical
 def test_neutra_nuts_on_the_same_flow(dirichlet_gamma_flow):
     pyro.set_rng_seed(7)
     result = neutra_nuts(

@@ -102,6 +102,7 @@ def test_num_chains(num_chains, cpu_count, default_init_params, monkeypatch):
     assert mcmc.get_samples(group_by_chain=True)["y"].shape == (num_chains, 10, 1)
 
 
+@pytest.mark.statistical
 def test_parallel_chains_with_spawn(monkeypatch):
     """spawn pickles the kernel (model, flow, options) into fresh processes: it must survive that."""
     import pyro.infer.mcmc.api as api

@@ -21,6 +21,7 @@ def untrained_flow():
     return zuko.flows.NSF(2, transforms=2, hidden_features=(16, 16))
 
 
+@pytest.mark.statistical
 def test_refinement_in_warmup_learns_the_target_and_then_the_flow_is_fixed():
     """A flow that knows nothing of N((3, -2), I): refined on the chains' states in warmup, its base
     becomes a good proposal (the independence moves are accepted far more often), the user's flow is

@@ -104,6 +104,7 @@ def far_from_origin(data):
 FAR_DATA = torch.full((20, 2), 1000.5)
 
 
+@pytest.mark.statistical
 def test_one_line_default_is_right_far_from_the_origin():
     """The case where a flow fitted from N(0, I) left loc at -0.1 with R-hat 1.02 (4,585 sd off)."""
     pyro.set_rng_seed(0)
@@ -121,6 +122,7 @@ def test_one_line_default_is_right_far_from_the_origin():
     assert diagnostics["flow check"]["chain 0"]["khat"] < 0.5 and diagnostics["fit seconds"]["chain 0"] > 0
 
 
+@pytest.mark.statistical
 def test_the_map_is_fitted_once_per_run_and_reachable_afterwards(monkeypatch):
     import pyro_nfmala.kernel as kernel_module
 
@@ -147,6 +149,7 @@ def fitted_location(kernel) -> float:
     return float(kernel.fit_result.flow.loc[0])
 
 
+@pytest.mark.statistical
 def test_a_later_run_on_other_data_refits_the_map_even_in_the_same_tensor():
     """The map was cached by the ids of the model's arguments: a second run on data changed in place
     (same id: Pyro's MCMC passes keyword arguments on as they are), or on a new tensor that took a
@@ -168,6 +171,7 @@ def test_a_later_run_on_other_data_refits_the_map_even_in_the_same_tensor():
     assert kernel.fit_result is refitted
 
 
+@pytest.mark.statistical
 def test_the_map_is_fitted_on_the_space_the_kernel_samples_with_the_users_transforms():
     """``NFMALA(model, transforms=...)`` with no flow fitted and checked the map on Pyro's default space,
     not on the one it samples: here u = 100 loc, so the map was 100 times too narrow and misplaced,
@@ -190,6 +194,7 @@ def normal_at_five(params):
     return 0.5 * ((params["x"] - 5.0) ** 2).sum()
 
 
+@pytest.mark.statistical
 def test_an_untrained_flow_gives_the_right_answer_or_a_warning():
     """With a random spline flow, the chains once stopped at a kink near x = 5 (mean 5.76, sd 0.69,
     no warning). Now: chains start apart, and either they agree with N(5, 1) or the user is warned."""
@@ -227,6 +232,7 @@ class MassWithPlainReverseDrift(MassMatrixPreconditioner):
         return super().log_proposal_density(flow, state_to, state_from._replace(grad=grad), step_size)
 
 
+@pytest.mark.statistical
 @pytest.mark.parametrize(
     "inverse_mass",
     [
@@ -245,6 +251,7 @@ def test_a_mass_matrix_keeps_the_exact_law_and_a_wrong_accept_ratio_is_caught(
     check_invariance(target, precond, broken, mixture, reference)
 
 
+@pytest.mark.statistical
 def test_warmup_adapts_the_mass_matrix_to_the_scales_of_the_target():
     """A Gaussian with scales 0.01 and 100 and the identity flow: the adapted M^-1 recovers the
     variances (within 30%: 4 slow windows of 256 chains), and the step size is not stuck at 0.01."""
@@ -300,6 +307,7 @@ def flat_regression(X, y):
         )
 
 
+@pytest.mark.statistical
 def test_improper_flat_priors_work_as_with_nuts():
     """The posterior mean of beta under flat priors is the least-squares estimate."""
     pyro.set_rng_seed(2)
