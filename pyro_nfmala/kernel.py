@@ -381,11 +381,8 @@ def _snapshot(value: object) -> object:
     if isinstance(value, np.ndarray):
         return value.copy()
     if isinstance(value, (list, tuple)):
-        return (
-            type(value)(_snapshot(item) for item in value)
-            if isinstance(value, list)
-            else tuple(_snapshot(item) for item in value)
-        )
+        items = [_snapshot(item) for item in value]
+        return items if isinstance(value, list) else tuple(items)
     if isinstance(value, dict):
         return {key: _snapshot(item) for key, item in value.items()}
     return value
