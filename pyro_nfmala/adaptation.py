@@ -201,7 +201,7 @@ class KernelParameters(NamedTuple):
 
 class FlowRefinement:
     """The flow's part of warmup: every ``every`` steps, up to step ``last``, the flow is refined on the
-    states collected since the last refinement (:class:`~pyro_nfmala.refine.FlowRefiner`), and a new
+    states the chains visited (:class:`~pyro_nfmala.refine.FlowRefiner`), and a new
     target is made from it by ``make_target``. Fixed after warmup, as everything adapted is."""
 
     def __init__(self, refiner, every: int, make_target: Callable) -> None:
@@ -211,9 +211,10 @@ class FlowRefinement:
     def init(self, num_steps: int) -> None:
         self.last = (3 * num_steps) // 4  # the last quarter adapts the step size and mass to the final flow
 
-    def update(self, step: int, state: MALAState) -> LatentTarget | None:
-        """Collects the chains' states after warmup step ``step`` (0-based); on schedule, a new target."""
-        self.refiner.add(state.x)
+    def update(self, step: int, state: MALAState, flow) -> LatentTarget | None:
+        """Collects the chains' states (and gradients, under their ``flow``) after warmup step ``step``
+        (0-based); on schedule, a new target."""
+        self.refiner.add(state.x, state.grad, flow)
         if (step + 1) % self.every or step + 1 > self.last:
             return None
         return self.make_target(self.refiner.refine())
@@ -304,7 +305,7 @@ class WarmupAdaptation:
         """The flow's part of a warmup step, after all its moves: a new target on schedule."""
         if self.flow is None or self.step > self.num_steps or self.step == 0:
             return parameters
-        target = self.flow.update(self.step - 1, state)
+        target = self.flow.update(self.step - 1, state, parameters.target.flow)
         return parameters if target is None else parameters._replace(target=target)
 
     def _adapt_mass_matrix(self, parameters: KernelParameters, state: MALAState) -> KernelParameters:

@@ -118,9 +118,10 @@ RHAT_LIMIT = 1.01
 MIN_ESS = 100
 
 
-def warn_if_unconverged(samples: Mapping[str, Any], stacklevel: int = 3) -> None:
+def warn_if_unconverged(samples: Mapping[str, Any], stacklevel: int = 3, what: str = "this run") -> bool:
     """Warns when ``samples`` ``{site: (chains, draws, ...)}`` have a split R-hat above 1.01 or a bulk
-    ESS below 100 for some coordinate (Pyro's diagnostics)."""
+    ESS below 100 for some coordinate (Pyro's diagnostics); ``what`` names the draws in the message.
+    Returns whether it warned."""
     import torch
 
     from pyro.ops.stats import effective_sample_size, split_gelman_rubin
@@ -147,12 +148,13 @@ def warn_if_unconverged(samples: Mapping[str, Any], stacklevel: int = 3) -> None
         import warnings
 
         warnings.warn(
-            f"this run may not have converged: {'; '.join(problems)}. Its estimates can be wrong: run longer "
+            f"{what} may not have converged: {'; '.join(problems)}. Its estimates can be wrong: run longer "
             "chains (more warmup too), several chains started apart, and check the flow check and the "
             "divergences in mcmc.diagnostics().",
             RuntimeWarning,
             stacklevel=stacklevel,
         )
+    return bool(problems)
 
 
 def diverging_draws(mcmc) -> np.ndarray:

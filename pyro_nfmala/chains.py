@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .arviz import from_arrays
 from .driver import Driver
+from .flowcheck import FlowCheck, check_flow
 from .mala import MALAState, Move, StepInfo
 from .options import DEFAULT_PRECONDITIONER, SamplerOptions, check_num_chains
 from .refine import FlowRefiner
@@ -63,7 +64,8 @@ class ChainSampler:
 
     The current state (``state``) and step sizes (``step_size``) persist between calls, so
     :meth:`warmup`, :meth:`sample` and :meth:`advance` can be called again to continue a run.
-    After a warmup with ``refine_every``, ``sampler.flow`` is the refined flow.
+    After a warmup with ``refine_every``, ``sampler.flow`` is the refined flow, and
+    ``sampler.flow_check`` its flow check (which warns when the flow is unreliable).
     """
 
     def __init__(
@@ -108,6 +110,9 @@ class ChainSampler:
             z0, step_size=options.step_size, search_from=1.0 if options.step_size is None else None
         )
         self._reported = self._driver.checkpoint()
+        #: The flow check (:func:`~pyro_nfmala.flowcheck.check_flow`) of the flow refined in the last
+        #: warmup, ``None`` before one.
+        self.flow_check: FlowCheck | None = None
         self.refiner = (
             FlowRefiner(self.flow, generator=self.generator, **options.refine_options)
             if options.refine_every is not None
@@ -194,6 +199,7 @@ class ChainSampler:
 
         Interrupted (Ctrl-C), it keeps the step size adapted so far, fixed, and the state.
         """
+        refinements = self.refinements
         self._driver.begin_warmup(num_steps, adapt_step_size=adapt_step_size, refiner=self.refiner)
         bar = tqdm(range(num_steps), desc="warmup", disable=not progress)
         try:
@@ -205,6 +211,9 @@ class ChainSampler:
             bar.close()
             self._driver.end_warmup()
         self._report()
+        if self.refinements > refinements:  # the flow check again, on the flow the chains adapted
+            self.flow_check = check_flow(self.flow, self.target.log_prob)
+            self.flow_check.warn("ChainSampler's refined flow", stacklevel=3)
         return self.step_size
 
     def _postfix(self, info: StepInfo) -> dict[str, str]:

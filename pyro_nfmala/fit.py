@@ -11,8 +11,10 @@ minus the ELBO. A poorly fitted flow never makes NFMALA wrong (the T1 target is 
 flow); it makes the latent target far from :math:`N(0, I)`, so chains mix slower: small
 adapted step sizes and low ESS per draw are the signs to look for.
 
-Both fits run Adam with cosine annealing of the learning rate. A step whose loss or gradient
-is not finite is skipped; when none of the first ``MAX_NONFINITE_STEPS`` (100) steps is finite, or
+Both fits run Adam with cosine annealing of the learning rate. In reverse KL, draws where the log
+density is not finite (out of the support, or an overflow) are left out of a step's loss while they
+are fewer than half of them. A step whose loss or gradient is not finite is skipped; when none of
+the first ``MAX_NONFINITE_STEPS`` (100) steps is finite, or
 the flow's parameters end non-finite, the fit raises (for reverse KL the usual cause is a
 posterior that is improper, or not finite where the flow puts its mass).
 
@@ -25,7 +27,19 @@ importance ESS of at least 90% of the draws):
    approximation, or from the first start and the identity where the Hessian at the mode is not
    positive definite (an unbounded or degenerate mode, as in a funnel, makes Laplace useless);
 3. if the better Gaussian still fails, a flow :math:`g` in front of it, :math:`x = \mu + L g(z)`
-   (:class:`~pyro_nfmala.flows.StagedFlow`), fitted by reverse KL.
+   (:class:`~pyro_nfmala.flows.StagedFlow`), adapted by a batch of 32 chains that run 400 warmup
+   steps in its latent space (all chains in one vectorized evaluation of the model) while the flow is
+   refitted every 10 steps to the points they visit and the gradients they computed there (score
+   matching plus maximum likelihood, :func:`~pyro_nfmala.refine.adapt_flow_with_chains`): no extra
+   model evaluation for training, and the chains reach the parts of the posterior (a funnel's neck,
+   a curved ridge) that reverse KL, mode-seeking, misses. ``flow_stage="reverse_kl"`` fits it by
+   reverse KL instead.
+
+**Bounded, never a crash.** After the mode search, the stages share a time budget, ``max_seconds``
+(``FIT_SECONDS``, 120 s, by default): a stage stops when it is spent, the result records it
+(``budget_spent``) and the fit warns. A stage whose fit fails (its loss never finite) is dropped
+with a warning; where no Gaussian could be fitted at all, the mode with the Hessian's diagonal
+scales is the map (stage ``"diagonal"``).
 
 Each reverse-KL fit stops when its objective settles (the mean loss of the last
 ``SETTLE_WINDOW`` (200) steps no longer improves on the window before by more than two of its
@@ -54,7 +68,7 @@ import math
 import time
 import warnings
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -67,6 +81,7 @@ from .flowcheck import FlowCheck, check_flow
 from .flows import StagedFlow, default_flow
 from .gaussian import GaussianFlow, gaussian_stage
 from .model import ModelDensity, model_density
+from .refine import adapt_flow_with_chains
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +91,12 @@ MAX_NONFINITE_STEPS = 100
 SETTLE_WINDOW = 200
 #: Starts of the mode search of the Gaussian stage.
 NUM_STARTS = 4
+#: The default time budget of a staged fit after its mode search, in seconds.
+FIT_SECONDS = 120.0
+#: Chains of the flow stage for a density evaluated point by point (each chain is one model run per move).
+UNVECTORIZED_CHAINS = 8
+#: How the flow stage of a staged fit can be fitted.
+FLOW_STAGES = ("chains", "reverse_kl", "none")
 
 
 class FitResult(NamedTuple):
@@ -84,8 +105,11 @@ class FitResult(NamedTuple):
     flow: zuko.flows.Flow  #: the fitted flow (for a staged fit, the map kept)
     losses: list[float]  #: the loss at each step
     check: FlowCheck | None = None  #: the flow check of the map kept (staged fits)
-    stage: str | None = None  #: which map was kept, ``"laplace"``, ``"gaussian"`` or ``"flow"``
+    #: which map was kept: ``"laplace"``, ``"gaussian"``, ``"diagonal"`` (the mode with the Hessian's
+    #: diagonal, where no Gaussian could be fitted) or ``"flow"``
+    stage: str | None = None
     seconds: float = math.nan  #: wall-clock time of the whole fit
+    budget_spent: bool = False  #: whether the fit stopped because its time budget was spent
 
 
 def fit_flow(
@@ -97,6 +121,7 @@ def fit_flow(
     lr: float = 5e-3,
     progress: bool = True,
     settle: bool = False,
+    max_seconds: float | None = None,
 ) -> FitResult:
     r"""Fits ``flow`` (in place) to the unnormalized log density ``log_prob`` by reverse KL.
 
@@ -108,6 +133,7 @@ def fit_flow(
         lr: Adam's learning rate (decayed by cosine annealing to 1% of it).
         progress: Show a progress bar with the running loss.
         settle: Stop as soon as the loss settles (see the module), before ``num_steps``.
+        max_seconds: A time budget: the fit stops when it is spent (``budget_spent`` in the result).
 
     Example:
         >>> flow = zuko.flows.RealNVP(2)
@@ -123,9 +149,29 @@ def fit_flow(
         distribution = flow()
         z = distribution.base.rsample((num_particles,))
         x, ladj = distribution.transform.inv.call_and_ladj(z)
-        return (distribution.base.log_prob(z) - log_prob(x) - ladj).mean()
+        values = distribution.base.log_prob(z) - log_prob(x) - ladj
+        finite = torch.isfinite(values)
+        if int(finite.sum()) * 2 < num_particles:  # most draws outside the support: a non-finite step
+            return values.mean()
+        return values[finite].mean()
 
-    return _train(flow, loss, num_steps=num_steps, lr=lr, progress=progress, name="loss", settle=settle)
+    deadline = math.inf if max_seconds is None else time.perf_counter() + _check_seconds(max_seconds)
+    return _train(
+        flow,
+        loss,
+        num_steps=num_steps,
+        lr=lr,
+        progress=progress,
+        name="loss",
+        settle=settle,
+        deadline=deadline,
+    )
+
+
+def _check_seconds(seconds: object) -> float:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError(f"max_seconds must be a number > 0 or None, got {seconds!r}")
+    return float(seconds)
 
 
 def _settled(losses: list[float]) -> bool:
@@ -150,11 +196,14 @@ def _train(
     progress: bool,
     name: str,
     settle: bool = False,
+    deadline: float = math.inf,
 ) -> FitResult:
-    """Adam with cosine annealing on ``loss()``; non-finite steps skipped, a fit never finite raises."""
+    """Adam with cosine annealing on ``loss()``; non-finite steps skipped, a fit never finite raises; stops
+    early (``budget_spent``) when ``time.perf_counter()`` passes ``deadline``."""
     optimizer = torch.optim.Adam(flow.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, num_steps, eta_min=lr / 100)
     losses: list[float] = []
+    spent = False
     flow.train()
     bar = tqdm(range(num_steps), desc="fitting flow", disable=not progress)
     for step in bar:
@@ -176,10 +225,13 @@ def _train(
             bar.set_postfix({name: f"{sum(losses[-25:]) / 25:.3f}"})
         if settle and _settled(losses):
             break
+        if time.perf_counter() > deadline:
+            spent = True
+            break
     bar.close()
     flow.eval()
     _check_fit(flow, losses)
-    return FitResult(flow, losses)
+    return FitResult(flow, losses, budget_spent=spent)
 
 
 def _finite_gradients(flow: torch.nn.Module) -> bool:
@@ -224,6 +276,9 @@ def fit_flow_to_model(
     max_plate_nesting: int | None = None,
     transforms: dict | None = None,
     check_samples: int = 1000,
+    max_seconds: float | None = FIT_SECONDS,
+    flow_stage: str = "chains",
+    chain_options: Mapping | None = None,
 ) -> FitResult:
     """Fits the staged map of a Pyro model's posterior on its flat unconstrained parameters.
 
@@ -267,6 +322,9 @@ def fit_flow_to_model(
         lr=lr,
         progress=progress,
         check_samples=check_samples,
+        max_seconds=max_seconds,
+        flow_stage=flow_stage,
+        chain_options=chain_options,
     )
 
 
@@ -275,10 +333,17 @@ def fit_map_to_density(density: ModelDensity, **options) -> FitResult:
     ``potential_fn``'s), on its own layout and transforms; ``options`` are :func:`fit_staged_map`'s.
 
     The mode search starts at the density's initial point and at ``NUM_STARTS - 1`` uniform draws
-    in ``(-2, 2)`` of the unconstrained space (from torch's global generator).
+    in ``(-2, 2)`` of the unconstrained space (from torch's global generator). A density evaluated point
+    by point (a model that does not vectorize) adapts its flow stage with ``UNVECTORIZED_CHAINS`` (8)
+    chains instead of 32.
     """
     x0 = density.layout.pack(density.initial_params).detach()
     starts = torch.cat([x0[None], 4 * torch.rand(NUM_STARTS - 1, len(x0), dtype=x0.dtype) - 2])
+    if not density.vectorized:  # one model run per chain per move: fewer chains
+        options["chain_options"] = {
+            "num_chains": UNVECTORIZED_CHAINS,
+            **dict(options.get("chain_options") or {}),
+        }
     return fit_staged_map(density.log_prob, starts, **options)
 
 
@@ -292,13 +357,29 @@ def fit_staged_map(
     lr: float = 5e-3,
     progress: bool = True,
     check_samples: int = 1000,
+    max_seconds: float | None = FIT_SECONDS,
+    flow_stage: str = "chains",
+    chain_options: Mapping | None = None,
 ) -> FitResult:
     """The staged map of an unnormalized log density of a batch ``(n, d)`` (see the module and
-    :func:`fit_flow_to_model`); ``starts`` ``(k, d)`` are where the mode search begins."""
+    :func:`fit_flow_to_model`); ``starts`` ``(k, d)`` are where the mode search begins.
+
+    ``max_seconds`` bounds the stages after the mode search (``None``: no bound); a stage stopped by it
+    is kept only if it passes or beats the others on the check, and the result says so
+    (``budget_spent``, with a warning). ``flow_stage`` is how the flow stage is fitted: ``"chains"``
+    (:func:`~pyro_nfmala.refine.adapt_flow_with_chains`, ``chain_options`` its keyword arguments),
+    ``"reverse_kl"``, or ``"none"`` (the Gaussian stages only). A stage whose fit fails (non-finite
+    throughout) is dropped with a warning, and the best map so far is kept.
+    """
+    if flow_stage not in FLOW_STAGES:
+        raise ValueError(f"flow_stage must be one of {FLOW_STAGES}, got {flow_stage!r}")
     start_time = time.perf_counter()
     dim, dtype = starts.shape[-1], starts.dtype
+    laplace = gaussian_stage(log_prob, starts)
+    deadline = math.inf if max_seconds is None else time.perf_counter() + _check_seconds(max_seconds)
+    spent = False
 
-    def reverse_kl(map_flow: zuko.flows.Flow) -> list[float]:
+    def reverse_kl(map_flow: zuko.flows.Flow) -> FitResult:
         return fit_flow(
             log_prob,
             map_flow,
@@ -307,46 +388,99 @@ def fit_staged_map(
             lr=lr,
             progress=progress,
             settle=True,
-        ).losses
+            max_seconds=max(deadline - time.perf_counter(), 1e-3),
+        )
 
     def checked(map_flow: zuko.flows.Flow) -> FlowCheck:
         return check_flow(map_flow, log_prob, num_samples=check_samples)
 
-    laplace = gaussian_stage(log_prob, starts)
+    def attempt(stage: str, fit: Callable[[], tuple[zuko.flows.Flow, list[float], bool]]) -> bool:
+        """Fits a stage and adds it to the candidates; a failed fit warns and adds nothing."""
+        nonlocal spent
+        try:
+            fitted, losses, stopped = _quietly(fit)
+        except FloatingPointError as error:
+            warnings.warn(
+                f"the {stage} stage of the staged fit failed ({error}); keeping the best map so far",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return False
+        spent = spent or stopped
+        candidates.append((stage, fitted, checked(fitted), losses))
+        return True
+
     candidates = []  # (stage, flow, check, losses), cheapest first
+    gaussian_start = StagedFlow(laplace.loc, laplace.scale_tril)
     if laplace.method == "laplace":
-        gaussian = StagedFlow(laplace.loc, laplace.scale_tril)
-        candidates.append(("laplace", gaussian, checked(gaussian), []))
+        candidates.append(("laplace", gaussian_start, checked(gaussian_start), []))
         variational = GaussianFlow(laplace.loc, laplace.scale_tril)
     else:  # no positive definite Hessian (a saddle, a flat or an unbounded mode): Laplace is
         # meaningless there (a spike's map collapses, and its draws' equal weights would pass the
         # check), so the Gaussian is fitted afresh from the first start
         variational = GaussianFlow(starts[0], torch.eye(dim, dtype=dtype))
+
+    def fit_gaussian(start: GaussianFlow):
+        result = reverse_kl(start)
+        return StagedFlow(*start.stage()), result.losses, result.budget_spent
+
     if not candidates or not candidates[-1][2].good:
-        losses = _quietly(reverse_kl, variational)
-        gaussian = StagedFlow(*variational.stage())
-        candidates.append(("gaussian", gaussian, checked(gaussian), losses))
+        if time.perf_counter() >= deadline:
+            spent = True
+        elif not attempt("gaussian", lambda: fit_gaussian(variational)) and laplace.method != "laplace":
+            # from the first start and the identity it failed: from the mode with its diagonal scales
+            attempt("gaussian", lambda: fit_gaussian(GaussianFlow(laplace.loc, laplace.scale_tril)))
+    if not candidates:  # no Laplace and no Gaussian fit: the mode with the Hessian's diagonal scales
+        candidates.append(("diagonal", gaussian_start, checked(gaussian_start), []))
     best_gaussian = min(candidates, key=lambda candidate: candidate[2].khat)[1]
-    if flow is not None or not any(candidate[2].good for candidate in candidates):
+    wants_flow = flow is not None or not any(candidate[2].good for candidate in candidates)
+    if wants_flow and flow_stage != "none":
         inner = flow if flow is not None else default_flow(dim, kind="affine").to(dtype)
         staged = StagedFlow(best_gaussian.loc, best_gaussian.scale_tril, inner)
-        losses = _quietly(reverse_kl, staged)
-        candidates.append(("flow", staged, checked(staged), losses))
-    if flow is not None:
+
+        def fit_flow_stage():
+            if flow_stage == "reverse_kl":
+                result = reverse_kl(staged)
+                return staged, result.losses, result.budget_spent
+            adapted = adapt_flow_with_chains(
+                log_prob,
+                staged,
+                progress=progress,
+                max_seconds=max(deadline - time.perf_counter(), 1e-3),
+                **dict(chain_options or {}),
+            )
+            return adapted.flow, adapted.losses, adapted.budget_spent
+
+        if time.perf_counter() < deadline:
+            attempt("flow", fit_flow_stage)
+        else:
+            spent = True
+    if flow is not None and candidates[-1][0] == "flow":
         stage, kept, check, losses = candidates[-1]
     else:
         good = [candidate for candidate in candidates if candidate[2].good]
         stage, kept, check, losses = (
             good[0] if good else min(candidates, key=lambda candidate: candidate[2].khat)
         )
+    seconds = time.perf_counter() - start_time
+    if spent:
+        warnings.warn(
+            f"the staged fit spent its time budget (max_seconds={max_seconds}) after {seconds:.0f} s and "
+            f"kept the {stage} map (Pareto k-hat {check.khat:.2f}); give more time "
+            "(fit_options={'max_seconds': ...}) if the flow check or the chains say the map is poor",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     check.warn("the fitted map", stacklevel=3)
-    return FitResult(kept, losses, check, stage, time.perf_counter() - start_time)
+    return FitResult(kept, losses, check, stage, seconds, spent)
 
 
 def _quietly(fit: Callable, *args):
-    """Runs a reverse-KL fit with the model's NaN warnings silenced (its draws go far at first)."""
+    """Runs a fit with the model's NaN warnings, and the adaptation chains' own warnings, silenced (its
+    draws go far at first; the chains that adapt a flow are not the user's)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Encountered NaN")
+        warnings.filterwarnings("ignore", message="the flow's adaptation")
         return fit(*args)
 
 
@@ -359,13 +493,15 @@ def fit_flow_to_samples(
     lr: float = 1e-3,
     progress: bool = True,
     generator: torch.Generator | None = None,
+    max_seconds: float | None = None,
 ) -> FitResult:
     r"""Fits ``flow`` (in place) to ``samples`` ``(n, d)`` by maximum likelihood,
     :math:`\max \sum \log q_X(x_i)`.
 
     With ``flow=None``, a :func:`~pyro_nfmala.default_flow` of the samples' dimension is built. Minibatches
     are drawn from ``samples`` with ``generator``; the loss history is the minibatch negative
-    log-likelihood. Adam with cosine annealing of ``lr``.
+    log-likelihood. Adam with cosine annealing of ``lr``. ``max_seconds``: a time budget (the fit
+    stops when it is spent, ``budget_spent`` in the result).
 
     Example:
         >>> x = torch.randn(1000, 2) * torch.tensor([1.0, 0.1])
@@ -382,4 +518,5 @@ def fit_flow_to_samples(
         index = torch.randint(len(samples), (min(batch_size, len(samples)),), generator=generator)
         return -flow().log_prob(samples[index]).mean()
 
-    return _train(flow, loss, num_steps=num_steps, lr=lr, progress=progress, name="nll")
+    deadline = math.inf if max_seconds is None else time.perf_counter() + _check_seconds(max_seconds)
+    return _train(flow, loss, num_steps=num_steps, lr=lr, progress=progress, name="nll", deadline=deadline)

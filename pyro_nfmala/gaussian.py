@@ -42,6 +42,9 @@ import zuko
 from pyro.distributions.transforms import LowerCholeskyAffine
 from torch import Tensor, nn
 
+#: Rounds of L-BFGS (each of up to ``max_iter`` iterations) while the log density still improves.
+MAX_ROUNDS = 3
+
 
 class GaussianStage(NamedTuple):
     """A Gaussian approximation :math:`N(\\mu, L L^T)` of a posterior, and how it was found."""
@@ -72,7 +75,12 @@ def _maximize(log_prob: Callable[[Tensor], Tensor], start: Tensor, max_iter: int
 
     start_value = _value(log_prob, start)
     try:
-        optimizer.step(closure)
+        previous = math.inf
+        for _ in range(MAX_ROUNDS):  # L-BFGS can stop early on a long curved path: go on while it gains
+            loss = float(optimizer.step(closure))
+            if not math.isfinite(loss) or previous - loss <= 1e-9 * (1 + abs(loss)):
+                break
+            previous = loss
     except Exception:  # noqa: BLE001 - a failed search (a model raising at a wild point): keep the start
         return start.detach().clone(), start_value
     x = x.detach()

@@ -15,12 +15,26 @@ any flow: the flow's quality changes the mixing speed, not the target.
 Gaussian fails the flow check) on the kernel's own density of the model (its ``transforms``
 included), once per ``MCMC.run`` when chains run one after another (a later run refits when the
 model's arguments hold other values; each worker process fits its own when chains run in
-parallel). ``kernel.fit_result`` holds it afterwards
-(``.flow`` to save or reuse, ``.check``, ``.seconds``). With a given flow, the same flow check
-runs at setup. Either way a Pareto k-hat above 0.7 warns, and both numbers, with the fit time,
-are in ``mcmc.diagnostics()``. The step, its
-adaptation, statistics and warnings are those of :class:`~pyro_nfmala.driver.Driver`, shared
-with :class:`~pyro_nfmala.ChainSampler`; this module only speaks Pyro's kernel protocol.
+parallel), within a time budget (``fit_options={"max_seconds": ...}``). ``kernel.fit_result``
+holds it afterwards (``.flow`` to save or reuse, ``.check``, ``.seconds``, ``.budget_spent``).
+
+**Where the flow is adapted, and why there.** The flow stage is adapted by a small batch of warmup
+chains at setup (:func:`~pyro_nfmala.refine.adapt_flow_with_chains`: 32 chains, one vectorized run
+of the model per move), refitted to their draws and gradients, and then frozen; each of Pyro's
+chains then runs its own warmup (step size, mass matrix) on the frozen map and samples with one
+fixed, exact kernel. Pyro runs its chains one per process, in parallel, or one after another, so
+chains that run cannot pool what they see; the batch at setup pools 32 chains for the cost of a
+few hundred vectorized model runs, and gives every chain the same map.
+
+**Hierarchical models** are sampled non-centred where that brings the posterior nearer a Gaussian
+(``parameterization``, :mod:`pyro_nfmala.centring`); the draws come back as the model's own sites.
+
+With a given flow, the same flow check runs at setup. Either way a Pareto k-hat above 0.7 warns,
+and both numbers, with the fit time, are in ``mcmc.diagnostics()``. At the end of each chain, a
+split R-hat above 1.01 or a bulk ESS below 100 over the chains drawn so far in the process warns.
+The step, its adaptation, statistics and warnings are those of
+:class:`~pyro_nfmala.driver.Driver`, shared with :class:`~pyro_nfmala.ChainSampler`; this module
+only speaks Pyro's kernel protocol.
 
 Example:
     >>> def model(data):
@@ -38,6 +52,7 @@ from __future__ import annotations
 __all__ = ["NFMALA"]
 
 import logging
+import warnings
 
 from collections.abc import Callable, Mapping
 
@@ -48,6 +63,8 @@ import torch
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from torch import Tensor
 
+from .arviz import warn_if_unconverged
+from .centring import PARAMETERIZATIONS, NonCentring, hierarchical_sites
 from .driver import Driver
 from .fit import FitResult, fit_map_to_density
 from .flow import as_latent_flow
@@ -79,8 +96,16 @@ class NFMALA(MCMCKernel):
             (the default): fit the staged map at setup (see the module); costs one mode search
             and, for a non-Gaussian posterior, a flow fit (seconds to a minute or two on a CPU).
         fit_options: Keyword arguments of :func:`~pyro_nfmala.fit.fit_staged_map` when the kernel
-            fits its own map (e.g. ``{"progress": False}``); the fit uses the kernel's own
-            density (its ``transforms``, ``init_strategy`` and ``max_plate_nesting``).
+            fits its own map (e.g. ``{"progress": False}``, ``{"max_seconds": 600}``); the fit uses
+            the kernel's own density (its ``transforms``, ``init_strategy`` and
+            ``max_plate_nesting``).
+        parameterization: Where the kernel fits its own map of a model with hierarchical sites
+            (a location-scale site whose parameters depend on other latent sites,
+            :mod:`pyro_nfmala.centring`): ``"auto"`` (default) samples the model non-centred when
+            the centred map fails the flow check and the non-centred one does better (a funnel),
+            mapping every draw back to the model's own sites exactly; ``"centred"`` never does,
+            ``"non-centred"`` always does. Chains started at ``initial_params`` and models with
+            user ``transforms`` are sampled centred.
         beta: ``None`` (default) samples the exact posterior (T1). A number
             :math:`\beta \ge 0` samples instead the flow's tempered measure (T2),
             :math:`\log q_Z(z) - \beta\, \mathrm{ladj}(z)`, ignoring the model's density:
@@ -117,6 +142,7 @@ class NFMALA(MCMCKernel):
         *,
         flow=None,
         fit_options: Mapping | None = None,
+        parameterization: str = "auto",
         step_size: float | None = None,
         adapt_step_size: bool = True,
         target_accept_prob: float = 0.574,
@@ -146,14 +172,21 @@ class NFMALA(MCMCKernel):
                 f"fit_options {misplaced}: the fit uses the kernel's own density, so pass them to NFMALA "
                 "itself (NFMALA(model, init_strategy=..., max_plate_nesting=..., transforms=...))"
             )
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
+        self.parameterization = parameterization
+        self._non_centred_sites: list[str] = []  # the sites sampled non-centred in this run
+        self._non_centring: NonCentring | None = None
         self.fit_result: FitResult | None = None
         self._fitted_for: tuple | None = None
+        self._run_draws: list[Tensor] = []  # the draws of each chain on the same data, for R-hat
         self.flow_check: FlowCheck | None = None
         if flow is None and beta is not None:
             raise ValueError("beta samples the flow's own tempered measure: it needs a flow")
         self.options = SamplerOptions.from_arguments(locals())
         self.beta = None if beta is None else check_beta(beta)
         self.transforms = transforms
+        self._user_transforms: bool | None = None  # whether the user gave transforms (known at setup)
         self.max_plate_nesting = max_plate_nesting
         self.jit_compile = jit_compile
         self.jit_options = jit_options
@@ -196,19 +229,25 @@ class NFMALA(MCMCKernel):
             return
         if self.beta is None:
             self._prepare_map(density, args, kwargs)
+        self._non_centring = (
+            NonCentring(self.model, self._non_centred_sites, args, kwargs, density, **self._density_options())
+            if self._non_centred_sites
+            else None
+        )
+        sampled = density if self._non_centring is None else self._non_centring.density
         check_flow_dim(self.flow, self.layout)
         if self.beta is not None:
             target: LatentTarget = TemperedFlow(self.flow, self.beta)
         else:
             dtype = self.flow.dtype
-            target = PosteriorPullback(self.flow, lambda x: density.point_log_prob(x).to(dtype))
+            target = PosteriorPullback(self.flow, lambda x: sampled.point_log_prob(x).to(dtype))
         options = self.options.replace(independence_every=self._independence_schedule())
         self._driver = Driver(target, 1, options, label="NFMALA")
         # A posterior's chains start where Pyro's init strategy puts them (by default uniform in
         # (-2, 2) of the unconstrained space, one draw per chain, as Stan does): apart from each other
         # and independent of the map, so that R-hat can see a map that missed part of the posterior.
         init_x = (
-            density.layout.pack(density.initial_params)
+            sampled.layout.pack(sampled.initial_params)
             if self.model is not None and self.beta is None
             else None
         )
@@ -236,12 +275,20 @@ class NFMALA(MCMCKernel):
                 self._nothing_draws += 1
             return {}
         if params is not self._params:  # the caller changed the state: start again from params
+            if self._non_centring is not None:
+                raise ValueError(
+                    "NFMALA samples this model non-centred and cannot restart from params in the model's own "
+                    "coordinates: pass parameterization='centred'"
+                )
             self._driver.state = self._driver.start_at(
                 self.layout.pack(params), describe=self._describe_start
             )
+        warming_up = self._driver.warming_up
         self._driver.step()
         self._step_size = float(self._driver.step_size[0])
         self._params = self._to_params(self._driver.state)
+        if not warming_up:
+            self._chain_draws.append(self.layout.pack(self._params).cpu())
         return self._params
 
     def logging(self) -> dict[str, str]:
@@ -260,6 +307,7 @@ class NFMALA(MCMCKernel):
         if driver is not None:
             driver.warn_divergences(stacklevel=3)
             ledger = driver.ledgers
+            self._warn_if_unconverged()
         check = self.flow_check
         accept = draws["accept_prob"]
         return {
@@ -269,6 +317,7 @@ class NFMALA(MCMCKernel):
             if check is None
             else {"khat": check.khat, "ess": check.ess, "draws": check.num_samples},
             "fit seconds": self.fit_result.seconds if self.fit_result is not None else 0.0,
+            "non-centred sites": list(self._non_centred_sites),
             "warmup divergences": ledger["langevin"].counts["warmup"]["divergent"] if driver else 0,
             "numerical errors": driver.errors if driver else 0,
             "independence non-finite": ledger["independence"].total("divergent") if driver else 0,
@@ -280,6 +329,22 @@ class NFMALA(MCMCKernel):
     def cleanup(self) -> None:
         self._reset()
 
+    def _warn_if_unconverged(self) -> None:
+        """At the end of a chain: the convergence check (split R-hat <= 1.01, bulk ESS >= 100 for every
+        unconstrained coordinate) over the chains of this run drawn so far in this process (all of them
+        when chains run one after another, this one alone in a worker process)."""
+        if len(self._chain_draws) < 4:
+            return
+        self._run_draws.append(torch.stack(self._chain_draws))
+        self._chain_draws = []
+        lengths = {len(draws) for draws in self._run_draws}
+        if len(lengths) > 1:  # runs of other lengths on the same data: check this chain alone
+            self._run_draws = self._run_draws[-1:]
+        pooled = torch.stack(self._run_draws)  # (chains, draws, d)
+        count = len(self._run_draws)
+        what = f"NFMALA's chain{'s' if count > 1 else ''} ({count} in this process so far)"
+        warn_if_unconverged(self.layout.unpack(pooled), stacklevel=5, what=what)
+
     # ----------------------------------------------------------------------------------------
     # internals
 
@@ -288,6 +353,7 @@ class NFMALA(MCMCKernel):
         self._driver: Driver | None = None
         self._params: dict[str, Tensor] | None = None
         self._warmup_steps = 0
+        self._chain_draws: list[Tensor] = []
         self._nothing_steps = 0
         self._nothing_draws = 0
 
@@ -323,19 +389,21 @@ class NFMALA(MCMCKernel):
                     "(a dict of unconstrained values, one per site)"
                 )
             return ModelDensity.from_potential(self.potential_fn, self._user_initial_params)
-        density = model_density(
-            self.model,
-            args,
-            kwargs,
-            transforms=self.transforms,
-            max_plate_nesting=self.max_plate_nesting,
-            jit_compile=self.jit_compile,
-            jit_options=self.jit_options,
-            skip_jit_warnings=self.ignore_jit_warnings,
-            init_strategy=self.init_strategy,
-        )
+        if self._user_transforms is None:
+            self._user_transforms = self.transforms is not None
+        options = self._density_options()
+        density = model_density(self.model, args, kwargs, transforms=self.transforms, **options)
         self.transforms = density.transforms
         return density
+
+    def _density_options(self) -> dict:
+        return {
+            "max_plate_nesting": self.max_plate_nesting,
+            "jit_compile": self.jit_compile,
+            "jit_options": self.jit_options,
+            "skip_jit_warnings": self.ignore_jit_warnings,
+            "init_strategy": self.init_strategy,
+        }
 
     def _prepare_map(self, density: ModelDensity, args: tuple, kwargs: dict) -> None:
         """Fits the staged map, or checks the given flow, once per run: chains run one after another
@@ -345,22 +413,69 @@ class NFMALA(MCMCKernel):
             return
         rng_state = pyro.util.get_rng_state()  # done once per run: each chain's draws must not depend on it
         try:
-            self._fit_or_check(density)
+            self._fit_or_check(density, args, kwargs)
         finally:
             pyro.util.set_rng_state(rng_state)
         self._fitted_for = arguments
+        self._run_draws = []
 
-    def _fit_or_check(self, density: ModelDensity) -> None:
+    def _fit_or_check(self, density: ModelDensity, args: tuple, kwargs: dict) -> None:
         if self._fits_own_map:
-            options = dict(self.fit_options)
-            self.fit_result = fit_map_to_density(density, **options)
+            self._non_centred_sites = []
+            sites = self._hierarchical_sites(args, kwargs)
+            if sites:
+                self.fit_result = self._fit_choosing_centring(density, sites, args, kwargs)
+            else:
+                self.fit_result = fit_map_to_density(density, **self.fit_options)
             self.flow = as_latent_flow(self.fit_result.flow)
             self.flow_check = self.fit_result.check
-            logger.info("NFMALA: fitted the %s map in %.1f s", self.fit_result.stage, self.fit_result.seconds)
+            logger.info(
+                "NFMALA: fitted the %s map in %.1f s; sites sampled non-centred: %s",
+                self.fit_result.stage,
+                self.fit_result.seconds,
+                ", ".join(self._non_centred_sites) or "none",
+            )
         else:
             check_flow_dim(self.flow, self.layout)
             self.flow_check = check_flow(self.flow, lambda x: density.log_prob(x).to(self.flow.dtype))
             self.flow_check.warn("NFMALA's flow", stacklevel=6)
+
+    def _hierarchical_sites(self, args: tuple, kwargs: dict) -> list[str]:
+        """The sites that may be sampled non-centred in this run (none where the user fixed the
+        coordinates: ``parameterization="centred"``, ``initial_params`` or ``transforms``)."""
+        if (
+            self.model is None
+            or self.parameterization == "centred"
+            or self._user_initial_params is not None
+            or self._user_transforms
+        ):
+            return []
+        return hierarchical_sites(self.model, args, kwargs, self.init_strategy)
+
+    def _fit_choosing_centring(self, density: ModelDensity, sites: list[str], args, kwargs) -> FitResult:
+        """The staged map in the coordinates whose Gaussian stages pass the flow check better (``"auto"``),
+        or non-centred; the flow stage only in the coordinates chosen."""
+        non_centring = NonCentring(self.model, sites, args, kwargs, density, **self._density_options())
+        if self.parameterization == "non-centred":
+            self._non_centred_sites = sites
+            return fit_map_to_density(non_centring.density, **self.fit_options)
+        gaussian_only = {**self.fit_options, "flow_stage": "none"}
+        trials = {}
+        for name, trial_density in (("centred", density), ("non-centred", non_centring.density)):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                trials[name] = (fit_map_to_density(trial_density, **gaussian_only), caught, trial_density)
+            if trials[name][0].check.good:
+                break
+        name = min(trials, key=lambda key: trials[key][0].check.khat)
+        result, caught, chosen = trials[name]
+        self._non_centred_sites = sites if name == "non-centred" else []
+        if result.check.good or self.fit_options.get("flow_stage") == "none":
+            for warning in caught:
+                warnings.warn(warning.message, warning.category, stacklevel=7)
+            return result._replace(seconds=sum(trial[0].seconds for trial in trials.values()))
+        full = fit_map_to_density(chosen, **self.fit_options)
+        return full._replace(seconds=full.seconds + sum(trial[0].seconds for trial in trials.values()))
 
     def _describe_start(self) -> str:
         shapes = {name: tuple(shape) for name, shape in self.layout.shapes.items()}
@@ -371,7 +486,8 @@ class NFMALA(MCMCKernel):
 
     def _to_params(self, state: MALAState) -> dict[str, Tensor]:
         # Detached clones: MCMC pickles them in worker queues and stores them.
-        return {name: value[0].detach().clone() for name, value in self.layout.unpack(state.x).items()}
+        x = state.x if self._non_centring is None else self._non_centring.to_original(state.x[0])[None]
+        return {name: value[0].detach().clone() for name, value in self.layout.unpack(x).items()}
 
 
 def _snapshot(value: object) -> object:

@@ -133,11 +133,12 @@ class SamplerOptions:
             is too narrow).
         refine_every: ``None`` (default): the flow is fixed. ``n`` (:class:`~pyro_nfmala.ChainSampler`
             on a posterior pull-back): during warmup (not in its last quarter), every ``n`` steps
-            the flow takes a few maximum-likelihood steps on the states the chains visited since
-            the last refinement, and the chains continue from the same data-space points
+            the flow takes a few Adam steps on the states the chains visited and their gradients
+            (score matching and maximum likelihood for a staged map, maximum likelihood for other
+            flows), and the chains continue from the same data-space points
             (:mod:`pyro_nfmala.refine`); the flow is fixed when warmup ends.
-        refine_options: Keyword arguments of :class:`~pyro_nfmala.refine.FlowRefiner` (``steps``,
-            ``lr``, ``batch_size``).
+        refine_options: Keyword arguments of :class:`~pyro_nfmala.refine.FlowRefiner` (``loss``,
+            ``steps``, ``lr``, ``batch_size``, ``buffer_size``).
     """
 
     def __init__(

@@ -1,34 +1,57 @@
-r"""Flow refinement in warmup: maximum likelihood on the chains' own states, as flowMC does.
+r"""Flow adaptation in warmup: the flow refitted to what the chains visited, by score matching or
+maximum likelihood.
 
-During warmup, every few steps the flow takes a few Adam steps of maximum likelihood on the
-data-space states :math:`x_1, \dots, x_n` that the chains visited since the last refinement,
+During warmup, every few steps the flow takes a few Adam steps on the data-space states
+:math:`x_1, \dots, x_n` that the chains visited (the most recent ``buffer_size`` of them), and the
+chains go on from the same data-space points, now at :math:`z_i = f_\theta^{-1}(x_i)` in the new
+flow's latent space. Two losses, and their sum (``loss="fisher+likelihood"``, the default for the
+library's own staged maps; maximum likelihood is the default for other flows):
 
-.. math:: \min_\theta \; -\frac{1}{n} \sum_{i=1}^n \log q_\theta(x_i),
+- ``loss="fisher"`` (nutpie's flow adaptation, Seyboldt, Carlson & Carpenter): the
+  Fisher divergence between the flow's law :math:`q_\theta` and the posterior, read at the visited
+  points, with the posterior's scores :math:`s_i = \nabla_x \log \pi_X(x_i)` that the chains
+  already computed (the data-space score is recovered from the latent gradient of the state,
+  :math:`s = J_{f^{-1}}(x)^T \nabla_z \log \pi(z) + \nabla_x \log|\det J_{f^{-1}}(x)|`: one flow
+  pass, no model evaluation),
 
-and the chains go on from the same data-space points, now at :math:`z_i = f_\theta^{-1}(x_i)` in
-the new flow's latent space. Where local moves carry chains into parts of the posterior that the
-flow covers poorly, the flow learns them, and the independence moves
-(:mod:`pyro_nfmala.independence`) then propose there.
+  .. math:: \min_\theta \; \frac{1}{n} \sum_{i=1}^n \big\| W^T \big(\nabla_x \log q_\theta(x_i)
+            - s_i\big) \big\|^2 ,
+
+  in whitened coordinates (:math:`W = L` the Gaussian stage's factor for a
+  :class:`~pyro_nfmala.flows.StagedFlow`, else the visited points' standard deviations), so the loss
+  does not depend on the parameters' scales. Every visited point counts, whether or not it is
+  distributed as the posterior yet: the score says where the mass is, not only the draws;
+- ``loss="likelihood"`` (as flowMC does): maximum likelihood on the visited points,
+  :math:`\min_\theta -\frac{1}{n} \sum_i \log q_\theta(x_i)`.
+
+Score matching alone is blind to where the flow puts mass away from the visited points (the scores
+are local: a flow can match them there and put most of its mass elsewhere, and bounded splines do),
+and to how mass splits between modes that no chain links; maximum likelihood anchors the mass on
+the visited points, in the proportions the chains visit them, and the scores shape it where few
+draws are (a funnel's neck). Measured on the centred eight schools (32 chains, 400 warmup steps):
+Pareto k-hat of the adapted flow 0.28 with the Fisher loss alone (but 28% of its draws outside the
+support), 1.02 with maximum likelihood alone, 0.31 with the sum (importance ESS 60% of its draws).
+Score matching needs a flow whose transforms reach the points: on a spline flow bounded to
+:math:`[-5, 5]` (zuko's ``NSF``) with points beyond the bound it fitted a flow far from the target,
+hence maximum likelihood by default for flows that are not the library's own.
 
 **Refinement stops before sampling.** A kernel whose flow is refitted to the chain's own history is
 adaptive MCMC: the flow becomes a function of past states, the draws are no longer a Markov chain
 with the posterior as its invariant law, and nothing bounds the error that this adds (Roberts &
 Rosenthal, 2007, give the conditions under which adaptation is still valid; refitting a flow on
-recent states meets none of them in general). :class:`~pyro_nfmala.ChainSampler` refines only in
-its warmup, and not in the last quarter of it (the step size and mass matrix adapt to the final
-flow there), so that sampling is one fixed, exact kernel.
+recent states meets none of them in general). Both samplers refine only in warmup, and not in the
+last quarter of it (the step size and mass matrix adapt to the final flow there), so that sampling is
+one fixed, exact kernel.
 
 **A flow cannot learn a mode that no chain visits.** Refinement trains on where the chains are,
 and latent moves, local or global, go where the flow puts mass. A mode far from everything the
 flow covers stays missing, and nothing in the chains shows it (every chain agrees); Grenioux,
-Durmus, Moulines & Gabrié (ICML 2023) discuss this limit of flow-based samplers. What it can do
-is amplify a thin tail: where a few chains reach a mode through the flow's tails (independence
-moves help), refinement learns it, and more chains follow. Many chains make that likelier; start
-chains in every region you know of (``initial_z``), or fit the flow on draws that cover them.
+Durmus, Moulines & Gabrié (ICML 2023) discuss this limit of flow-based samplers. Many chains
+started apart make it likelier that some reach each mode.
 
 Example:
     >>> flow = LatentFlow(zuko.flows.NSF(2, transforms=2))
-    >>> refiner = FlowRefiner(flow, steps=5)
+    >>> refiner = FlowRefiner(flow, steps=5)  # maximum likelihood: not a staged map
     >>> refiner.add(torch.randn(256, 2) + 3.0)
     >>> refined = refiner.refine()  # a new frozen LatentFlow; `flow` is unchanged
     >>> bool(refined.to_data(torch.zeros(1, 2))[0].mean() > flow.to_data(torch.zeros(1, 2))[0].mean())
@@ -37,24 +60,66 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["FlowRefiner"]
+__all__ = ["LOSSES", "ChainAdaptation", "FlowRefiner", "adapt_flow_with_chains", "fisher_divergence"]
+
+import copy
+import math
+import time
+
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import torch
 
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .flow import LatentFlow
+from .flows import StagedFlow
+
+#: The losses a refiner can minimize.
+LOSSES = ("fisher", "likelihood", "fisher+likelihood")
+
+
+def fisher_divergence(
+    module: torch.nn.Module, x: Tensor, score: Tensor, whitening: Tensor, *, with_log_prob: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""The whitened Fisher divergence :math:`\frac{1}{n}\sum_i \|W^T(\nabla_x \log q(x_i) - s_i)\|^2`
+    of the zuko flow ``module`` at points ``x`` ``(n, d)`` with target scores ``score`` ``(n, d)``;
+    ``whitening`` is :math:`W`, a ``(d, d)`` matrix or a ``(d,)`` diagonal. Differentiable in the
+    flow's parameters (a double backward). With ``with_log_prob``, also returns :math:`\log q(x_i)`,
+    which it computes on the way.
+
+    Example:
+        >>> flow = zuko.flows.MAF(2, transforms=1)
+        >>> x = torch.randn(64, 2)
+        >>> loss = fisher_divergence(flow, x, -x, torch.ones(2))  # the scores of N(0, I)
+        >>> loss.shape, bool(loss >= 0)
+        (torch.Size([]), True)
+    """
+    x = x.detach().requires_grad_(True)
+    log_q = module().log_prob(x)
+    (grad,) = torch.autograd.grad(log_q.sum(), x, create_graph=True)
+    difference = grad - score
+    whitened = difference @ whitening if whitening.dim() == 2 else difference * whitening
+    divergence = whitened.square().sum(-1).mean()
+    return (divergence, log_q) if with_log_prob else divergence
 
 
 class FlowRefiner:
-    r"""Refits a flow by maximum likelihood on points collected from the chains.
+    r"""Refits a flow on points (and their scores) collected from the chains.
 
     Arguments:
         flow: The flow to refine (given as a :class:`zuko.flows.Flow` module): a trainable copy is
             made, the flow itself is not changed.
+        loss: ``"fisher+likelihood"`` (their sum), ``"fisher"`` (score matching) or ``"likelihood"``
+            (see the module); ``"auto"`` (the default): the sum for the library's own staged maps
+            (:class:`~pyro_nfmala.flows.StagedFlow`), maximum likelihood for other flows.
         steps: Adam steps per :meth:`refine`.
         lr: Adam's learning rate (its state persists from one refinement to the next).
-        batch_size: Points per Adam step, drawn from those collected (all of them if fewer).
+        batch_size: Points per Adam step, drawn from those kept (all of them if fewer).
+        buffer_size: The most recent points kept for training (older ones are forgotten: early
+            warmup states have not reached the posterior yet).
         generator: Random generator of the minibatches.
     """
 
@@ -62,46 +127,192 @@ class FlowRefiner:
         self,
         flow: LatentFlow,
         *,
+        loss: str = "auto",
         steps: int = 20,
         lr: float = 1e-3,
-        batch_size: int = 1024,
+        batch_size: int = 256,
+        buffer_size: int = 4096,
         generator: torch.Generator | None = None,
     ) -> None:
-        for name, value in (("steps", steps), ("batch_size", batch_size)):
+        for name, value in (("steps", steps), ("batch_size", batch_size), ("buffer_size", buffer_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"refinement {name} must be an integer >= 1, got {value!r}")
         if not lr > 0:
             raise ValueError(f"refinement lr must be > 0, got {lr!r}")
+        if loss not in (*LOSSES, "auto"):
+            raise ValueError(f"refinement loss must be 'auto' or one of {LOSSES}, got {loss!r}")
         self.module = flow.trainable_copy()
+        if loss == "auto":
+            loss = "fisher+likelihood" if isinstance(self.module, StagedFlow) else "likelihood"
         self.optimizer = torch.optim.Adam(self.module.parameters(), lr=lr)
-        self.steps, self.batch_size, self.generator = steps, batch_size, generator
-        self._points: list[Tensor] = []
+        self.loss, self.steps, self.batch_size, self.buffer_size = loss, steps, batch_size, buffer_size
+        self.generator = generator
+        self._points: Tensor | None = None
+        self._scores: Tensor | None = None
         self.losses: list[float] = []
 
-    def add(self, x: Tensor) -> None:
-        """Collects the chains' data-space states ``x`` ``(chains, d)`` for the next refinement."""
-        self._points.append(x.detach().reshape(-1, x.shape[-1]))
+    @property
+    def num_points(self) -> int:
+        """How many points are kept for the next refinement."""
+        return 0 if self._points is None else len(self._points)
+
+    def add(self, x: Tensor, latent_grad: Tensor | None = None, flow: LatentFlow | None = None) -> None:
+        r"""Collects the chains' data-space states ``x`` ``(chains, d)``; for the Fisher loss also their
+        latent gradients :math:`\nabla_z \log \pi(z)` under ``flow`` (the flow they were computed with),
+        from which the data-space scores are recovered. Non-finite points are left out."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        score = None
+        if self.loss != "likelihood":
+            if latent_grad is None or flow is None:
+                raise ValueError("the Fisher loss needs the states' latent gradients and their flow")
+            with torch.enable_grad():
+                score = flow.data_gradient(x, latent_grad.detach().reshape(x.shape)).detach()
+            finite = torch.isfinite(x).all(-1) & torch.isfinite(score).all(-1)
+            score = score[finite]
+        else:
+            finite = torch.isfinite(x).all(-1)
+        self._points = self._keep(self._points, x[finite])
+        if score is not None:
+            self._scores = self._keep(self._scores, score)
+
+    def _keep(self, kept: Tensor | None, new: Tensor) -> Tensor:
+        both = new if kept is None else torch.cat([kept, new])
+        return both[-self.buffer_size :]
+
+    def _whitening(self, points: Tensor) -> Tensor:
+        if isinstance(self.module, StagedFlow):
+            return self.module.scale_tril
+        return points.std(0).clamp(min=1e-8) if len(points) > 1 else torch.ones_like(points[0])
+
+    def _batch_loss(self, index: Tensor | None, whitening: Tensor) -> Tensor:
+        points = self._points if index is None else self._points[index]
+        if self.loss == "likelihood":
+            return -self.module().log_prob(points).mean()
+        scores = self._scores if index is None else self._scores[index]
+        divergence, log_q = fisher_divergence(self.module, points, scores, whitening, with_log_prob=True)
+        return divergence - log_q.mean() if self.loss == "fisher+likelihood" else divergence
 
     def refine(self) -> LatentFlow:
-        """Takes ``steps`` Adam steps on the points collected since the last call (then forgets them);
-        returns the refined flow, frozen. Non-finite points are left out."""
-        points = torch.cat(self._points) if self._points else None
-        self._points = []
-        if points is not None:
-            points = points[torch.isfinite(points).all(-1)]
-        if points is None or len(points) == 0:
+        """Takes ``steps`` Adam steps on the points kept; returns the refined flow, frozen. A step whose
+        loss or gradient is not finite is skipped."""
+        if self.num_points == 0:
             return LatentFlow(self.module)
+        whitening = self._whitening(self._points)
         for _ in range(self.steps):
-            if len(points) > self.batch_size:
-                index = torch.randperm(len(points), generator=self.generator, device=points.device)
-                batch = points[index[: self.batch_size]]
-            else:
-                batch = points
-            loss = -self.module().log_prob(batch).mean()
+            index = None
+            if self.num_points > self.batch_size:
+                index = torch.randperm(self.num_points, generator=self.generator, device=self._points.device)
+                index = index[: self.batch_size]
+            loss = self._batch_loss(index, whitening)
             if not torch.isfinite(loss):
                 continue  # a point the flow cannot reach: skip this step rather than corrupt the flow
             self.optimizer.zero_grad()
             loss.backward()
+            gradients = [p.grad for p in self.module.parameters() if p.grad is not None]
+            if not all(bool(torch.isfinite(grad).all()) for grad in gradients):
+                continue
             self.optimizer.step()
             self.losses.append(loss.item())
         return LatentFlow(self.module)
+
+
+#: The refiner's options in :func:`adapt_flow_with_chains` unless given. Measured, one seed each: on a
+#: banana, k-hat 0.49 with these, 0.59 with 10 steps on batches of 128 (and 20 s instead of 26 s); on the
+#: non-centred eight schools, 0.55 with these and 0.12 with the lighter ones.
+CHAIN_REFINE_OPTIONS = {"steps": 20, "batch_size": 256}
+#: Draws of the map tried per chain for a finite start of the adaptation's chains.
+START_TRIES = 100
+
+
+def _finite_starts(driver, num_chains: int, generator: torch.Generator) -> Tensor:
+    """Latent starts where the target is finite: draws of the map, each redrawn up to ``START_TRIES``
+    times, at half the spread after every ten failures (a map whose tails leave the support)."""
+    flow = driver.flow
+    z = flow.sample_base((num_chains,), generator)
+    for attempt in range(START_TRIES):
+        with torch.no_grad():
+            values = driver.target.log_density(z)[0]
+        bad = ~torch.isfinite(values)
+        if not bad.any():
+            break
+        spread = 0.5 ** ((attempt + 1) // 10)
+        z = torch.where(bad.unsqueeze(-1), spread * flow.sample_base((num_chains,), generator), z)
+    return z
+
+
+class ChainAdaptation(NamedTuple):
+    """What :func:`adapt_flow_with_chains` returns."""
+
+    flow: torch.nn.Module  #: the adapted flow (a zuko flow module, frozen)
+    losses: list[float]  #: the refiner's loss at each Adam step
+    steps: int  #: warmup steps the chains made
+    evaluations: int  #: evaluations of the log density (one per chain per move)
+    budget_spent: bool  #: whether the time budget stopped the chains early
+
+
+def adapt_flow_with_chains(
+    log_prob: Callable[[Tensor], Tensor],
+    flow: torch.nn.Module,
+    *,
+    num_chains: int = 32,
+    num_steps: int = 400,
+    refine_every: int = 10,
+    refine_options: Mapping | None = None,
+    max_seconds: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> ChainAdaptation:
+    r"""Adapts ``flow`` to the unnormalized log density ``log_prob`` (of a batch ``(n, d)``) by running a
+    batch of chains in its latent space and refining it on what they visit.
+
+    ``num_chains`` chains start at draws of the flow and run ``num_steps`` warmup steps of
+    :class:`~pyro_nfmala.ChainSampler`'s schedule: a Langevin move and an independence move per step,
+    the step size adapted, and every ``refine_every`` steps (up to three quarters of the way) the flow
+    refined (:class:`FlowRefiner`, ``refine_options``: by default score matching). The model is
+    evaluated for all chains at once, twice per step; the gradients the chains compute are what the
+    Fisher loss trains on. Stops early when ``max_seconds`` is spent. The flow given is not changed.
+
+    Example:
+        >>> flow = zuko.flows.RealNVP(2, transforms=2)
+        >>> result = adapt_flow_with_chains(lambda x: -0.5 * ((x - 2.0) ** 2).sum(-1), flow, num_steps=40,
+        ...                                 progress=False)
+        >>> result.steps, len(result.losses)  # three refinements of 20 Adam steps, up to step 30
+        (40, 60)
+    """
+    from .driver import Driver  # the driver builds on the moves; this module is imported below it
+    from .options import SamplerOptions
+    from .target import PosteriorPullback
+
+    deadline = math.inf if max_seconds is None else time.perf_counter() + float(max_seconds)
+    generator = torch.Generator().manual_seed(seed)
+    options = SamplerOptions(
+        mass_matrix=None,
+        independence_every=1,
+        refine_every=refine_every,
+        refine_options={**CHAIN_REFINE_OPTIONS, **dict(refine_options or {})},
+    )
+    latent_flow = LatentFlow(flow)
+    driver = Driver(PosteriorPullback(latent_flow, log_prob), num_chains, options, generator=generator,
+                    label="the flow's adaptation")  # fmt: skip
+    try:
+        driver.start(_finite_starts(driver, num_chains, generator), search_from=1.0)
+    except ValueError as error:  # draws of the flow where the density is not finite
+        raise FloatingPointError(f"no finite start for the adaptation's chains: {error}") from error
+    refiner = FlowRefiner(latent_flow, generator=generator, **options.refine_options)
+    driver.begin_warmup(num_steps, refiner=refiner)
+    spent = False
+    steps = 0
+    bar = tqdm(range(num_steps), desc="adapting the flow", disable=not progress)
+    try:
+        for _ in bar:
+            driver.step()
+            steps += 1
+            if time.perf_counter() > deadline:
+                spent = True
+                break
+    finally:
+        bar.close()
+        driver.end_warmup()
+    adapted = copy.deepcopy(refiner.module).eval().requires_grad_(False)
+    evaluations = sum(ledger.total("proposals") for ledger in driver.ledgers.values()) + num_chains
+    return ChainAdaptation(adapted, list(refiner.losses), steps, evaluations, spent)

@@ -9,5 +9,7 @@ Nothing here is imported by ``import pyro_nfmala``; import the submodules themse
 - :mod:`pyro_nfmala.examples.posteriordb`: reference posteriors from posteriordb (models in
   Pyro; their data and gold-standard draws in the source repository's
   ``benchmarks/data/posteriordb``, not in the wheel) and standardized errors;
+- :mod:`pyro_nfmala.examples.flow_cases`: posteriors a Gaussian map does not serve (a centred funnel
+  in 100 dimensions, a GARCH(1, 1), an approximate GP), data generated with fixed seeds;
 - :mod:`pyro_nfmala.examples.baselines`: NeuTra-NUTS on the same flow, the comparator.
 """

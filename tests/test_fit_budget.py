@@ -1,0 +1,115 @@
+"""The staged fit is bounded and never crashes: a time budget, fallbacks with a warning, the flow stage
+adapted by chains; and a run that may be wrong says so at the end of each chain."""
+
+import math
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro.infer import MCMC
+
+import pyro_nfmala.fit as fit_module
+
+from pyro_nfmala import NFMALA
+from pyro_nfmala.fit import fit_staged_map
+from pyro_nfmala.flowcheck import check_flow
+from pyro_nfmala.flows import StagedFlow
+
+
+def banana(x):
+    """A curved ridge no Gaussian holds: x1 ~ N(0, 1.5^2), x2 | x1 ~ N(x1^2, 0.1^2)."""
+    return -0.5 * (x[..., 0] / 1.5).square() - 0.5 * ((x[..., 1] - x[..., 0].square()) / 0.1).square()
+
+
+def starts(d=2):
+    return torch.zeros(2, d, dtype=torch.float64)
+
+
+def test_a_failed_gaussian_fit_warns_and_keeps_the_laplace_map(monkeypatch):
+    def failing_fit(*args, **kwargs):
+        raise FloatingPointError("the loss or its gradient was not finite in any of 100 steps")
+
+    monkeypatch.setattr(fit_module, "fit_flow", failing_fit)
+    with pytest.warns(RuntimeWarning, match="gaussian stage of the staged fit failed"):
+        result = fit_staged_map(banana, starts(), progress=False, flow_stage="reverse_kl")
+    assert result.stage == "laplace"  # no crash: the best map so far
+
+
+def test_with_no_gaussian_at_all_the_map_is_the_mode_with_diagonal_scales(monkeypatch):
+    def flat_in_one_direction(x):  # no positive definite Hessian: no Laplace map
+        return -0.5 * ((x[..., 0] - 3.0) / 0.1) ** 2 - 0.0 * x[..., 1]
+
+    def failing_fit(*args, **kwargs):
+        raise FloatingPointError("not finite")
+
+    monkeypatch.setattr(fit_module, "fit_flow", failing_fit)
+    monkeypatch.setattr(fit_module, "adapt_flow_with_chains", failing_fit)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fit_staged_map(flat_in_one_direction, starts(), progress=False)
+    messages = [str(w.message) for w in caught]
+    assert any("gaussian stage" in m for m in messages) and any("flow stage" in m for m in messages)
+    assert result.stage == "diagonal"
+    assert abs(float(result.flow.loc[0]) - 3.0) < 1e-3
+
+
+def test_a_spent_budget_stops_the_fit_says_so_and_returns_a_map():
+    with pytest.warns(RuntimeWarning, match="spent its time budget"):
+        result = fit_staged_map(banana, starts(), progress=False, max_seconds=0.05)
+    assert result.budget_spent
+    assert result.stage in ("laplace", "gaussian", "flow")
+    assert result.seconds < 30
+
+
+@pytest.mark.parametrize("seconds", [0, -1.0, "10", True])
+def test_a_bad_budget_is_a_clear_error(seconds):
+    with pytest.raises(ValueError, match="max_seconds"):
+        fit_staged_map(banana, starts(), progress=False, max_seconds=seconds)
+
+
+def test_a_bad_flow_stage_is_a_clear_error():
+    with pytest.raises(ValueError, match="flow_stage"):
+        fit_staged_map(banana, starts(), progress=False, flow_stage="magic")
+
+
+@pytest.mark.statistical
+def test_the_chains_adapt_a_flow_that_holds_the_curved_ridge():
+    """The Gaussian stages fail the flow check on the banana; the flow adapted by the chains (score
+    matching plus maximum likelihood on their draws and gradients) passes it, within the budget."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fit_staged_map(banana, starts(), progress=False)
+    gaussian = check_flow(StagedFlow(result.flow.loc, result.flow.scale_tril), banana)
+    assert result.stage == "flow" and not result.budget_spent
+    assert result.check.khat < 0.55 < 0.6 < gaussian.khat  # measured: 0.49 and 0.66
+
+
+# ----------------------------------------------------------------------------------------------
+# a run that may be wrong says so
+
+
+def normal_model(data):
+    loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+    pyro.sample("obs", dist.Normal(loc, 1.0).expand([len(data)]).to_event(1), obs=data)
+
+
+@pytest.mark.statistical
+def test_chains_too_short_to_trust_warn_at_the_end_of_the_run_and_good_chains_do_not():
+    data = torch.randn(20, dtype=torch.float64) + 3.0
+    pyro.set_rng_seed(0)
+    kernel = NFMALA(normal_model, fit_options={"progress": False}, independence_every=None)
+    short = MCMC(kernel, num_samples=30, warmup_steps=30, num_chains=2, disable_progbar=True)
+    with pytest.warns(RuntimeWarning, match=r"NFMALA's chains \(2 in this process so far\) may not"):
+        short.run(data)
+    pyro.set_rng_seed(0)
+    kernel = NFMALA(normal_model, fit_options={"progress": False})  # the exact map: nearly iid draws
+    good = MCMC(kernel, num_samples=400, warmup_steps=100, num_chains=2, disable_progbar=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        good.run(data)
+    assert not [w for w in caught if "may not have converged" in str(w.message)]
+    assert math.isfinite(float(good.get_samples()["loc"].mean()))
