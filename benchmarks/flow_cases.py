@@ -260,6 +260,12 @@ def main() -> None:
     )
     suffix = "_quick" if args.quick else ""
     RESULTS.mkdir(exist_ok=True)
+    saved = RESULTS / f"flow_cases{suffix}.json"
+    if set(args.names) != set(NAMES) and saved.exists():  # a rerun of some cases: keep the others' rows
+        earlier = json.loads(saved.read_text())
+        results = {**earlier["results"], **results}
+        results = {name: results[name] for name in NAMES if name in results}
+        header += f" Rerun of {', '.join(args.names)}; the other rows: {earlier['header']}"
     (RESULTS / f"flow_cases{suffix}.json").write_text(
         json.dumps({"header": header, "results": results}, indent=1)
     )

@@ -55,8 +55,8 @@ def approximate_gp(x, y):
     sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
     intercept = numpyro.sample("intercept", dist.Normal(0.0, 5.0))
     beta = numpyro.sample("beta", dist.Normal(jnp.zeros(GP_BASIS), 1.0).to_event(1))
-    spectral = alpha**2 * math.sqrt(2 * math.pi) * rho * jnp.exp(-0.5 * (rho * frequencies) ** 2)
-    f = basis @ (jnp.sqrt(spectral) * beta)
+    root_spectral = alpha * (2 * math.pi) ** 0.25 * jnp.sqrt(rho) * jnp.exp(-0.25 * (rho * frequencies) ** 2)
+    f = basis @ (root_spectral * beta)
     numpyro.sample("y", dist.Normal(intercept + f, sigma), obs=y)
 
 

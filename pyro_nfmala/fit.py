@@ -105,7 +105,7 @@ class FitResult(NamedTuple):
     flow: zuko.flows.Flow  #: the fitted flow (for a staged fit, the map kept)
     losses: list[float]  #: the loss at each step
     check: FlowCheck | None = None  #: the flow check of the map kept (staged fits)
-    #: which map was kept: ``"laplace"``, ``"gaussian"``, ``"diagonal"`` (the mode with the Hessian's
+    #: the map kept, ``"laplace"``, ``"gaussian"``, ``"diagonal"`` (the mode with the Hessian's
     #: diagonal, where no Gaussian could be fitted) or ``"flow"``
     stage: str | None = None
     seconds: float = math.nan  #: wall-clock time of the whole fit

@@ -76,6 +76,7 @@ from tqdm.auto import tqdm
 
 from .flow import LatentFlow
 from .flows import StagedFlow
+from .mala import evaluate, finite_chains
 
 #: The losses a refiner can minimize.
 LOSSES = ("fisher", "likelihood", "fisher+likelihood")
@@ -230,9 +231,7 @@ def _finite_starts(driver, num_chains: int, generator: torch.Generator) -> Tenso
     flow = driver.flow
     z = flow.sample_base((num_chains,), generator)
     for attempt in range(START_TRIES):
-        with torch.no_grad():
-            values = driver.target.log_density(z)[0]
-        bad = ~torch.isfinite(values)
+        bad = ~finite_chains(evaluate(driver.target, driver.move, z))  # the log density and its gradient
         if not bad.any():
             break
         spread = 0.5 ** ((attempt + 1) // 10)
