@@ -18,7 +18,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["SAMPLE_STATS", "diverging_draws", "from_arrays", "to_inference_data"]
+__all__ = ["SAMPLE_STATS", "diverging_draws", "from_arrays", "pointwise_log_likelihood", "to_inference_data"]
 
 from collections.abc import Mapping
 from typing import Any
@@ -74,11 +74,28 @@ def from_arrays(
         main = {key: data.pop(key) for key in ("posterior", "sample_stats") if key in data}
         idata = arviz.from_dict(**main, coords=coords, dims=dims, attrs=attrs)
         for name, group in data.items():
-            idata.add_groups({name: arviz.from_dict(posterior=group, coords=coords, dims=dims).posterior})
+            if name in _ARVIZ_GROUPS:  # ArviZ's own groups, with their conventions (observed data: no draws)
+                idata.add_groups(
+                    {name: getattr(arviz.from_dict(**{name: group}, coords=coords, dims=dims), name)}
+                )
+            else:
+                idata.add_groups({name: arviz.from_dict(posterior=group, coords=coords, dims=dims).posterior})
         return idata
 
 
-def to_inference_data(mcmc, *, coords=None, dims=None):
+#: Groups that ArviZ 0.x's ``from_dict`` builds itself.
+_ARVIZ_GROUPS = ("log_likelihood", "observed_data", "posterior_predictive", "prior", "prior_predictive")
+
+
+def to_inference_data(
+    mcmc,
+    *,
+    coords=None,
+    dims=None,
+    log_likelihood: bool = True,
+    posterior_predictive: Mapping[str, Any] | None = None,
+    prior: Mapping[str, Any] | None = None,
+):
     """InferenceData of a finished ``pyro.infer.MCMC`` run of :class:`~pyro_nfmala.NFMALA`.
 
     The posterior holds the model's sites in their constrained space (as
@@ -88,6 +105,13 @@ def to_inference_data(mcmc, *, coords=None, dims=None):
     independence moves ``independence_accept_prob`` (NaN on draws without one). Works for
     sequential and parallel chains alike, for any number of chains.
 
+    For a model, ``log_likelihood`` (default ``True``) adds the ``log_likelihood`` group, pointwise
+    per observed site and draw (:func:`pointwise_log_likelihood`, as ArviZ's ``from_pyro``), and
+    ``observed_data``: what ``az.loo`` and ``az.waic`` need. ``posterior_predictive`` and ``prior``
+    take draws of Pyro's :class:`~pyro.infer.Predictive` (``{site: (num_samples, ...)}``): the
+    posterior predictive ones, one per posterior draw in ``mcmc.get_samples()`` order, get the chain
+    dimension back; the prior ones are one chain.
+
     A run that may be wrong warns, saying what to do: split R-hat above 1.01 (chains disagree) or a
     bulk effective sample size below 100 for some parameter (Pyro's ``split_gelman_rubin`` and
     ``effective_sample_size``, as in ``mcmc.summary()``).
@@ -95,7 +119,7 @@ def to_inference_data(mcmc, *, coords=None, dims=None):
     Example:
         >>> mcmc = MCMC(NFMALA(model, flow=flow), num_samples=100, warmup_steps=100)  # doctest: +SKIP
         >>> mcmc.run(data)  # doctest: +SKIP
-        >>> az.summary(to_inference_data(mcmc))  # doctest: +SKIP
+        >>> az.loo(to_inference_data(mcmc))  # doctest: +SKIP
     """
     per_chain = getattr(mcmc, "_diagnostics", None)
     if not per_chain or any(d is None or "sample_stats" not in d for d in per_chain):
@@ -109,7 +133,89 @@ def to_inference_data(mcmc, *, coords=None, dims=None):
         for name in per_chain[0]["sample_stats"]
     }
     warn_if_unconverged(samples)
-    return from_arrays(posterior, stats, coords=coords, dims=dims)
+    groups = {}
+    model = getattr(mcmc.kernel, "model", None)
+    if log_likelihood and model is not None and samples:
+        pointwise, observed = pointwise_log_likelihood(model, samples, mcmc._args or (), mcmc._kwargs or {})
+        if pointwise:
+            groups["log_likelihood"], groups["observed_data"] = pointwise, observed
+    chains, draws = next(iter(posterior.values())).shape[:2] if posterior else (len(per_chain), 0)
+    if posterior_predictive is not None:
+        groups["posterior_predictive"] = {
+            name: _by_chain(value, chains, draws, name) for name, value in posterior_predictive.items()
+        }
+    if prior is not None:
+        groups["prior"] = {name: _numpy(value)[None] for name, value in prior.items()}
+    return from_arrays(posterior, stats, groups=groups, coords=coords, dims=dims)
+
+
+def _numpy(value) -> np.ndarray:
+    return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+
+
+def _by_chain(value, chains: int, draws: int, name: str) -> np.ndarray:
+    array = _numpy(value)
+    if array.shape[0] != chains * draws:
+        raise ValueError(
+            f"posterior_predictive[{name!r}] has {array.shape[0]} draws where the run has {chains} chains x "
+            f"{draws} draws: make it with Predictive(model, mcmc.get_samples())"
+        )
+    return array.reshape(chains, draws, *array.shape[1:])
+
+
+def pointwise_log_likelihood(
+    model, samples: Mapping[str, Any], model_args: tuple = (), model_kwargs: Mapping | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    r"""The log-likelihood of each observed site, pointwise, at each draw, and the observed values.
+
+    For draws ``samples`` ``{site: (chains, draws, ...)}`` (constrained, as ``mcmc.get_samples
+    (group_by_chain=True)``), the model runs once per draw conditioned on it; each observed site's
+    :math:`\log p(y_i \mid \theta)` is kept per element (a site's ``to_event`` dimensions are not
+    summed, so a vector observed with ``.to_event(1)`` counts as its elements; a joint law such as a
+    multivariate normal counts as one). Deterministic and factor sites are not observations. Returns
+    ``({site: (chains, draws, *shape)}, {site: value})``.
+    """
+    import torch
+
+    from pyro import poutine
+
+    model_kwargs = dict(model_kwargs or {})
+    first = next(iter(samples.values()))
+    chains, draws = first.shape[:2]
+    pointwise: dict[str, list] = {}
+    observed: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        for chain in range(chains):
+            for draw in range(draws):
+                values = {name: torch.as_tensor(value[chain, draw]) for name, value in samples.items()}
+                with poutine.block():
+                    trace = poutine.trace(poutine.condition(model, data=values)).get_trace(
+                        *model_args, **model_kwargs
+                    )
+                for name, site in trace.nodes.items():
+                    if name in values or not _is_observation(site):  # a draw's value, conditioned on
+                        continue
+                    fn = site["fn"]
+                    while isinstance(fn, torch.distributions.Independent):
+                        fn = fn.base_dist
+                    log_prob = fn.log_prob(site["value"])
+                    pointwise.setdefault(name, []).append(log_prob.detach().cpu().numpy())
+                    observed.setdefault(name, _numpy(site["value"]))
+    stacked = {
+        name: np.stack(values).reshape(chains, draws, *np.shape(values[0]))
+        for name, values in pointwise.items()
+    }
+    return stacked, observed
+
+
+def _is_observation(site: Mapping) -> bool:
+    if site["type"] != "sample" or not site["is_observed"]:
+        return False
+    if site["infer"].get("_deterministic") or site["infer"].get("is_auxiliary"):
+        return False
+    fn = site["fn"]
+    law = fn.base_dist if type(fn).__name__ == "MaskedDistribution" else fn
+    return type(law).__name__ not in ("Unit", "Delta")  # pyro.factor's and pyro.deterministic's
 
 
 #: Above this split R-hat, chains disagree.
