@@ -58,6 +58,8 @@ __all__ = [
     "metropolis_hastings_step",
 ]
 
+import warnings
+
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -166,12 +168,25 @@ def _is_out_of_support(error: BaseException) -> bool:
     )
 
 
+#: Warned when a log density does not depend on ``z`` in autograd's graph.
+NO_GRADIENT_WARNING = (
+    "the log density has no gradient (it does not require grad): a potential_fn that returns a Python "
+    "float or a detached tensor, or a posterior that does not depend on the parameters (a flat prior "
+    "and no data). Its gradient is taken as zero, which keeps the chain exact but makes each step a "
+    "random walk: return a tensor computed from the params with torch operations."
+)
+
+
 def evaluate(target: LatentTarget, move: Move, z: Tensor) -> MALAState:
     r"""Evaluates :math:`\log \pi`, its gradient, :math:`f` and the move's cache at ``z``."""
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
         log_density, x, ladj = target.log_density(z)
-        (grad,) = torch.autograd.grad(log_density.sum(), z, allow_unused=True)
+        if log_density.requires_grad:
+            (grad,) = torch.autograd.grad(log_density.sum(), z, allow_unused=True)
+        else:  # a constant in z (or a potential that lost its graph): a zero gradient, still exact
+            warnings.warn(NO_GRADIENT_WARNING, RuntimeWarning, stacklevel=2)
+            grad = None
     if grad is None:
         grad = torch.zeros_like(z)
     state = MALAState(z.detach(), x.detach(), ladj.detach(), log_density.detach(), grad.detach())

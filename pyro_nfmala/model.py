@@ -35,6 +35,7 @@ import logging
 
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import pyro
 import torch
 
@@ -355,14 +356,23 @@ def model_density(
     if max_plate_nesting is None:
         max_plate_nesting = _plate_nesting(first)
     initialize_kwargs = {key: value for key, value in initialize_kwargs.items() if value is not None}
-    init_params, potential_fn, transforms, trace = initialize_model(
-        model,
-        model_args=model_args,
-        model_kwargs=model_kwargs,
-        init_strategy=init_strategy,
-        max_plate_nesting=max_plate_nesting,
-        **initialize_kwargs,
-    )
+    try:
+        init_params, potential_fn, transforms, trace = initialize_model(
+            model,
+            model_args=model_args,
+            model_kwargs=model_kwargs,
+            init_strategy=init_strategy,
+            max_plate_nesting=max_plate_nesting,
+            **initialize_kwargs,
+        )
+    except (RuntimeError, ValueError) as error:  # Pyro's "cannot find valid initial params"
+        nonfinite = _nonfinite_arguments(model_args, model_kwargs)
+        if not nonfinite or "valid initial params" not in str(error):
+            raise
+        raise ValueError(
+            f"the model's data hold NaN or infinite values ({', '.join(nonfinite)}), so its log density is "
+            "not finite anywhere: drop or impute them (or mask them with poutine.mask / obs_mask)"
+        ) from error
     layout = ParamLayout.from_params(init_params)
     _check_static_support(model, model_args, model_kwargs, first, init_strategy)
     density = ModelDensity(layout, potential_fn, transforms, init_params)
@@ -371,6 +381,24 @@ def model_density(
             density, model, model_args, model_kwargs, trace
         )
     return density
+
+
+def _nonfinite_arguments(model_args: tuple, model_kwargs: dict) -> list[str]:
+    """The model's floating-point tensor and array arguments that hold NaN or infinite values, named by
+    position or keyword, with how many."""
+    named = [(f"argument {i}", value) for i, value in enumerate(model_args)]
+    named += [(repr(key), value) for key, value in model_kwargs.items()]
+    found = []
+    for name, value in named:
+        floating = (isinstance(value, Tensor) and value.is_floating_point()) or (
+            isinstance(value, np.ndarray) and value.dtype.kind == "f"
+        )
+        if floating:
+            values = torch.as_tensor(value)
+            count = int((~torch.isfinite(values)).sum())
+            if count:
+                found.append(f"{name}: {count} of {values.numel()} values")
+    return found
 
 
 def _checked_vectorized_log_prob(density: ModelDensity, model, model_args, model_kwargs, trace):

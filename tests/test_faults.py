@@ -389,3 +389,31 @@ def test_a_scale_that_underflows_to_zero_is_a_rejection_not_a_crash():
         state = sampler.advance(5, progress=False)
     assert torch.isfinite(state.x).all()
     assert sampler.num_errors > 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_in_the_data_is_a_clear_error_naming_the_argument(bad):
+    """Pyro's "cannot find valid initial params" is explained: the data, which argument, how many."""
+
+    def model(y, scale=1.0):
+        loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(loc, scale).expand([len(y)]).to_event(1), obs=y)
+
+    y = torch.randn(10)
+    y[3] = bad
+    with pytest.raises(ValueError, match=r"NaN or infinite values \(argument 0: 1 of 10 values\)"):
+        MCMC(NFMALA(model), num_samples=5, warmup_steps=5, disable_progbar=True).run(y)
+    with pytest.raises(ValueError, match=r"'y': 1 of 10 values"):
+        MCMC(NFMALA(model), num_samples=5, warmup_steps=5, disable_progbar=True).run(y=y)
+
+
+def test_a_potential_that_returns_a_python_float_warns_and_samples_with_a_zero_gradient():
+    """torch's "element 0 of tensors does not require grad" was the answer; now a warning that says what
+    happened and what to do, and the chain (a random walk then, still exact) runs."""
+
+    def potential_fn(params):
+        return float(0.5 * params["loc"].square().sum())
+
+    kernel = NFMALA(potential_fn=potential_fn, flow=identity_flow(1), initial_params={"loc": torch.zeros(1)})
+    with pytest.warns(RuntimeWarning, match="has no gradient"):
+        MCMC(kernel, num_samples=20, warmup_steps=20, disable_progbar=True).run()

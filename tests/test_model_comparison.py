@@ -40,6 +40,11 @@ def data(n=30):
     return x, 0.7 * x + 0.5 * torch.randn(n, generator=generator)
 
 
+def group_names(idata) -> list[str]:
+    """The groups of InferenceData (ArviZ 0.x) or of a DataTree (ArviZ 1.x)."""
+    return list(idata.groups()) if ARVIZ_MAJOR < 1 else list(idata.children)
+
+
 def run(kernel, *args, chains=2):
     mcmc = MCMC(kernel, num_samples=500, warmup_steps=300, num_chains=chains, disable_progbar=True)
     with warnings.catch_warnings():
@@ -102,6 +107,6 @@ def test_a_vector_observed_with_to_event_counts_as_its_elements_and_predictive_d
     assert idata.log_likelihood["y"].shape == (2, 500, 12)
     assert idata.posterior_predictive["y"].shape == (2, 500, 12)
     assert idata.prior["loc"].shape == (1, 50) and idata.prior["y"].shape == (1, 50, 12)
-    assert "log_likelihood" not in to_inference_data(mcmc, log_likelihood=False).groups()
+    assert "log_likelihood" not in group_names(to_inference_data(mcmc, log_likelihood=False))
     with pytest.raises(ValueError, match="Predictive"):
         to_inference_data(mcmc, posterior_predictive={"y": predictive["y"][:10]})
