@@ -292,11 +292,11 @@ def load_flow(path, map_location=None, *, with_metadata: bool = False):
 
     The file is read with ``torch.load(weights_only=True)`` and the flow rebuilt from its spec:
     nothing in the file is run. A file that is not such a flow file, or is damaged, gives a
-    ``ValueError`` naming it.
+    ``ValueError`` naming it; a missing or unreadable file, the operating system's own error.
     """
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError, IsADirectoryError):  # the file system's own words
         raise
     except Exception as error:  # noqa: BLE001 - whatever torch.load makes of a damaged or foreign file
         raise ValueError(

@@ -119,3 +119,19 @@ def test_flows_still_pickle(tmp_path):
     flow = default_flow(2)
     clone = pickle.loads(pickle.dumps(flow))
     assert same_map(clone, flow, 2)
+
+
+def test_a_file_that_cannot_be_read_gives_the_systems_error_not_a_damaged_file(tmp_path, monkeypatch):
+    """Without read permission (simulated: root reads anything) or given a folder, the error is the file
+    system's, not "not a flow file, or damaged"."""
+    path = tmp_path / "flow.pt"
+    save_flow(default_flow(2), path)
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    with pytest.raises(IsADirectoryError):
+        load_flow(tmp_path)
+    monkeypatch.setattr(torch, "load", unreadable)
+    with pytest.raises(PermissionError, match="Permission denied"):
+        load_flow(path)
