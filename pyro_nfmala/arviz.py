@@ -127,7 +127,7 @@ def to_inference_data(
             "to_inference_data needs a finished MCMC run of an NFMALA kernel: run mcmc.run(...) first"
         )
     samples = mcmc.get_samples(group_by_chain=True)
-    posterior = {name: value.detach().cpu().numpy() for name, value in samples.items()}
+    posterior = {name: _numpy(value) for name, value in samples.items()}
     stats = {
         name: np.stack([np.asarray(chain["sample_stats"][name]) for chain in per_chain])
         for name in per_chain[0]["sample_stats"]

@@ -155,7 +155,7 @@ def fit_flow(
             return values.mean()
         return values[finite].mean()
 
-    deadline = math.inf if max_seconds is None else time.perf_counter() + _check_seconds(max_seconds)
+    deadline = _deadline(max_seconds)
     return _train(
         flow,
         loss,
@@ -166,6 +166,11 @@ def fit_flow(
         settle=settle,
         deadline=deadline,
     )
+
+
+def _deadline(max_seconds: float | None) -> float:
+    """The ``time.perf_counter()`` at which a budget of ``max_seconds`` from now is spent (inf for none)."""
+    return math.inf if max_seconds is None else time.perf_counter() + _check_seconds(max_seconds)
 
 
 def _check_seconds(seconds: object) -> float:
@@ -376,7 +381,7 @@ def fit_staged_map(
     start_time = time.perf_counter()
     dim, dtype = starts.shape[-1], starts.dtype
     laplace = gaussian_stage(log_prob, starts)
-    deadline = math.inf if max_seconds is None else time.perf_counter() + _check_seconds(max_seconds)
+    deadline = _deadline(max_seconds)
     spent = False
 
     def reverse_kl(map_flow: zuko.flows.Flow) -> FitResult:
@@ -518,5 +523,5 @@ def fit_flow_to_samples(
         index = torch.randint(len(samples), (min(batch_size, len(samples)),), generator=generator)
         return -flow().log_prob(samples[index]).mean()
 
-    deadline = math.inf if max_seconds is None else time.perf_counter() + _check_seconds(max_seconds)
+    deadline = _deadline(max_seconds)
     return _train(flow, loss, num_steps=num_steps, lr=lr, progress=progress, name="nll", deadline=deadline)

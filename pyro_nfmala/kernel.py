@@ -227,13 +227,14 @@ class NFMALA(MCMCKernel):
             self._density_of_nothing = float(density.log_prob(torch.zeros(0)))
             self._params = {}
             return
+        self._non_centring = None  # set by a fit that chose the non-centred coordinates
         if self.beta is None:
             self._prepare_map(density, args, kwargs)
-        self._non_centring = (
-            NonCentring(self.model, self._non_centred_sites, args, kwargs, density, **self._density_options())
-            if self._non_centred_sites
-            else None
-        )
+        if self._non_centred_sites and self._non_centring is None:  # a fit reused from an earlier chain
+            options = self._density_options()
+            self._non_centring = NonCentring(
+                self.model, self._non_centred_sites, args, kwargs, density, **options
+            )
         sampled = density if self._non_centring is None else self._non_centring.density
         check_flow_dim(self.flow, self.layout)
         if self.beta is not None:
@@ -265,7 +266,7 @@ class NFMALA(MCMCKernel):
         self._driver.begin_warmup(self._warmup_steps)
         self._driver.record()
         self._step_size = float(self._driver.step_size[0])
-        self._params = self._to_params(state)
+        self._params = self._to_params(self._model_point(state))
         logger.debug("setup: d=%d, initial step size %.3g", self.layout.dim, self._step_size)
 
     def sample(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -286,9 +287,10 @@ class NFMALA(MCMCKernel):
         warming_up = self._driver.warming_up
         self._driver.step()
         self._step_size = float(self._driver.step_size[0])
-        self._params = self._to_params(self._driver.state)
+        x = self._model_point(self._driver.state)
+        self._params = self._to_params(x)
         if not warming_up:
-            self._chain_draws.append(self.layout.pack(self._params).cpu())
+            self._chain_draws.append(x[0].detach().cpu())
         return self._params
 
     def logging(self) -> dict[str, str]:
@@ -457,7 +459,7 @@ class NFMALA(MCMCKernel):
         or non-centred; the flow stage only in the coordinates chosen."""
         non_centring = NonCentring(self.model, sites, args, kwargs, density, **self._density_options())
         if self.parameterization == "non-centred":
-            self._non_centred_sites = sites
+            self._non_centred_sites, self._non_centring = sites, non_centring
             return fit_map_to_density(non_centring.density, **self.fit_options)
         gaussian_only = {**self.fit_options, "flow_stage": "none"}
         trials = {}
@@ -470,6 +472,7 @@ class NFMALA(MCMCKernel):
         name = min(trials, key=lambda key: trials[key][0].check.khat)
         result, caught, chosen = trials[name]
         self._non_centred_sites = sites if name == "non-centred" else []
+        self._non_centring = non_centring if name == "non-centred" else None
         if result.check.good or self.fit_options.get("flow_stage") == "none":
             for warning in caught:
                 warnings.warn(warning.message, warning.category, stacklevel=7)
@@ -484,9 +487,12 @@ class NFMALA(MCMCKernel):
             "and no chain dimension)"
         )
 
-    def _to_params(self, state: MALAState) -> dict[str, Tensor]:
+    def _model_point(self, state: MALAState) -> Tensor:
+        """The state's point ``(1, d)`` in the model's own unconstrained coordinates."""
+        return state.x if self._non_centring is None else self._non_centring.to_original(state.x[0])[None]
+
+    def _to_params(self, x: Tensor) -> dict[str, Tensor]:
         # Detached clones: MCMC pickles them in worker queues and stores them.
-        x = state.x if self._non_centring is None else self._non_centring.to_original(state.x[0])[None]
         return {name: value[0].detach().clone() for name, value in self.layout.unpack(x).items()}
 
 

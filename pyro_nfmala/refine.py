@@ -76,7 +76,7 @@ from tqdm.auto import tqdm
 
 from .flow import LatentFlow
 from .flows import StagedFlow
-from .mala import evaluate, finite_chains
+from .mala import MALAState, finite_chains
 
 #: The losses a refiner can minimize.
 LOSSES = ("fisher", "likelihood", "fisher+likelihood")
@@ -221,22 +221,24 @@ class FlowRefiner:
 #: banana, k-hat 0.49 with these, 0.59 with 10 steps on batches of 128 (and 20 s instead of 26 s); on the
 #: non-centred eight schools, 0.55 with these and 0.12 with the lighter ones.
 CHAIN_REFINE_OPTIONS = {"steps": 20, "batch_size": 256}
-#: Draws of the map tried per chain for a finite start of the adaptation's chains.
-START_TRIES = 100
 
 
-def _finite_starts(driver, num_chains: int, generator: torch.Generator) -> Tensor:
-    """Latent starts where the target is finite: draws of the map, each redrawn up to ``START_TRIES``
-    times, at half the spread after every ten failures (a map whose tails leave the support)."""
+def _finite_start(driver, num_chains: int, generator: torch.Generator) -> MALAState:
+    """The chains' first state, where the target and its gradient are finite: draws of the map, each
+    redrawn up to the driver's ``START_TRIES`` times, at half the spread after every ten failures (a map
+    whose tails leave the support)."""
+    from .driver import START_TRIES
+
     flow = driver.flow
     z = flow.sample_base((num_chains,), generator)
     for attempt in range(START_TRIES):
-        bad = ~finite_chains(evaluate(driver.target, driver.move, z))  # the log density and its gradient
+        state = driver.initial_state(z)
+        bad = ~finite_chains(state)
         if not bad.any():
             break
         spread = 0.5 ** ((attempt + 1) // 10)
         z = torch.where(bad.unsqueeze(-1), spread * flow.sample_base((num_chains,), generator), z)
-    return z
+    return state
 
 
 class ChainAdaptation(NamedTuple):
@@ -294,7 +296,7 @@ def adapt_flow_with_chains(
     driver = Driver(PosteriorPullback(latent_flow, log_prob), num_chains, options, generator=generator,
                     label="the flow's adaptation")  # fmt: skip
     try:
-        driver.start(_finite_starts(driver, num_chains, generator), search_from=1.0)
+        driver.start(_finite_start(driver, num_chains, generator), search_from=1.0)
     except ValueError as error:  # draws of the flow where the density is not finite
         raise FloatingPointError(f"no finite start for the adaptation's chains: {error}") from error
     refiner = FlowRefiner(latent_flow, generator=generator, **options.refine_options)
