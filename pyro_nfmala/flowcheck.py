@@ -39,6 +39,7 @@ from pyro.ops.stats import fit_generalized_pareto
 from torch import Tensor
 
 from .flow import as_latent_flow
+from .mala import is_out_of_memory
 
 #: Below this Pareto k-hat the map is good (PSIS).
 KHAT_GOOD = 0.5
@@ -111,13 +112,16 @@ def _log_prob_or_minus_inf(log_prob: Callable[[Tensor], Tensor], x: Tensor) -> T
     """``log_prob(x)``; where evaluating the batch raises, row by row, a row that raises counting as -inf."""
     try:
         return log_prob(x)
-    except Exception:  # noqa: BLE001 - a diagnostic: points where the target fails get no weight
-        pass
+    except Exception as error:  # noqa: BLE001 - a diagnostic: points where the target fails get no weight
+        if is_out_of_memory(error):
+            raise
     values = []
     for row in x:
         try:
             values.append(log_prob(row[None]).reshape(()))
-        except Exception:  # noqa: BLE001
+        except Exception as error:  # noqa: BLE001
+            if is_out_of_memory(error):
+                raise
             values.append(torch.tensor(-math.inf, dtype=x.dtype, device=x.device))
     return torch.stack(values)
 

@@ -12,7 +12,9 @@ r"""The zuko flows the library builds, and saving and loading flows safely.
   (a temporary file, then a rename): a failed save leaves an existing file intact.
 
 Flows built by :func:`default_flow` and :func:`identity_flow` record their spec, and so do the
-fits that build them; for a zuko flow built by hand, give the spec to :func:`save_flow`:
+fits that build them; for zuko's ``MAF``, ``NSF``, ``NICE`` and ``RealNVP`` the spec is read off
+the flow (:func:`read_zuko_spec`), so ``save_flow(zuko.flows.NSF(2), path)`` is one line. For
+other flows, give the spec to :func:`save_flow`:
 ``spec={"name": "NSF", "args": [3], "kwargs": {"transforms": 2}}``.
 
 Example:
@@ -27,7 +29,15 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["StagedFlow", "default_flow", "flow_spec", "identity_flow", "load_flow", "save_flow"]
+__all__ = [
+    "StagedFlow",
+    "default_flow",
+    "flow_spec",
+    "identity_flow",
+    "load_flow",
+    "read_zuko_spec",
+    "save_flow",
+]
 
 import os
 import tempfile
@@ -40,6 +50,8 @@ import zuko
 
 from pyro.distributions.transforms import LowerCholeskyAffine
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
 from zuko.lazy import LazyDistribution
 
 #: The format tag of flow files written by :func:`save_flow`.
@@ -160,7 +172,7 @@ class StagedFlow(zuko.flows.Flow):
             super().__init__([stage, flow.transform], flow.base)
         self.dim = dim
         self.has_flow = flow is not None
-        inner_spec = None if flow is None else flow_spec(flow)
+        inner_spec = None if flow is None else flow_spec(flow) or read_zuko_spec(flow)
         if flow is None or inner_spec is not None:  # else save_flow will ask for a spec
             _record(self, "staged_flow", (dim,), {"flow": inner_spec})
 
@@ -231,11 +243,122 @@ def flow_spec(flow: zuko.flows.Flow) -> dict | None:
     )
 
 
+#: What building a file's flow may allocate through torch's tensor constructors, beyond the weights
+#: the file holds: building a flow allocates at most its weights (masks come from other operations).
+_BUILD_SLACK = 2, 1 << 16
+
+
+class _AllocationBudget(TorchFunctionMode):
+    """Counts the elements that torch's tensor constructors allocate while a flow is built, and stops
+    the build (``MemoryError``) past ``limit``: a crafted spec cannot make :func:`load_flow` build a
+    flow far larger than the weights in its file."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit, self.allocated = limit, 0
+        self.constructors = _device_constructors()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func in self.constructors and isinstance(result, Tensor):
+            self.allocated += result.numel()
+            if self.allocated > self.limit:
+                raise _SpecTooLarge(self.limit)
+        return result
+
+
+def _stored_values(state: object) -> int:
+    """The values a loaded ``state_dict`` really stores (its tensors' distinct storages: a broadcast
+    view claims many elements over one)."""
+    if not isinstance(state, dict):
+        return 0
+    storages = {}
+    for tensor in state.values():
+        if isinstance(tensor, Tensor):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes() // max(tensor.element_size(), 1)
+    return sum(storages.values())
+
+
+class _SpecTooLarge(Exception):
+    """A file's spec builds a flow larger than the weights it holds."""
+
+
 def _build(spec: Mapping) -> zuko.flows.Flow:
     if not isinstance(spec, Mapping) or "name" not in spec:
         raise ValueError(f"a flow spec is a dict with 'name', 'args' and 'kwargs', got {spec!r}")
     builder = _builder(spec["name"])
     return builder(*spec.get("args", ()), **spec.get("kwargs", {}))
+
+
+#: zuko's flow classes whose constructor arguments :func:`save_flow` reads off a built flow.
+_READABLE = {"MAF": "autoregressive", "NSF": "autoregressive", "NICE": "coupling", "RealNVP": "coupling"}
+
+
+def read_zuko_spec(flow: zuko.flows.Flow) -> dict | None:
+    """The constructor spec of a flow built by one of zuko's ``MAF``, ``NSF``, ``NICE`` or
+    ``RealNVP`` with its default activation, read off the flow's layers (features, context,
+    transforms, hidden features, passes, bins); ``None`` where it cannot be read.
+
+    The spec is proved before it is returned: the flow it builds, given ``flow``'s weights, must
+    compute the same map as ``flow`` on random points. So what :func:`save_flow` writes with it
+    loads back as the same flow, or it is not used.
+
+    Example:
+        >>> spec = read_zuko_spec(zuko.flows.NSF(3, transforms=2, hidden_features=(32, 32)))
+        >>> spec["name"], spec["args"], spec["kwargs"]["hidden_features"], spec["kwargs"]["bins"]
+        ('NSF', [3], [32, 32], 8)
+    """
+    name = type(flow).__name__
+    if getattr(zuko.flows, name, None) is not type(flow) or name not in _READABLE:
+        return None
+    try:
+        spec = _read_layers(flow, name)
+    except (AttributeError, IndexError, TypeError):
+        return None
+    return spec if spec is not None and _builds_the_same_map(spec, flow) else None
+
+
+def _read_layers(flow: zuko.flows.Flow, name: str) -> dict | None:
+    layers = list(flow.transform.transforms)
+    first = layers[0]
+    linear_types = (torch.nn.Linear, zuko.nn.Linear)
+    linear = [module for module in first.hyper if isinstance(module, linear_types)]
+    if any(not isinstance(m, (*linear_types, torch.nn.ReLU)) for m in first.hyper):
+        return None  # another activation: a callable, which a flow file does not hold
+    if _READABLE[name] == "autoregressive":
+        features = first.order.numel()
+        inputs = features
+    else:
+        features = first.mask.numel()
+        inputs = int(first.mask.sum())
+    kwargs = {"transforms": len(layers), "hidden_features": [layer.out_features for layer in linear[:-1]]}
+    context = linear[0].in_features - inputs
+    if context:
+        kwargs["context"] = context
+    if _READABLE[name] == "autoregressive":
+        kwargs["passes"] = first.passes
+        if name == "NSF":
+            kwargs["bins"] = first.shapes[0][0]
+    return {"name": name, "args": [features], "kwargs": kwargs}
+
+
+def _builds_the_same_map(spec: Mapping, flow: zuko.flows.Flow) -> bool:
+    """Whether the flow ``spec`` builds, with ``flow``'s weights, maps random points as ``flow`` does."""
+    state = flow.state_dict()
+    like = next((t for t in state.values() if t.is_floating_point()), torch.zeros(()))
+    points = torch.Generator().manual_seed(0)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            rebuilt = _build(spec).to(like)
+        rebuilt.load_state_dict(state)
+        context = spec["kwargs"].get("context", 0)
+        probe = torch.randn(8, spec["args"][0], generator=points).to(like)
+        c = torch.randn(8, context, generator=points).to(like) if context else None
+        with torch.no_grad():
+            return torch.equal(rebuilt(c).transform.inv(probe), flow(c).transform.inv(probe))
+    except Exception:  # noqa: BLE001 - a spec that does not rebuild this flow
+        return False
 
 
 def save_flow(flow: zuko.flows.Flow, path, *, spec: Mapping | None = None, **metadata) -> None:
@@ -253,12 +376,13 @@ def save_flow(flow: zuko.flows.Flow, path, *, spec: Mapping | None = None, **met
         raise TypeError(
             f"save_flow saves a zuko flow module (e.g. zuko.flows.NSF), got {type(flow).__name__}"
         )
-    spec = dict(spec) if spec is not None else flow_spec(flow)
+    spec = dict(spec) if spec is not None else flow_spec(flow) or read_zuko_spec(flow)
     if spec is None:
         raise ValueError(
-            "save_flow needs the flow's constructor to rebuild it at load time: pass "
+            f"save_flow could not read how to rebuild this {type(flow).__name__} at load time: pass "
             "spec={'name': 'NSF', 'args': [features], 'kwargs': {...}} with the arguments the flow was "
-            "built with (flows from default_flow and identity_flow record theirs)"
+            "built with (flows from default_flow and identity_flow record theirs, and those of zuko's "
+            "MAF, NSF, NICE and RealNVP with their default activation are read off the flow)"
         )
     spec.setdefault("args", [])
     spec.setdefault("kwargs", {})
@@ -305,11 +429,19 @@ def load_flow(path, map_location=None, *, with_metadata: bool = False):
         ) from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} was not written by pyro_nfmala.save_flow (format {FORMAT})")
+    held = _stored_values(payload.get("state_dict"))
+    factor, slack = _BUILD_SLACK
     try:
-        with torch.random.fork_rng(devices=[]):  # building initializes weights: leave the caller's RNG alone
-            flow = _build(payload["spec"])
+        with torch.random.fork_rng(devices=[]), _AllocationBudget(factor * held + slack):
+            flow = _build(payload["spec"])  # building initializes weights: the caller's RNG is left alone
         flow.to(getattr(torch, payload["dtype"]))
         flow.load_state_dict(payload["state_dict"])
+    except _SpecTooLarge as error:
+        raise ValueError(
+            f"{path}: its spec {payload['spec']!r} builds a flow of more than {error.args[0]:,} values, "
+            f"far more than the {held:,} weights the file holds: refused before building it (a damaged "
+            "or crafted file)"
+        ) from None
     except Exception as error:  # noqa: BLE001 - a spec or weights that do not fit each other
         raise ValueError(
             f"{path}: the flow could not be rebuilt from its spec and weights: {error}"

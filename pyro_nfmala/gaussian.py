@@ -42,6 +42,8 @@ import zuko
 from pyro.distributions.transforms import LowerCholeskyAffine
 from torch import Tensor, nn
 
+from .mala import is_out_of_memory
+
 #: Rounds of L-BFGS (each of up to ``max_iter`` iterations) while the log density still improves.
 MAX_ROUNDS = 3
 
@@ -81,7 +83,9 @@ def _maximize(log_prob: Callable[[Tensor], Tensor], start: Tensor, max_iter: int
             if not math.isfinite(loss) or previous - loss <= 1e-9 * (1 + abs(loss)):
                 break
             previous = loss
-    except Exception:  # noqa: BLE001 - a failed search (a model raising at a wild point): keep the start
+    except Exception as error:  # noqa: BLE001 - a failed search (a model raising at a wild point): keep the start
+        if is_out_of_memory(error):
+            raise
         return start.detach().clone(), start_value
     x = x.detach()
     value = _value(log_prob, x)
@@ -97,7 +101,9 @@ def _value(log_prob: Callable[[Tensor], Tensor], x: Tensor) -> float:
     try:
         with torch.no_grad():
             value = float(log_prob(x.unsqueeze(0))[0])
-    except Exception:  # noqa: BLE001 - a model that fails there
+    except Exception as error:  # noqa: BLE001 - a model that fails there
+        if is_out_of_memory(error):
+            raise
         return -math.inf
     return value if math.isfinite(value) else -math.inf
 

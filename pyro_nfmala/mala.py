@@ -54,6 +54,7 @@ __all__ = [
     "finite_chains",
     "init_state",
     "is_numerical_error",
+    "is_out_of_memory",
     "mala_step",
     "metropolis_hastings_step",
 ]
@@ -150,12 +151,27 @@ def is_numerical_error(error: BaseException) -> bool:
     accepts it, or when a distribution's argument check failed (a parameter out of its support);
     out-of-memory errors never are.
     """
-    if isinstance(error, torch.OutOfMemoryError) or not isinstance(error, Exception):
+    if is_out_of_memory(error) or not isinstance(error, Exception):
         return False
     if _is_out_of_support(error):
         return True
     handlers = getattr(pyro.ops.integrator, "_EXCEPTION_HANDLERS", {})
     return any(handler(error) for handler in list(handlers.values()))
+
+
+#: How torch's allocators word an allocation failure that is not a ``torch.OutOfMemoryError``
+#: (the CPU allocator raises a plain ``RuntimeError``).
+_OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "out of memory", "failed to allocate")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Python's ``MemoryError``, torch's ``OutOfMemoryError`` (CUDA) and its CPU allocator's
+    ``RuntimeError: DefaultCPUAllocator: can't allocate memory``: never a numerical failure, whatever
+    a handler registered with Pyro says, since rejecting them would hide a machine out of memory."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    message = str(error).lower()
+    return isinstance(error, RuntimeError) and any(text in message for text in _OUT_OF_MEMORY_MESSAGES)
 
 
 def _is_out_of_support(error: BaseException) -> bool:

@@ -45,6 +45,8 @@ from pyro.infer.mcmc.util import initialize_model
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
+from .mala import is_out_of_memory
+
 logger = logging.getLogger(__name__)
 
 
@@ -412,6 +414,8 @@ def _checked_vectorized_log_prob(density: ModelDensity, model, model_args, model
         expected = density.log_prob(points)
         got = batched(points)
     except Exception as error:  # noqa: BLE001 - any model that does not vectorize
+        if is_out_of_memory(error):
+            raise
         logger.info("model does not vectorize over particles (%s): evaluating point by point", error)
         return None
     if got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-4):

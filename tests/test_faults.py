@@ -131,16 +131,21 @@ class RaisesRightOf:
         pyro.sample("obs", dist.Normal(loc, 1.0), obs=torch.tensor(0.0))
 
 
-@pytest.mark.statistical
-def test_model_that_raises_a_registered_error_at_some_points_keeps_sampling(out_of_domain):
-    pyro.set_rng_seed(2)
-    kernel = NFMALA(
-        RaisesRightOf(2.0, out_of_domain),
+def raising_kernel(bound, error):
+    """Plain MALA (no fit) on :class:`RaisesRightOf`, started at -0.5 with a fixed step of 1."""
+    return NFMALA(
+        RaisesRightOf(bound, error),
         flow=identity_flow(1),
         initial_params={"loc": torch.tensor(-0.5)},
         step_size=1.0,
         adapt_step_size=False,
     )
+
+
+@pytest.mark.statistical
+def test_model_that_raises_a_registered_error_at_some_points_keeps_sampling(out_of_domain):
+    pyro.set_rng_seed(2)
+    kernel = raising_kernel(2.0, out_of_domain)
     mcmc = MCMC(kernel, num_samples=300, warmup_steps=0, disable_progbar=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -159,16 +164,34 @@ def test_model_that_raises_a_registered_error_at_some_points_keeps_sampling(out_
 
 def test_model_that_raises_an_unregistered_error_stops_the_run():
     """A ValueError that no exception handler claims is a bug to see, not a divergence to count."""
-    kernel = NFMALA(
-        RaisesRightOf(2.0, ValueError),
-        flow=identity_flow(1),
-        initial_params={"loc": torch.tensor(-0.5)},
-        step_size=1.0,
-        adapt_step_size=False,
-    )
+    kernel = raising_kernel(2.0, ValueError)
     with pytest.raises(ValueError, match="out of the model's domain") as raised:
         MCMC(kernel, num_samples=300, warmup_steps=0, disable_progbar=True).run()
     assert any("register_exception_handler" in note for note in raised.value.__notes__)
+
+
+@pytest.mark.parametrize("kind", ["MemoryError", "cpu allocator"])
+def test_out_of_memory_stops_the_run_even_when_a_handler_claims_every_error(kind):
+    """A handler registered to accept everything must not turn a machine out of memory into
+    divergences: the hostile pass saw 42 MemoryErrors and 42 CPU allocator failures swallowed."""
+
+    def allocator_failure(message):
+        return RuntimeError(
+            f"[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: {message}"
+        )
+
+    error = MemoryError if kind == "MemoryError" else allocator_failure
+    pyro.ops.integrator.register_exception_handler(
+        "pyro_nfmala_tests_all", lambda e: True, warn_on_overwrite=False
+    )
+    try:
+        kernel = raising_kernel(0.5, error)
+        with pytest.raises((MemoryError, RuntimeError), match="out of the model's domain"):
+            MCMC(kernel, num_samples=300, warmup_steps=0, disable_progbar=True).run()
+    finally:
+        pyro.ops.integrator.register_exception_handler(
+            "pyro_nfmala_tests_all", lambda e: False, warn_on_overwrite=False
+        )
 
 
 def test_a_chain_that_never_moves_is_reported_as_such(out_of_domain):

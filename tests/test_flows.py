@@ -2,12 +2,14 @@
 
 import os
 import pickle
+import time
 
 import pytest
 import torch
 import zuko
 
 from pyro_nfmala import default_flow, identity_flow, load_flow, save_flow
+from pyro_nfmala.flows import FORMAT, StagedFlow
 
 
 def same_map(a, b, dim, dtype=torch.float32):
@@ -24,8 +26,24 @@ def same_map(a, b, dim, dtype=torch.float32):
         (lambda: identity_flow(2), None),
         (lambda: zuko.flows.NSF(2, transforms=2), {"name": "NSF", "args": [2], "kwargs": {"transforms": 2}}),
         (lambda: zuko.flows.MAF(2), {"name": "zuko.flows.MAF", "args": [2]}),
+        (lambda: zuko.flows.NSF(3, transforms=2, hidden_features=(16, 8), bins=5), None),
+        (lambda: zuko.flows.MAF(4, passes=2, randperm=True), None),
+        (lambda: zuko.flows.RealNVP(5, transforms=2, randmask=True), None),
+        (lambda: zuko.flows.NICE(3).double(), None),
+        (lambda: StagedFlow(torch.ones(2), 2 * torch.eye(2), zuko.flows.NSF(2, transforms=1)), None),
     ],
-    ids=["default_spline", "default_affine", "identity", "NSF_with_spec", "MAF_with_spec"],
+    ids=[
+        "default_spline",
+        "default_affine",
+        "identity",
+        "NSF_with_spec",
+        "MAF_with_spec",
+        "NSF_read",
+        "MAF_randperm_read",
+        "RealNVP_randmask_read",
+        "NICE_float64_read",
+        "staged_NSF_read",
+    ],
 )
 def test_round_trip(tmp_path, build, spec):
     flow = build()
@@ -36,7 +54,8 @@ def test_round_trip(tmp_path, build, spec):
     save_flow(flow, path, spec=spec, losses=[1.0, 0.5], note="x")
     loaded, metadata = load_flow(path, with_metadata=True)
     dim = next(iter(flow().base.sample().shape))
-    assert same_map(loaded, flow, dim)
+    dtype = next(flow.parameters()).dtype
+    assert same_map(loaded, flow, dim, dtype)
     assert metadata == {"losses": [1.0, 0.5], "note": "x"}
     assert not loaded.training
 
@@ -104,8 +123,8 @@ def test_a_failed_save_leaves_the_existing_file_intact(tmp_path, monkeypatch):
 
 def test_what_cannot_be_saved_is_refused_before_writing(tmp_path):
     path = tmp_path / "flow.pt"
-    with pytest.raises(ValueError, match="spec"):
-        save_flow(zuko.flows.NSF(2), path)  # built by hand: its constructor is unknown
+    with pytest.raises(ValueError, match="could not read how to rebuild this MAF"):
+        save_flow(zuko.flows.MAF(2, activation=torch.nn.ELU), path)  # a callable: not in a file
     with pytest.raises(ValueError, match="unknown flow builder 'os.system'"):
         save_flow(zuko.flows.NSF(2), path, spec={"name": "os.system", "args": ["true"]})
     with pytest.raises(TypeError, match=r"metadata\['model'\] is a function"):
@@ -135,3 +154,24 @@ def test_a_file_that_cannot_be_read_gives_the_systems_error_not_a_damaged_file(t
     monkeypatch.setattr(torch, "load", unreadable)
     with pytest.raises(PermissionError, match="Permission denied"):
         load_flow(path)
+
+
+@pytest.mark.parametrize("trick", ["huge_spec", "broadcast_weights"])
+def test_a_crafted_spec_cannot_make_load_flow_build_a_huge_flow(tmp_path, trick):
+    """A small file whose spec asks for a huge flow (the hostile pass: 40 KiB, 885 MiB and 4.8 s before
+    refusing) is refused while building, within the weights the file really stores; a broadcast view
+    that claims many elements over one stored value does not raise the bound."""
+    flow = zuko.flows.NSF(2, transforms=1, hidden_features=(8,))
+    state = flow.state_dict()
+    if trick == "broadcast_weights":
+        state = dict(state, padding=torch.zeros(1).expand(10**9))
+    path = tmp_path / "crafted.pt"
+    spec = {"name": "NSF", "args": [2], "kwargs": {"transforms": 50, "hidden_features": [4096] * 8}}
+    torch.save(
+        {"format": FORMAT, "spec": spec, "dtype": "float32", "state_dict": state, "metadata": {}}, path
+    )
+    assert path.stat().st_size < 100_000
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="refused before building it"):
+        load_flow(path)
+    assert time.perf_counter() - start < 2.0  # not a timing claim: a full build takes far longer

@@ -15,7 +15,7 @@ from invariance import (
 )
 
 from pyro_nfmala import PosteriorPullback, TemperedFlow, identity_flow
-from pyro_nfmala.mala import init_state, mala_step
+from pyro_nfmala.mala import init_state, is_numerical_error, mala_step
 from pyro_nfmala.precond import (
     IdentityPreconditioner,
     JacobianPreconditioner,
@@ -177,17 +177,33 @@ def test_a_proposal_whose_evaluation_raises_a_registered_error_is_rejected(laten
     assert all(not info.errors for info in outcomes if not info.diverging)
 
 
+def _cpu_out_of_memory() -> RuntimeError:
+    """The error torch's CPU allocator really raises (a plain RuntimeError, not OutOfMemoryError)."""
+    try:
+        torch.empty(2**50)
+    except RuntimeError as error:
+        return error
+    raise AssertionError("allocating 8 PiB succeeded")
+
+
+OUT_OF_MEMORY = (MemoryError, torch.OutOfMemoryError)
+
+
 @pytest.mark.parametrize(
     "error",
     [
         ValueError("a model's own check"),
         RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
         torch.OutOfMemoryError("CUDA out of memory"),
+        MemoryError(),
+        _cpu_out_of_memory(),
     ],
-    ids=["value_error", "shape_error", "out_of_memory"],
+    ids=["value_error", "shape_error", "cuda_out_of_memory", "memory_error", "cpu_out_of_memory"],
 )
 def test_errors_that_are_not_registered_numerical_failures_propagate(latent_flow, out_of_domain, error):
-    """Only what Pyro's exception handlers accept becomes a divergence; anything else stops the run."""
+    """Only what Pyro's exception handlers accept becomes a divergence; anything else stops the run,
+    and running out of memory (Python's MemoryError, CUDA's, the CPU allocator's RuntimeError) stops
+    it even when a handler claims every error."""
     armed = []
 
     def log_prob(x):
@@ -195,6 +211,7 @@ def test_errors_that_are_not_registered_numerical_failures_propagate(latent_flow
             raise error
         return -0.5 * x.square().sum(-1)
 
+    out_of_memory = isinstance(error, OUT_OF_MEMORY) or "can't allocate memory" in str(error)
     pyro.ops.integrator.register_exception_handler(
         "pyro_nfmala_tests_everything", lambda e: True, warn_on_overwrite=False
     )
@@ -202,14 +219,17 @@ def test_errors_that_are_not_registered_numerical_failures_propagate(latent_flow
         target = PosteriorPullback(latent_flow, log_prob)
         state = init_state(target, IdentityPreconditioner(), torch.zeros(4, 2, dtype=torch.float64))
         armed.append(True)
-        if isinstance(error, torch.OutOfMemoryError):  # never a divergence, whatever the handlers say
-            with pytest.raises(torch.OutOfMemoryError):
+        if out_of_memory:  # never a divergence, whatever the handlers say
+            assert not is_numerical_error(error)
+            with pytest.raises(type(error)):
                 mala_step(state, target, IdentityPreconditioner(), 0.1)
+        else:  # the negative control: the same error is a divergence when a handler claims it
+            assert is_numerical_error(error)
     finally:
         pyro.ops.integrator.register_exception_handler(
             "pyro_nfmala_tests_everything", lambda e: False, warn_on_overwrite=False
         )
-    if not isinstance(error, torch.OutOfMemoryError):
+    if not out_of_memory:
         with pytest.raises(type(error)) as raised:
             mala_step(state, target, IdentityPreconditioner(), 0.1)
         assert any("register_exception_handler" in note for note in getattr(raised.value, "__notes__", []))
