@@ -467,8 +467,10 @@ class Driver:
                 cause += f", or one of {errors} numerical errors raised by an evaluation"
             warnings.warn(
                 f"{self.label}: {' and '.join(parts)} were divergent ({cause}) and were rejected. "
-                "Rejections keep the target's law, but many of them slow the chains down: look at where "
-                "the model or the flow fails (sample_stats.diverging marks the draws).",
+                "A rejection leaves the chain where it was, which is exact where the density is finite and "
+                "right, but many of them slow the chains down, and a region of the posterior where the "
+                "density fails is never sampled: look at where the model or the flow fails "
+                "(sample_stats.diverging marks the draws).",
                 RuntimeWarning,
                 stacklevel=stacklevel,
             )

@@ -39,6 +39,7 @@ import numpy as np
 import pyro
 import torch
 
+from pyro.distributions import constraints
 from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample, init_to_uniform
 from pyro.infer.mcmc.util import initialize_model
@@ -300,6 +301,51 @@ def _check_static_support(model, model_args, model_kwargs, first, init_strategy,
             )
 
 
+def _constraint_tensors(constraint) -> list[Tensor]:
+    """The tensors a support is made of (an interval's bounds), nested constraints' included."""
+    found = []
+    for value in vars(constraint).values():
+        if isinstance(value, Tensor):
+            found.append(value)
+        elif isinstance(value, constraints.Constraint):
+            found += _constraint_tensors(value)
+    return found
+
+
+def _same_tensors(a: list[Tensor], b: list[Tensor]) -> bool:
+    return len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _check_fixed_supports(model, model_args, model_kwargs, first, tries: int = 3) -> None:
+    """Raises if a latent site's support moves with the other latent sites (``Uniform(0, theta)``).
+
+    Pyro maps each latent site to unconstrained space with ``biject_to(support)`` fixed at setup, as
+    for HMC and NUTS, so such a site would be sampled under the wrong law (the hostile pass: theta's
+    sd 0.46 for 0.60). The supports are compared across runs of the model at random points.
+    """
+    expected = {name: _constraint_tensors(site["fn"].support) for name, site in _latent_sites(first).items()}
+    moving = set()
+    for _ in range(tries):
+        trace = _trace(model, model_args, model_kwargs, default_init)
+        for name, site in _latent_sites(trace).items():
+            if name in expected and not _same_tensors(
+                expected[name], _constraint_tensors(site["fn"].support)
+            ):
+                moving.add(name)
+    if moving:
+        described = ", ".join(
+            f"{name!r} ({_latent_sites(first)[name]['fn'].support})" for name in sorted(moving)
+        )
+        raise ValueError(
+            f"the support of latent site(s) {described} depends on other latent sites. NFMALA, like "
+            "Pyro's HMC and NUTS, maps each site to unconstrained space by a transform fixed at setup, "
+            "so such a site would be sampled under the wrong law. Sample it on a fixed support and "
+            "map it: for y ~ Uniform(0, theta), u = pyro.sample('u', dist.Uniform(0, 1)) and "
+            "y = pyro.deterministic('y', theta * u), the same joint law (y given theta is Uniform(0, "
+            "theta) either way)."
+        )
+
+
 def discrete_latent_sites(
     model: Callable, *args, init_strategy: Callable = default_init, **kwargs
 ) -> dict[str, bool]:
@@ -377,6 +423,7 @@ def model_density(
         ) from error
     layout = ParamLayout.from_params(init_params)
     _check_static_support(model, model_args, model_kwargs, first, init_strategy)
+    _check_fixed_supports(model, model_args, model_kwargs, first)
     density = ModelDensity(layout, potential_fn, transforms, init_params)
     if vectorize and layout.dim > 0 and not discrete:
         density._batched_log_prob = _checked_vectorized_log_prob(

@@ -2,6 +2,7 @@
 positive sites against closed forms, eight schools against posteriordb, NeuTra, bad models."""
 
 import math
+import warnings
 
 import arviz as az
 import numpy as np
@@ -11,9 +12,18 @@ import pytest
 import torch
 
 from pyro.infer import MCMC
+from pyro.infer.autoguide.initialization import init_to_value
 from pyro.ops.stats import effective_sample_size
 
-from pyro_nfmala import NFMALA, default_flow, fit_flow_to_model, from_arrays, load_flow, save_flow
+from pyro_nfmala import (
+    NFMALA,
+    default_flow,
+    fit_flow_to_model,
+    from_arrays,
+    identity_flow,
+    load_flow,
+    save_flow,
+)
 from pyro_nfmala.examples.baselines import neutra_nuts
 from pyro_nfmala.examples.posteriordb import (
     eight_schools_centered,
@@ -336,6 +346,72 @@ def test_neutra_nuts_on_the_same_flow(dirichlet_gamma_flow):
 def test_dynamic_support_is_a_clear_error():
     with pytest.raises(ValueError, match="dynamic support"):
         model_density(dynamic_support)
+
+
+def below_theta(reparameterized: bool = False):
+    """theta ~ LogNormal(0, 0.5), y | theta ~ Uniform(0, theta), 1 ~ Normal(y, 1): y's support moves
+    with theta (reparameterized: y = theta u with u ~ Uniform(0, 1), the same joint law)."""
+    theta = pyro.sample("theta", dist.LogNormal(0.0, 0.5))
+    if reparameterized:
+        y = pyro.deterministic("y", theta * pyro.sample("u", dist.Uniform(0.0, 1.0)))
+    else:
+        y = pyro.sample("y", dist.Uniform(0.0, theta))
+    pyro.sample("obs", dist.Normal(y, 1.0), obs=torch.tensor(1.0))
+
+
+def below_theta_moments() -> tuple[float, float]:
+    """theta's posterior mean and sd by quadrature: p(theta) oc LogNormal(theta) / theta *
+    (Phi(theta - 1) - Phi(-1)), y integrated out."""
+    theta = np.linspace(1e-4, 12.0, 200_001)
+    normal_cdf = np.vectorize(lambda t: 0.5 * (1 + math.erf(t / math.sqrt(2))))
+    lognormal = np.exp(-0.5 * (np.log(theta) / 0.5) ** 2) / theta
+    weight = lognormal / theta * (normal_cdf(theta - 1.0) - normal_cdf(-1.0))
+    weight /= weight.sum()
+    mean = float((weight * theta).sum())
+    return mean, float(np.sqrt((weight * (theta - mean) ** 2).sum()))
+
+
+def test_a_support_that_depends_on_another_latent_site_is_refused():
+    """Uniform(0, theta) with theta latent sampled the wrong law in silence (theta's sd 0.46 for 0.60):
+    Pyro's transform for y is fixed at setup. Refused, naming the site and the way out."""
+    with pytest.raises(ValueError, match=r"support of latent site\(s\) 'y' .*depends on other latent"):
+        model_density(below_theta)
+    with pytest.raises(ValueError, match="theta \\* u"):
+        MCMC(NFMALA(below_theta), num_samples=5, warmup_steps=5, disable_progbar=True).run()
+    assert model_density(below_theta, (True,)).layout.dim == 2  # the way out is accepted
+
+
+def below_theta_errors(model) -> tuple[float, float]:
+    """theta's mean and sd errors from a plain MALA run (the law, not the fit, is under test; the
+    chains start at theta = 0.5), in units of their Monte Carlo standard errors."""
+    kernel = NFMALA(
+        model, flow=identity_flow(2), init_strategy=init_to_value(values={"theta": torch.tensor(0.5)})
+    )
+    mcmc = MCMC(kernel, num_samples=1500, warmup_steps=500, num_chains=2, disable_progbar=True)
+    mcmc.run()
+    theta = mcmc.get_samples(group_by_chain=True)["theta"].double()
+    ess = float(effective_sample_size(theta))
+    mean, sd = below_theta_moments()
+    # the sd's standard error with the kurtosis of theta's right tail, not the Gaussian sd / sqrt(2 ess)
+    kurtosis = float(((theta - mean) ** 4).mean()) / sd**4
+    return (float(theta.mean()) - mean) / (sd / math.sqrt(ess)), (float(theta.std()) - sd) / (
+        sd * math.sqrt((kurtosis - 1) / (4 * ess))
+    )
+
+
+@pytest.mark.statistical
+def test_the_reparameterized_moving_support_samples_the_right_law(monkeypatch):
+    """The way out the error gives samples theta's law (quadrature); the negative control: the same
+    check catches the refused model sampled anyway (the check switched off), where Pyro's transform
+    for y, fixed at setup with theta = 0.5, keeps y below 0.5 whatever theta is."""
+    pyro.set_rng_seed(0)
+    errors = below_theta_errors(lambda: below_theta(True))
+    assert max(abs(error) for error in errors) < 4, errors
+    monkeypatch.setattr("pyro_nfmala.model._check_fixed_supports", lambda *args: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrong = below_theta_errors(below_theta)
+    assert max(abs(error) for error in wrong) > 4, wrong
 
 
 def test_flow_fitted_on_another_model_is_a_dimension_error(dirichlet_gamma_flow):
