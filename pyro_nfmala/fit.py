@@ -369,9 +369,11 @@ def fit_staged_map(
     """The staged map of an unnormalized log density of a batch ``(n, d)`` (see the module and
     :func:`fit_flow_to_model`); ``starts`` ``(k, d)`` are where the mode search begins.
 
-    ``max_seconds`` bounds the stages after the mode search (``None``: no bound); a stage stopped by it
-    is kept only if it passes or beats the others on the check, and the result says so
-    (``budget_spent``, with a warning). ``flow_stage`` is how the flow stage is fitted: ``"chains"``
+    ``max_seconds`` bounds the whole fit (``None``: no bound): the mode search stops at the best point
+    it has reached, and tries no further start once it has a finite one; a stage stopped by it is kept
+    only if it passes or beats the others on the check, and the result says so (``budget_spent``,
+    with a warning). Past the budget the flow check of each map found still runs.
+    ``flow_stage`` is how the flow stage is fitted: ``"chains"``
     (:func:`~pyro_nfmala.refine.adapt_flow_with_chains`, ``chain_options`` its keyword arguments),
     ``"reverse_kl"``, or ``"none"`` (the Gaussian stages only). A stage whose fit fails (non-finite
     throughout) is dropped with a warning, and the best map so far is kept.
@@ -380,8 +382,8 @@ def fit_staged_map(
         raise ValueError(f"flow_stage must be one of {FLOW_STAGES}, got {flow_stage!r}")
     start_time = time.perf_counter()
     dim, dtype = starts.shape[-1], starts.dtype
-    laplace = gaussian_stage(log_prob, starts)
     deadline = _deadline(max_seconds)
+    laplace = gaussian_stage(log_prob, starts, deadline=deadline)
     spent = False
 
     def reverse_kl(map_flow: zuko.flows.Flow) -> FitResult:

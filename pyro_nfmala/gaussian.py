@@ -31,6 +31,7 @@ from __future__ import annotations
 __all__ = ["GaussianFlow", "GaussianStage", "gaussian_stage"]
 
 import math
+import time
 import warnings
 
 from collections.abc import Callable
@@ -57,21 +58,33 @@ class GaussianStage(NamedTuple):
     log_density: float  #: log pi_X at the mode
 
 
-def _maximize(log_prob: Callable[[Tensor], Tensor], start: Tensor, max_iter: int) -> tuple[Tensor, float]:
-    """L-BFGS ascent of ``log_prob`` from ``start``; returns the point and its log density."""
+class _OutOfTime(Exception):
+    """The mode search's deadline passed in the middle of an L-BFGS run."""
+
+
+def _maximize(
+    log_prob: Callable[[Tensor], Tensor], start: Tensor, max_iter: int, deadline: float = math.inf
+) -> tuple[Tensor, float]:
+    """L-BFGS ascent of ``log_prob`` from ``start``; returns the point and its log density. Past
+    ``deadline`` (a ``time.perf_counter()``), the best point evaluated so far."""
     x = start.detach().clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS(
         [x], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
         tolerance_grad=1e-9, tolerance_change=1e-12,
     )  # fmt: skip
+    best = [start.detach().clone(), math.inf]  # the point of the lowest finite loss evaluated
 
     def closure() -> Tensor:
+        if time.perf_counter() > deadline:
+            raise _OutOfTime
         optimizer.zero_grad()
         if not bool(torch.isfinite(x).all()):  # the line search overshot to inf or NaN
             return torch.tensor(math.inf, dtype=x.dtype).requires_grad_()
         loss = -log_prob(x.unsqueeze(0))[0]
         if not torch.isfinite(loss):  # out of the support: an infinitely bad point, no direction
             return torch.full_like(loss, math.inf).detach().requires_grad_()
+        if float(loss) < best[1]:
+            best[:] = [x.detach().clone(), float(loss)]
         loss.backward()
         return loss
 
@@ -83,6 +96,8 @@ def _maximize(log_prob: Callable[[Tensor], Tensor], start: Tensor, max_iter: int
             if not math.isfinite(loss) or previous - loss <= 1e-9 * (1 + abs(loss)):
                 break
             previous = loss
+    except _OutOfTime:
+        x = best[0].requires_grad_(True)
     except Exception as error:  # noqa: BLE001 - a failed search (a model raising at a wild point): keep the start
         if is_out_of_memory(error):
             raise
@@ -125,19 +140,22 @@ def _scale_tril(hessian: Tensor) -> tuple[Tensor, str]:
 
 
 def gaussian_stage(
-    log_prob: Callable[[Tensor], Tensor], starts: Tensor, *, max_iter: int = 500
+    log_prob: Callable[[Tensor], Tensor], starts: Tensor, *, max_iter: int = 500, deadline: float = math.inf
 ) -> GaussianStage:
     r"""The mode of ``log_prob`` by L-BFGS from each row of ``starts`` ``(k, d)``, and the Laplace
     approximation at the best one (see the module).
 
     ``log_prob`` takes a batch ``(n, d)``. Raises ``ValueError`` when it is not finite at the end of
-    any of the runs.
+    any of the runs. Past ``deadline`` (a ``time.perf_counter()``), a run stops at the best point it
+    has evaluated, and no further start is tried once one has given a finite point.
     """
     best = None
     for start in starts:
+        if best is not None and time.perf_counter() > deadline:
+            break
         with warnings.catch_warnings():  # line searches probe far points, where models warn about NaN
             warnings.simplefilter("ignore")
-            x, value = _maximize(log_prob, start, max_iter)
+            x, value = _maximize(log_prob, start, max_iter, deadline)
         if math.isfinite(value) and (best is None or value > best[1]):
             best = (x, value)
     if best is None:

@@ -52,6 +52,7 @@ from __future__ import annotations
 __all__ = ["NFMALA"]
 
 import logging
+import time
 import warnings
 
 from collections.abc import Callable, Mapping
@@ -66,7 +67,7 @@ from torch import Tensor
 from .arviz import warn_if_unconverged
 from .centring import PARAMETERIZATIONS, NonCentring, hierarchical_sites
 from .driver import Driver
-from .fit import FitResult, fit_map_to_density
+from .fit import FIT_SECONDS, FitResult, _deadline, fit_map_to_density
 from .flow import as_latent_flow
 from .flowcheck import FlowCheck, check_flow
 from .mala import MALAState, Move
@@ -75,6 +76,10 @@ from .options import DEFAULT_PRECONDITIONER, SamplerOptions
 from .target import LatentTarget, PosteriorPullback, TemperedFlow, check_beta
 
 logger = logging.getLogger(__name__)
+
+#: The least time a stage of the staged fit gets when the centring trials have spent the budget
+#: (``fit_options["max_seconds"]``, shared by the trials and the flow stage).
+MIN_FIT_SECONDS = 1.0
 
 
 class NFMALA(MCMCKernel):
@@ -461,13 +466,21 @@ class NFMALA(MCMCKernel):
         if self.parameterization == "non-centred":
             self._non_centred_sites, self._non_centring = sites, non_centring
             return fit_map_to_density(non_centring.density, **self.fit_options)
+        budget = self.fit_options.get("max_seconds", FIT_SECONDS)
+        deadline = _deadline(budget)
+
+        def within_budget(options: dict) -> dict:  # one budget for the trials and the flow stage together
+            left = deadline - time.perf_counter()
+            return options if budget is None else {**options, "max_seconds": max(left, MIN_FIT_SECONDS)}
+
         gaussian_only = {**self.fit_options, "flow_stage": "none"}
         trials = {}
         for name, trial_density in (("centred", density), ("non-centred", non_centring.density)):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                trials[name] = (fit_map_to_density(trial_density, **gaussian_only), caught, trial_density)
-            if trials[name][0].check.good:
+                result = fit_map_to_density(trial_density, **within_budget(gaussian_only))
+                trials[name] = (result, caught, trial_density)
+            if result.check.good or result.budget_spent:
                 break
         name = min(trials, key=lambda key: trials[key][0].check.khat)
         result, caught, chosen = trials[name]
@@ -477,7 +490,7 @@ class NFMALA(MCMCKernel):
             for warning in caught:
                 warnings.warn(warning.message, warning.category, stacklevel=7)
             return result._replace(seconds=sum(trial[0].seconds for trial in trials.values()))
-        full = fit_map_to_density(chosen, **self.fit_options)
+        full = fit_map_to_density(chosen, **within_budget(self.fit_options))
         return full._replace(seconds=full.seconds + sum(trial[0].seconds for trial in trials.values()))
 
     def _describe_start(self) -> str:
