@@ -19,17 +19,20 @@ from .fit import FitResult, fit_flow, fit_flow_to_model, fit_flow_to_samples
 from .flow import LatentFlow
 from .flows import default_flow, identity_flow, load_flow, save_flow
 from .kernel import NFMALA
+from .report import ChainReport, chain_reports
 from .target import LatentTarget, PosteriorPullback, TemperedFlow
 from .tempering import preview_tempering
 
 __all__ = [
     "NFMALA",
+    "ChainReport",
     "ChainSampler",
     "FitResult",
     "LatentFlow",
     "LatentTarget",
     "PosteriorPullback",
     "TemperedFlow",
+    "chain_reports",
     "default_flow",
     "fit_flow",
     "fit_flow_to_model",

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 __all__ = ["SAMPLE_STATS", "diverging_draws", "from_arrays", "pointwise_log_likelihood", "to_inference_data"]
 
+import math
+
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from .driver import SAMPLE_STATS
+from .report import chain_reports, warn_about_chains
 
 
 def _arviz_major() -> int:
@@ -114,7 +117,9 @@ def to_inference_data(
 
     A run that may be wrong warns, saying what to do: split R-hat above 1.01 (chains disagree) or a
     bulk effective sample size below 100 for some parameter (Pyro's ``split_gelman_rubin`` and
-    ``effective_sample_size``, as in ``mcmc.summary()``).
+    ``effective_sample_size``, as in ``mcmc.summary()``); and per chain
+    (:func:`~pyro_nfmala.report.chain_reports`), a chain whose mean disagrees with the other chains'
+    by over 6 standard errors (stuck in one mode) or whose time per draw is over 3 times the median.
 
     Example:
         >>> mcmc = MCMC(NFMALA(model, flow=flow), num_samples=100, warmup_steps=100)  # doctest: +SKIP
@@ -133,6 +138,9 @@ def to_inference_data(
         for name in per_chain[0]["sample_stats"]
     }
     warn_if_unconverged(samples)
+    warn_about_chains(
+        chain_reports(samples, [chain.get("seconds per draw", math.nan) for chain in per_chain])
+    )
     groups = {}
     model = getattr(mcmc.kernel, "model", None)
     if log_likelihood and model is not None and samples:

@@ -111,6 +111,9 @@ class Driver:
             as keywords (``Driver(target, 8, independence_every=2)``).
         generator: Random generator of the steps; the global one if ``None``.
         label: How warnings name the sampler.
+        modes: The posterior's modes found by the fit, the flow's first (``FitResult.modes``): with
+            two or more, the independence moves propose from the mode mixture
+            (:class:`~pyro_nfmala.independence.ModeMixtureProposal`).
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class Driver:
         *,
         generator: torch.Generator | None = None,
         label: str = "NFMALA",
+        modes: tuple = (),
         **option_values,
     ) -> None:
         if not isinstance(target, LatentTarget):
@@ -153,6 +157,7 @@ class Driver:
             eye = torch.ones(dim, **unit) if options.mass_matrix == "diagonal" else torch.eye(dim, **unit)
             self.move = self.move.with_inverse_mass(eye)
         self.independence_every = options.independence_every
+        self.modes = tuple(modes)
         self.state: MALAState | None = None
         self.step_size: Tensor | None = None
         self.adaptation: WarmupAdaptation | None = None
@@ -369,7 +374,12 @@ class Driver:
     def _independence_move(self, phase: str) -> None:
         """One independence move of every chain (:mod:`pyro_nfmala.independence`)."""
         self.state, info = independence_step(
-            self.state, self.target, self.move, self.options.independence_scale, generator=self.generator
+            self.state,
+            self.target,
+            self.move,
+            self.options.independence_scale,
+            generator=self.generator,
+            modes=self.modes,
         )
         self._note_errors(info.errors)
         self.ledgers["independence"].add(phase, info)

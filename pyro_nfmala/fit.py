@@ -79,7 +79,7 @@ from tqdm.auto import tqdm
 
 from .flowcheck import FlowCheck, check_flow
 from .flows import StagedFlow, default_flow
-from .gaussian import GaussianFlow, gaussian_stage
+from .gaussian import GaussianFlow, Mode, gaussian_stage
 from .model import ModelDensity, model_density
 from .refine import adapt_flow_with_chains
 
@@ -110,6 +110,9 @@ class FitResult(NamedTuple):
     stage: str | None = None
     seconds: float = math.nan  #: wall-clock time of the whole fit
     budget_spent: bool = False  #: whether the fit stopped because its time budget was spent
+    #: the modes the mode search found (staged fits), each with its Laplace approximation, the map's
+    #: first (:class:`~pyro_nfmala.gaussian.Mode`); empty where the best has no positive definite Hessian
+    modes: tuple[Mode, ...] = ()
 
 
 def fit_flow(
@@ -479,7 +482,8 @@ def fit_staged_map(
             stacklevel=3,
         )
     check.warn("the fitted map", stacklevel=3)
-    return FitResult(kept, losses, check, stage, seconds, spent)
+    modes = (Mode(laplace.loc, laplace.scale_tril, laplace.log_mass), *laplace.others)
+    return FitResult(kept, losses, check, stage, seconds, spent, modes if laplace.method == "laplace" else ())
 
 
 def _quietly(fit: Callable, *args):

@@ -3,7 +3,10 @@ r"""The Gaussian stage of a posterior map: where the posterior is, and its scale
 For an unnormalized log density :math:`\log \pi_X` on :math:`\mathbb{R}^d`:
 
 1. the mode :math:`\mu = \arg\max \log \pi_X` by L-BFGS (:class:`torch.optim.LBFGS`, strong Wolfe
-   line search) from several starts, the best finite one kept;
+   line search) from several starts, the best finite one kept; the other maxima that a barrier
+   separates from it (the log density dips by over ``BARRIER`` nats on the segment between them)
+   and that hold a Laplace mass of at least ``MIN_MODE_MASS`` of the best one's are kept as
+   :attr:`GaussianStage.others` (:class:`Mode`), so that a posterior with several modes is seen;
 2. the Laplace approximation there: :math:`H = -\nabla^2 \log \pi_X(\mu)` by autograd
    (:func:`torch.autograd.functional.hessian`) and :math:`L L^T = H^{-1}` (Cholesky); where
    :math:`H` is not positive definite, a diagonal :math:`L` from the positive entries of its
@@ -28,7 +31,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["GaussianFlow", "GaussianStage", "gaussian_stage"]
+__all__ = ["GaussianFlow", "GaussianStage", "Mode", "gaussian_stage", "with_mode_from"]
 
 import math
 import time
@@ -49,6 +52,22 @@ from .mala import is_out_of_memory
 MAX_ROUNDS = 3
 
 
+#: Two maxima are separate modes where the log density dips by more than this (nats) between them.
+BARRIER = 1.0
+#: The least Laplace mass, relative to the best mode's, of another mode kept.
+MIN_MODE_MASS = 1e-3
+
+
+class Mode(NamedTuple):
+    r"""A mode of a posterior with its Laplace approximation :math:`N(\mu, L L^T)`."""
+
+    loc: Tensor  #: :math:`\mu`, (d,)
+    scale_tril: Tensor  #: :math:`L`, (d, d)
+    #: :math:`\log \pi_X(\mu) + \log|\det L|`: the log of its Laplace mass, up to a constant
+    #: shared by all modes
+    log_mass: float
+
+
 class GaussianStage(NamedTuple):
     """A Gaussian approximation :math:`N(\\mu, L L^T)` of a posterior, and how it was found."""
 
@@ -56,6 +75,13 @@ class GaussianStage(NamedTuple):
     scale_tril: Tensor  #: L, (d, d), lower triangular with a positive diagonal
     method: str  #: "laplace" (full Hessian) or "diagonal" (the Hessian was not positive definite)
     log_density: float  #: log pi_X at the mode
+    #: the other modes found, separated from this one (and from each other) by a barrier, best first
+    others: tuple[Mode, ...] = ()
+
+    @property
+    def log_mass(self) -> float:
+        """The log Laplace mass of the mode (see :class:`Mode`)."""
+        return self.log_density + float(torch.diagonal(self.scale_tril).log().sum())
 
 
 class _OutOfTime(Exception):
@@ -149,24 +175,92 @@ def gaussian_stage(
     any of the runs. Past ``deadline`` (a ``time.perf_counter()``), a run stops at the best point it
     has evaluated, and no further start is tried once one has given a finite point.
     """
-    best = None
+    best, found = None, []
     for start in starts:
         if best is not None and time.perf_counter() > deadline:
             break
         with warnings.catch_warnings():  # line searches probe far points, where models warn about NaN
             warnings.simplefilter("ignore")
             x, value = _maximize(log_prob, start, max_iter, deadline)
-        if math.isfinite(value) and (best is None or value > best[1]):
-            best = (x, value)
+        if math.isfinite(value):
+            found.append((x, value))
+            if best is None or value > best[1]:
+                best = (x, value)
     if best is None:
         raise ValueError(
             f"the log density is not finite at any of the {len(starts)} starts of the mode search, nor where "
             "L-BFGS went from them: check the model, or give an init strategy that starts where it is finite"
         )
     loc, value = best
+    scale_tril, method = _laplace(log_prob, loc)
+    stage = GaussianStage(loc, scale_tril, method, value)
+    if method != "laplace" or len(found) < 2:
+        return stage
+    return stage._replace(others=_other_modes(log_prob, stage, found))
+
+
+def _laplace(log_prob: Callable[[Tensor], Tensor], loc: Tensor) -> tuple[Tensor, str]:
     hessian = torch.autograd.functional.hessian(lambda v: -log_prob(v.unsqueeze(0))[0], loc)
     scale_tril, method = _scale_tril(hessian.detach())
-    return GaussianStage(loc, scale_tril.to(loc.dtype), method, value)
+    return scale_tril.to(loc.dtype), method
+
+
+def _other_modes(
+    log_prob: Callable[[Tensor], Tensor], stage: GaussianStage, found: list[tuple[Tensor, float]]
+) -> tuple[Mode, ...]:
+    """The maxima of ``found`` that a barrier separates from the best mode and from each other, with a
+    positive definite Hessian and a Laplace mass of at least ``MIN_MODE_MASS`` of the best one's."""
+    kept = [Mode(stage.loc, stage.scale_tril, stage.log_mass)]
+    for x, value in sorted(found, key=lambda item: -item[1]):
+        if not all(_separated(log_prob, mode.loc, x, value) for mode in kept):
+            continue
+        mode = _mode_at(log_prob, x, value, kept[0].log_mass)
+        if mode is not None:
+            kept.append(mode)
+    return tuple(sorted(kept[1:], key=lambda mode: -mode.log_mass))
+
+
+def with_mode_from(
+    log_prob: Callable[[Tensor], Tensor], modes: tuple[Mode, ...], start: Tensor, max_iter: int = 200
+) -> tuple[Mode, ...]:
+    """``modes`` and, if an ascent from ``start`` reaches a maximum separated from all of them by a
+    barrier, with a positive definite Hessian and at least ``MIN_MODE_MASS`` of the best one's mass,
+    that mode too: a chain's own start checked for a mode the fit's search missed."""
+    if not modes:
+        return modes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x, value = _maximize(log_prob, start.to(modes[0].loc), max_iter)
+    if not math.isfinite(value) or not all(_separated(log_prob, mode.loc, x, value) for mode in modes):
+        return modes
+    mode = _mode_at(log_prob, x, value, max(m.log_mass for m in modes))
+    return modes if mode is None else (*modes, mode)
+
+
+def _mode_at(
+    log_prob: Callable[[Tensor], Tensor], x: Tensor, value: float, best_log_mass: float
+) -> Mode | None:
+    """The mode at the maximum ``x``, where its Hessian is positive definite and its Laplace mass is at
+    least ``MIN_MODE_MASS`` of ``best_log_mass``'s."""
+    scale_tril, method = _laplace(log_prob, x)
+    mode = Mode(x, scale_tril, value + float(torch.diagonal(scale_tril).log().sum()))
+    return mode if method == "laplace" and mode.log_mass >= best_log_mass + math.log(MIN_MODE_MASS) else None
+
+
+def _separated(log_prob: Callable[[Tensor], Tensor], a: Tensor, b: Tensor, value_b: float) -> bool:
+    """Whether the log density dips by more than ``BARRIER`` below its value at both ends on the segment
+    from ``a`` to ``b`` (nine points; a point where it is not finite or raises is a barrier)."""
+    value_a = _value(log_prob, a)
+    t = torch.linspace(0.1, 0.9, 9, dtype=a.dtype, device=a.device)[:, None]
+    try:
+        with torch.no_grad():
+            between = log_prob(a + t * (b - a))
+    except Exception as error:  # noqa: BLE001 - a model that fails between the modes
+        if is_out_of_memory(error):
+            raise
+        return True
+    between = torch.where(torch.isfinite(between), between, torch.full_like(between, -math.inf))
+    return float(between.min()) < min(value_a, value_b) - BARRIER
 
 
 class _GaussianTransform(zuko.flows.LazyTransform):

@@ -28,6 +28,21 @@ move alternate freely in one schedule (the samplers' ``independence_every``).
 A wider proposal (:math:`s > 1`) is safer when the flow is too narrow (reverse-KL fits are), at
 the price of a lower acceptance rate where the flow is good.
 
+**Several modes.** A flow fitted at one mode has next to no mass at another, so its base law
+never proposes there, and a chain that starts there is drawn to the mapped mode and never comes
+back. Where the mode search found other modes :math:`\mu_k` with Laplace scales :math:`L_k`
+(:class:`~pyro_nfmala.gaussian.Mode`), the **mode mixture** (:class:`ModeMixtureProposal`)
+proposes from the mixture, in data space, of the flow's push-forward and a Gaussian at each mode,
+
+.. math:: q_X(x) = w_0\, q_\mathrm{flow}(x) + \sum_{k \ge 1} w_k\, \mathcal{N}(x; \mu_k, s^2 L_k L_k^T),
+          \qquad z' = f^{-1}(x'),
+
+whose latent density is :math:`\log q_Z(z) = \log q_X(f(z)) + \mathrm{ladj}(z)`, with
+:math:`q_\mathrm{flow}(f(z))\, e^{\mathrm{ladj}(z)} = \mathcal{N}(z; 0, s^2 I)`. The same exact ratio
+accepts it, so a chain jumps between the modes as often as the mixture matches the posterior
+there. The weights are half each mode's share of the Laplace masses and half uniform, so that no
+mode found goes unvisited.
+
 Example:
     >>> from pyro_nfmala.mala import init_state
     >>> from pyro_nfmala.precond import IdentityPreconditioner
@@ -41,7 +56,14 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["IndependenceProposal", "check_independence", "independence_step"]
+__all__ = [
+    "IndependenceProposal",
+    "ModeMixtureProposal",
+    "check_independence",
+    "independence_proposal",
+    "independence_step",
+    "mode_mixture_weights",
+]
 
 import math
 import numbers
@@ -51,6 +73,7 @@ import torch
 from torch import Tensor
 
 from .flow import LatentFlow
+from .gaussian import Mode
 from .mala import MALAState, Move, StepInfo, metropolis_hastings_step
 from .target import LatentTarget
 
@@ -99,6 +122,81 @@ class IndependenceProposal:
         return self._log_normal(state_to.z)
 
 
+def mode_mixture_weights(log_masses: Tensor) -> Tensor:
+    """The log weights of the mode mixture: half each mode's share of the Laplace masses
+    (``log_masses``, the map's mode first), half uniform."""
+    shares = torch.softmax(log_masses, dim=-1)
+    return (0.5 * shares + 0.5 / len(log_masses)).log()
+
+
+class ModeMixtureProposal(IndependenceProposal):
+    r"""The independence move from the mixture of the flow's push-forward and a Gaussian at each other
+    mode (see the module), a :class:`~pyro_nfmala.mala.Move`.
+
+    Arguments:
+        precond: The Langevin move of the schedule.
+        locs: :math:`\mu_k`, ``(m, d)``: the other modes, in data space.
+        scale_trils: :math:`L_k`, ``(m, d, d)``.
+        log_weights: :math:`\log w_k`, ``(m + 1,)``: the flow's first (:func:`mode_mixture_weights`).
+        scale: :math:`s > 0`, for the flow's base and the Gaussians alike.
+        generator: Random generator of the components chosen; the global one if ``None``.
+    """
+
+    def __init__(
+        self,
+        precond: Move,
+        locs: Tensor,
+        scale_trils: Tensor,
+        log_weights: Tensor,
+        scale: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(precond, scale)
+        if locs.ndim != 2 or scale_trils.shape != locs.shape + locs.shape[-1:]:
+            raise ValueError(
+                f"locs must be (m, d) and scale_trils (m, d, d), got {tuple(locs.shape)} and "
+                f"{tuple(scale_trils.shape)}"
+            )
+        if log_weights.shape != (len(locs) + 1,):
+            raise ValueError(f"log_weights must have {len(locs) + 1} entries (the flow's first)")
+        self.locs, self.scale_trils, self.log_weights = locs, scale_trils, log_weights
+        self.generator = generator
+        self.gaussians = torch.distributions.MultivariateNormal(locs, scale_tril=self.scale * scale_trils)
+
+    def _log_mixture(self, z: Tensor, x: Tensor, ladj: Tensor) -> Tensor:
+        r""":math:`\log q_Z(z)`: the log-sum-exp of :math:`\log w_0 + \log \mathcal{N}(z; 0, s^2 I)` and
+        :math:`\log w_k + \log \mathcal{N}(x; \mu_k, s^2 L_k L_k^T) + \mathrm{ladj}(z)`, :math:`x = f(z)`."""
+        flow_term = self.log_weights[0] + self._log_normal(z)
+        gaussians = self.gaussians.log_prob(x.unsqueeze(-2)) + ladj.unsqueeze(-1) + self.log_weights[1:]
+        return torch.logsumexp(torch.cat([flow_term.unsqueeze(-1), gaussians], dim=-1), dim=-1)
+
+    def propose(
+        self, flow: LatentFlow, state: MALAState, step_size: Tensor, noise: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        r"""``(z', log q(z'))``: a component :math:`k \sim w`; :math:`z' = s\,\xi` for the flow's,
+        :math:`z' = f^{-1}(\mu_k + s L_k \xi)` for mode :math:`k`."""
+        batch_shape = noise.shape[:-1]
+        component = (
+            torch.multinomial(
+                self.log_weights.exp(), batch_shape.numel(), replacement=True, generator=self.generator
+            )
+            .reshape(batch_shape)
+            .to(noise.device)
+        )
+        index = (component - 1).clamp(min=0)
+        x_mode = self.locs[index] + self.scale * (self.scale_trils[index] @ noise.unsqueeze(-1)).squeeze(-1)
+        with torch.no_grad():
+            z_new = torch.where((component == 0).unsqueeze(-1), self.scale * noise, flow.to_latent(x_mode))
+            x_new, ladj_new = flow.to_data(z_new)
+        return z_new, self._log_mixture(z_new, x_new, ladj_new)
+
+    def log_proposal_density(
+        self, flow: LatentFlow, state_to: MALAState, state_from: MALAState, step_size: Tensor
+    ) -> Tensor:
+        r""":math:`\log q_Z(z_\mathrm{to})`, whatever ``state_from``."""
+        return self._log_mixture(state_to.z, state_to.x, state_to.ladj)
+
+
 def check_scale(scale: object) -> float:
     """The proposal scale as a float: a finite real number > 0."""
     if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, Tensor)):
@@ -131,6 +229,7 @@ def independence_step(
     scale: float = 1.0,
     *,
     generator: torch.Generator | None = None,
+    modes: tuple[Mode, ...] = (),
 ) -> tuple[MALAState, StepInfo]:
     r"""One independence Metropolis-Hastings move of every chain of ``state``.
 
@@ -140,12 +239,34 @@ def independence_step(
         precond: The preconditioner of the MALA steps; the new state carries its cache.
         scale: The proposal's scale :math:`s` (1: the flow's base law).
         generator: Random generator of the proposal and the uniforms; the global one if ``None``.
+        modes: The posterior's modes found, the flow's first (``FitResult.modes``): with two or
+            more, the proposal is the mode mixture (:class:`ModeMixtureProposal`).
 
     Returns:
         The next state and a :class:`~pyro_nfmala.mala.StepInfo`, as
         :func:`~pyro_nfmala.mala.metropolis_hastings_step`.
     """
     one = torch.ones((), dtype=state.z.dtype, device=state.z.device)
-    return metropolis_hastings_step(
-        state, target, IndependenceProposal(precond, scale), one, generator=generator
+    move = independence_proposal(precond, scale, modes, generator)
+    return metropolis_hastings_step(state, target, move, one, generator=generator)
+
+
+def independence_proposal(
+    precond: Move,
+    scale: float = 1.0,
+    modes: tuple[Mode, ...] = (),
+    generator: torch.Generator | None = None,
+) -> IndependenceProposal:
+    """The flow's base law, or with two or more ``modes`` (the flow's first) the mode mixture."""
+    if len(modes) < 2:
+        return IndependenceProposal(precond, scale)
+    others = modes[1:]
+    log_masses = torch.tensor([mode.log_mass for mode in modes], dtype=others[0].loc.dtype)
+    return ModeMixtureProposal(
+        precond,
+        torch.stack([mode.loc for mode in others]),
+        torch.stack([mode.scale_tril for mode in others]),
+        mode_mixture_weights(log_masses).to(others[0].loc.device),
+        scale,
+        generator,
     )

@@ -70,9 +70,11 @@ from .driver import Driver
 from .fit import FIT_SECONDS, FitResult, _deadline, fit_map_to_density
 from .flow import as_latent_flow
 from .flowcheck import FlowCheck, check_flow
+from .gaussian import with_mode_from
 from .mala import MALAState, Move
 from .model import ModelDensity, ParamLayout, check_flow_dim, model_density
 from .options import DEFAULT_PRECONDITIONER, SamplerOptions
+from .report import chain_reports, warn_about_chains
 from .target import LatentTarget, PosteriorPullback, TemperedFlow, check_beta
 
 logger = logging.getLogger(__name__)
@@ -247,8 +249,6 @@ class NFMALA(MCMCKernel):
         else:
             dtype = self.flow.dtype
             target = PosteriorPullback(self.flow, lambda x: sampled.point_log_prob(x).to(dtype))
-        options = self.options.replace(independence_every=self._independence_schedule())
-        self._driver = Driver(target, 1, options, label="NFMALA")
         # A posterior's chains start where Pyro's init strategy puts them (by default uniform in
         # (-2, 2) of the unconstrained space, one draw per chain, as Stan does): apart from each other
         # and independent of the map, so that R-hat can see a map that missed part of the posterior.
@@ -260,6 +260,13 @@ class NFMALA(MCMCKernel):
         if self._user_initial_params is not None:
             self.layout.check_point(self._user_initial_params)
             init_x = self.layout.pack(self._user_initial_params)
+        self._chain_modes = self._modes()
+        if init_x is not None and self._chain_modes:  # a mode the fit's search missed, seen from this start
+            self._chain_modes = with_mode_from(sampled.log_prob, self._chain_modes, init_x)
+            if len(self._chain_modes) > len(self._modes()):  # chains run after this one propose there too
+                self.fit_result = self.fit_result._replace(modes=self._chain_modes)
+        options = self.options.replace(independence_every=self._independence_schedule())
+        self._driver = Driver(target, 1, options, label="NFMALA", modes=self._chain_modes)
         state = self._driver.start_at(
             init_x, fallback=self._user_initial_params is None, describe=self._describe_start
         )
@@ -290,7 +297,10 @@ class NFMALA(MCMCKernel):
                 self.layout.pack(params), describe=self._describe_start
             )
         warming_up = self._driver.warming_up
+        started = time.perf_counter()
         self._driver.step()
+        if not warming_up:
+            self._sampling_seconds += time.perf_counter() - started
         self._step_size = float(self._driver.step_size[0])
         x = self._model_point(self._driver.state)
         self._params = self._to_params(x)
@@ -325,6 +335,11 @@ class NFMALA(MCMCKernel):
             else {"khat": check.khat, "ess": check.ess, "draws": check.num_samples},
             "fit seconds": self.fit_result.seconds if self.fit_result is not None else 0.0,
             "non-centred sites": list(self._non_centred_sites),
+            "modes found": len(self._chain_modes),
+            "seconds per draw": self._sampling_seconds
+            / max(len(self._driver.draws.get("accept_prob", ())), 1)
+            if driver
+            else float("nan"),
             "warmup divergences": ledger["langevin"].counts["warmup"]["divergent"] if driver else 0,
             "numerical errors": driver.errors if driver else 0,
             "independence non-finite": ledger["independence"].total("divergent") if driver else 0,
@@ -350,7 +365,9 @@ class NFMALA(MCMCKernel):
         pooled = torch.stack(self._run_draws)  # (chains, draws, d)
         count = len(self._run_draws)
         what = f"NFMALA's chain{'s' if count > 1 else ''} ({count} in this process so far)"
-        warn_if_unconverged(self.layout.unpack(pooled), stacklevel=5, what=what)
+        samples = self.layout.unpack(pooled)
+        warn_if_unconverged(samples, stacklevel=5, what=what)
+        warn_about_chains(chain_reports(samples), stacklevel=5, what=what)
 
     # ----------------------------------------------------------------------------------------
     # internals
@@ -363,6 +380,8 @@ class NFMALA(MCMCKernel):
         self._chain_draws: list[Tensor] = []
         self._nothing_steps = 0
         self._nothing_draws = 0
+        self._chain_modes: tuple = ()
+        self._sampling_seconds = 0.0
 
     def _sample_stats(self) -> dict[str, list]:
         """The statistics of every draw after warmup, as plain Python lists (one chain)."""
@@ -384,7 +403,13 @@ class NFMALA(MCMCKernel):
         if self.options.independence_every != "auto":
             return self.options.independence_every
         check = self.flow_check
-        return 1 if self.beta is None and check is not None and check.reliable else None
+        several_modes = len(self._chain_modes) > 1  # the mode mixture is what lets chains jump between them
+        return 1 if self.beta is None and (several_modes or (check is not None and check.reliable)) else None
+
+    def _modes(self) -> tuple:
+        """The posterior's modes that the fit found (none for a map the user gave, or one mode)."""
+        fit = self.fit_result
+        return fit.modes if self._fits_own_map and fit is not None and self.beta is None else ()
 
     def _density(self, args: tuple, kwargs: dict) -> ModelDensity:
         """The run's one density: the chain evaluates it point by point (Pyro's potential), the fit and
