@@ -176,9 +176,37 @@ class StagedFlow(zuko.flows.Flow):
         if flow is None or inner_spec is not None:  # else save_flow will ask for a spec
             _record(self, "staged_flow", (dim,), {"flow": inner_spec})
 
+    @classmethod
+    def from_covariance(
+        cls, loc: Tensor, covariance: Tensor, flow: zuko.flows.Flow | None = None
+    ) -> StagedFlow:
+        r"""The Gaussian map :math:`N(\mu, \Sigma)` of a covariance you have: ``covariance`` is
+        :math:`\Sigma` ``(d, d)``, or its diagonal ``(d,)`` (variances); :math:`L` is its Cholesky factor.
+
+        This is a mass matrix, in the sense Pyro's NUTS takes one (an estimate of the posterior's
+        covariance on the unconstrained parameters, from an earlier run or a colleague's fit), given to
+        NFMALA as its map: ``NFMALA(model, flow=StagedFlow.from_covariance(mean, cov))`` fits nothing
+        at setup and runs the flow check on it.
+
+        Example:
+            >>> flow = StagedFlow.from_covariance(torch.tensor([1.0, 2.0]), torch.tensor([4.0, 0.25]))
+            >>> flow.scale_tril
+            tensor([[2.0000, 0.0000],
+                    [0.0000, 0.5000]])
+        """
+        loc, covariance = torch.as_tensor(loc), torch.as_tensor(covariance).to(torch.as_tensor(loc).dtype)
+        if covariance.dim() == 1:
+            if not bool((covariance > 0).all()) or not bool(torch.isfinite(covariance).all()):
+                raise ValueError("the variances must be finite and > 0")
+            return cls(loc, torch.diag(covariance.sqrt()), flow)
+        try:
+            scale_tril = torch.linalg.cholesky(0.5 * (covariance + covariance.mT))
+        except RuntimeError as error:  # torch.linalg.LinAlgError
+            raise ValueError(f"the covariance must be symmetric positive definite: {error}") from None
+        return cls(loc, scale_tril, flow)
+
     @property
     def loc(self) -> Tensor:
-        """:math:`\\mu`."""
         return self.transform.transforms[0]._0
 
     @property
