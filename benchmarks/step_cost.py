@@ -1,12 +1,20 @@
-"""Time per MALA step as a ratio to one flow forward+backward pass, side by side in one run.
+"""Time per MALA step as a ratio to one flow forward+backward pass, side by side in one run; and
+where the time of one NFMALA draw of a Pyro model goes.
 
 For a 2-D coupling flow (zuko NSF with passes=2, as `default_flow(2)` builds) and a batch of
 chains: the reference is one pass x, ladj = f(z) plus one backward pass of ladj.sum(); then one
 full `mala_step` with each preconditioner (tempered target T2, beta = 1), and how the time per
 step scales with the number of chains.
 
-    python benchmarks/step_cost.py            # 256 ... 16384 chains
-    python benchmarks/step_cost.py --quick    # fewer repeats, up to 4096 chains
+The Pyro-model row: a 5-parameter regression with 100 observations (4 coefficients and a noise
+scale), `MCMC(NFMALA(model))` with its fitted map. The reference is one evaluation of Pyro's
+potential and its gradient at one point (what a chain evaluates, in the same process); the draw's
+time in the sampling phase is split by cProfile into the model's potential (forward), the
+gradients (autograd's backward through flow and model), the flow's forward pass, the rest of the
+step (proposal, accept, statistics), NFMALA's driver, and Pyro's MCMC driver around it.
+
+    python benchmarks/step_cost.py            # 256 ... 16384 chains, and the Pyro-model row
+    python benchmarks/step_cost.py --quick    # fewer repeats, up to 4096 chains, shorter runs
 
 Writes benchmarks/results/step_cost.json and .md (and a PNG of the scaling).
 """
@@ -14,16 +22,24 @@ Writes benchmarks/results/step_cost.json and .md (and a PNG of the scaling).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import platform
+import pstats
 import time
+import warnings
 
 from pathlib import Path
 
+import pyro
+import pyro.distributions as dist
 import torch
 
-from pyro_nfmala import LatentFlow, TemperedFlow, default_flow
+from pyro.infer import MCMC
+
+from pyro_nfmala import NFMALA, ChainSampler, LatentFlow, TemperedFlow, default_flow
 from pyro_nfmala.mala import init_state, mala_step
+from pyro_nfmala.model import model_density
 from pyro_nfmala.precond import get_preconditioner
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,6 +76,129 @@ def measure(num_chains: int, repeats: int, flow: LatentFlow) -> dict:
     return row
 
 
+def regression(x, y):
+    """4 coefficients and a noise scale: 5 unconstrained parameters."""
+    beta = pyro.sample("beta", dist.Normal(0.0, 1.0).expand([x.shape[1]]).to_event(1))
+    sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+    mean = (x * beta.unsqueeze(-2)).sum(-1)  # batch-safe: a batch of betas (..., 4) gives (..., 100)
+    pyro.sample("y", dist.Normal(mean, sigma.unsqueeze(-1)).to_event(1), obs=y)
+
+
+def regression_data(n: int = 100):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=generator)
+    return x, x @ torch.tensor([1.0, -0.5, 0.25, 2.0]) + 0.7 * torch.randn(n, generator=generator)
+
+
+#: cProfile's names of the parts of a draw: part -> (file ending, function name).
+PARTS = {
+    "model potential": ("pyro/infer/mcmc/util.py", "_potential_fn"),
+    "gradients (backward)": ("torch/autograd/__init__.py", "grad"),
+    "flow forward": ("pyro_nfmala/flow.py", "to_data"),
+    "step": ("pyro_nfmala/mala.py", "metropolis_hastings_step"),
+    "NFMALA driver": ("pyro_nfmala/driver.py", "step"),
+    "kernel": ("pyro_nfmala/kernel.py", "sample"),
+    "setup": ("pyro_nfmala/kernel.py", "setup"),
+    "Pyro's MCMC": ("pyro/infer/mcmc/api.py", "_gen_samples"),
+}
+
+
+def cumulative_seconds(profile: cProfile.Profile) -> dict[str, float]:
+    """The cumulative time of each of ``PARTS`` in the profile, and its calls made by the kernel's
+    ``sample`` (what a draw costs; the setup's evaluations, such as the flow check, are not counted)."""
+    stats = pstats.Stats(profile).stats
+    found = dict.fromkeys(PARTS, 0.0)
+    for (filename, _, function), (_, _, _, cumulative, callers) in stats.items():
+        for part, (ending, name) in PARTS.items():
+            if function == name and filename.replace("\\", "/").endswith(ending):
+                found[part] = max(found[part], cumulative)
+    return found
+
+
+def per_draw_parts(profile: cProfile.Profile, draws: int) -> dict[str, float]:
+    """Seconds per draw of the parts of a draw, each without the parts nested in it."""
+    parts = cumulative_seconds(profile)
+    step_parts = parts["model potential"] + parts["gradients (backward)"] + parts["flow forward"]
+    own = {
+        "model potential": parts["model potential"],
+        "gradients (backward)": parts["gradients (backward)"],
+        "flow forward": parts["flow forward"],
+        "rest of the step": parts["step"] - step_parts,
+        "NFMALA driver": parts["NFMALA driver"] - parts["step"],
+        "kernel": parts["kernel"] - parts["NFMALA driver"],
+        "Pyro's MCMC": parts["Pyro's MCMC"] - parts["setup"] - parts["kernel"],
+    }
+    return {part: seconds / draws for part, seconds in own.items()}
+
+
+def pyro_model_row(num_samples: int, repeats: int) -> dict:
+    """Where one NFMALA draw of the regression goes, against one potential-and-gradient evaluation."""
+    data = regression_data()
+    pyro.set_rng_seed(0)
+    density = model_density(regression, data)
+    point = density.layout.pack(density.initial_params).detach()
+
+    def potential_and_gradient():
+        x = point.clone().requires_grad_(True)
+        torch.autograd.grad(density.point_log_prob(x), x)
+
+    potential_ms = 1000 * best_time(potential_and_gradient, repeats * 20)
+    kernel = NFMALA(regression, fit_options={"progress": False})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        MCMC(kernel, num_samples=200, warmup_steps=200, disable_progbar=True).run(*data)
+
+        def fixed() -> NFMALA:  # the fitted map and the adapted step, nothing adapted or fitted again
+            return NFMALA(
+                regression,
+                flow=kernel.fit_result.flow,
+                step_size=kernel.step_size,
+                adapt_step_size=False,
+                mass_matrix=None,
+            )
+
+        mcmc = MCMC(fixed(), num_samples=num_samples, warmup_steps=0, disable_progbar=True)
+        profile = cProfile.Profile()
+        profile.enable()
+        mcmc.run(*data)
+        profile.disable()
+    parts = per_draw_parts(profile, num_samples)
+    stamps = []  # the wall time at each draw, Pyro's loop included (its hook runs after each)
+    timed = MCMC(
+        fixed(),
+        num_samples=num_samples,
+        warmup_steps=0,
+        disable_progbar=True,
+        hook_fn=lambda *args: stamps.append(time.perf_counter()),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        timed.run(*data)
+    draw_ms = 1000 * (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    profiled = sum(parts.values())
+    batched = {}
+    for chains in (4, 1024):  # all chains as one batch: one vectorized model run per move
+        sampler = ChainSampler.from_model(
+            regression, *data, num_chains=chains, flow=kernel.fit_result.flow, mass_matrix=None, seed=0
+        )
+        sampler.warmup(100, progress=False)
+        steps = max(num_samples // (4 if chains > 4 else 1), 50)
+        start = time.perf_counter()
+        sampler.advance(steps, progress=False)
+        batched[chains] = 1000 * (time.perf_counter() - start) / (steps * chains)
+    return {
+        "model": "regression: 4 coefficients + noise scale, 100 observations",
+        "evaluations_per_draw": 2 if mcmc.kernel._independence_schedule() == 1 else 1,
+        "potential_and_gradient_ms": potential_ms,
+        "draw_ms": draw_ms,
+        "ratio": draw_ms / potential_ms,
+        "shares": {part: seconds / profiled for part, seconds in parts.items()},
+        "batched_chain_draw_ms": {str(chains): ms for chains, ms in batched.items()},
+        "batched_4_ratio": batched[4] / potential_ms,
+        "batched_1024_speedup": draw_ms / batched[1024],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and batch sizes")
@@ -71,6 +210,7 @@ def main() -> None:
     sizes = [256, 1024, 4096] if args.quick else [256, 1024, 4096, 16384]
     repeats = 5 if args.quick else 15
     rows = [measure(n, repeats, flow) for n in sizes]
+    pyro_row = pyro_model_row(500 if args.quick else 2000, repeats)
 
     RESULTS.mkdir(exist_ok=True)
     meta = {
@@ -81,7 +221,9 @@ def main() -> None:
         "jvp_methods": flow.jvp_methods,
         "goal": "identity <= 3x, jacobian <= 8x one flow forward+backward pass, at 4096 chains",
     }
-    (RESULTS / "step_cost.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (RESULTS / "step_cost.json").write_text(
+        json.dumps({"meta": meta, "rows": rows, "pyro": pyro_row}, indent=2)
+    )
     lines = [
         f"Machine: {meta['machine']}. Flow: {meta['flow']}. JVP methods: {meta['jvp_methods']}.",
         "",
@@ -93,6 +235,32 @@ def main() -> None:
             f"| {r['num_chains']} | {r['flow_pass_ms']:.2f} "
             f"| {r['identity_ms']:.2f} | {r['identity_ratio']:.2f}x "
             f"| {r['jacobian_ms']:.2f} | {r['jacobian_ratio']:.2f}x |"
+        )
+    lines += [
+        "",
+        f"Pyro model ({pyro_row['model']}), one chain, sampling phase, "
+        f"{pyro_row['evaluations_per_draw']} potential evaluations per draw (MALA and independence move):",
+        "",
+        "| potential + gradient (ms) | NFMALA draw (ms) | ratio | "
+        + " | ".join(f"{part} share" for part in pyro_row["shares"])
+        + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in pyro_row["shares"]) + " |",
+        f"| {pyro_row['potential_and_gradient_ms']:.2f} | {pyro_row['draw_ms']:.2f} "
+        f"| {pyro_row['ratio']:.2f}x | "
+        + " | ".join(f"{100 * share:.0f}%" for share in pyro_row["shares"].values())
+        + " |",
+    ]
+    lines += [
+        "",
+        "All chains as one batch (`ChainSampler.from_model`, the same map, one model run per move):",
+        "",
+        "| chains | per chain-draw (ms) | vs one potential + gradient | vs one NFMALA chain's draw |",
+        "| --- | --- | --- | --- |",
+    ]
+    for chains, ms in pyro_row["batched_chain_draw_ms"].items():
+        lines.append(
+            f"| {chains} | {ms:.3f} | {ms / pyro_row['potential_and_gradient_ms']:.2f}x "
+            f"| {pyro_row['draw_ms'] / ms:.0f}x faster |"
         )
     table = "\n".join(lines)
     (RESULTS / "step_cost.md").write_text(table + "\n")

@@ -16,6 +16,14 @@ fixed after warmup, so the sampling phase is an exact MCMC kernel for each chain
 The paper's own procedure (``N`` chains from naive draws, ``K`` steps, keep the last states)
 is :meth:`ChainSampler.warmup` then :meth:`ChainSampler.advance`.
 
+**A Pyro model's chains as one batch** (:meth:`ChainSampler.from_model`): where Pyro's ``MCMC``
+runs ``NFMALA`` one chain per call of the model, the batch sampler evaluates every chain in one
+vectorized run of the model per move (the model inside an outer particle plate, as
+:func:`~pyro_nfmala.model.model_density` builds it), with the same staged map, flow check, mode
+mixture and warnings; the posterior group holds the model's sites, constrained. A model that does
+not vectorize (``x @ beta`` where ``beta`` gains a batch dimension) is evaluated point by point,
+and the sampler says so once.
+
 Example:
     >>> sampler = ChainSampler(TemperedFlow(zuko.flows.RealNVP(2), beta=1.0), num_chains=64, seed=0)
     >>> idata = sampler.run(num_samples=20, warmup_steps=20, progress=False)
@@ -31,18 +39,24 @@ __all__ = ["ChainSampler"]
 
 import warnings
 
+from collections.abc import Callable, Mapping
+
 import torch
 
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .arviz import from_arrays
+from .arviz import from_arrays, warn_if_unconverged
 from .driver import Driver
+from .fit import FitResult, fit_map_to_density
+from .flow import as_latent_flow
 from .flowcheck import FlowCheck, check_flow
 from .mala import MALAState, Move, StepInfo
+from .model import ModelDensity, check_flow_dim, model_density
 from .options import DEFAULT_PRECONDITIONER, SamplerOptions, check_num_chains
 from .refine import FlowRefiner
-from .target import LatentTarget
+from .report import chain_reports, warn_about_chains
+from .target import LatentTarget, PosteriorPullback
 
 
 class ChainSampler:
@@ -84,8 +98,9 @@ class ChainSampler:
         refine_options: dict | None = None,
         initial_z: Tensor | None = None,
         seed: int | None = None,
+        modes: tuple = (),
     ) -> None:
-        options = SamplerOptions.from_arguments(locals())
+        options = SamplerOptions.from_arguments({k: v for k, v in locals().items() if k != "modes"})
         if options.independence_every == "auto":
             raise ValueError(
                 "independence_every must be None or an integer >= 1 for ChainSampler ('auto' needs the "
@@ -100,8 +115,12 @@ class ChainSampler:
         self.generator = torch.Generator(device=target.flow.device)
         self.generator.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
         self._driver = Driver(
-            target, self.num_chains, options, generator=self.generator, label="ChainSampler"
+            target, self.num_chains, options, generator=self.generator, label="ChainSampler", modes=modes
         )
+        #: For :meth:`from_model`: the model's density (its layout and transforms) and the staged fit
+        #: (``None`` where a flow was given); ``None`` for a sampler built on a target.
+        self.density: ModelDensity | None = None
+        self.fit_result: FitResult | None = None
         if initial_z is None:
             z0 = self.flow.sample_base((self.num_chains,), self.generator)
         else:
@@ -118,6 +137,73 @@ class ChainSampler:
             if options.refine_every is not None
             else None
         )
+
+    @classmethod
+    def from_model(
+        cls,
+        model: Callable,
+        *model_args,
+        num_chains: int = 4,
+        model_kwargs: dict | None = None,
+        flow=None,
+        fit_options: Mapping | None = None,
+        init_strategy: Callable | None = None,
+        independence_every: int | str | None = "auto",
+        seed: int | None = None,
+        **options,
+    ) -> ChainSampler:
+        r"""All chains of a Pyro model's posterior as one batch, one vectorized run of the model per move.
+
+        ``flow=None`` fits the staged map (:func:`~pyro_nfmala.fit.fit_map_to_density`, with
+        ``fit_options``) as ``NFMALA(model)`` does; any zuko flow on the unconstrained space is used as
+        it is, after the flow check. ``independence_every="auto"`` is 1 where the map passes the flow
+        check's reliability bar or the fit found several modes, else none (as ``NFMALA``'s).
+        ``options`` are the sampler's (``preconditioner``, ``mass_matrix``, ``step_size``, ...).
+        The chains start at draws of the map.
+
+        Example:
+            >>> def model(y):
+            ...     loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+            ...     with pyro.plate("data", len(y)):
+            ...         pyro.sample("y", dist.Normal(loc, 1.0), obs=y)
+            >>> sampler = ChainSampler.from_model(model, torch.ones(20), num_chains=8, seed=0,
+            ...                                   fit_options={"progress": False})
+            >>> idata = sampler.run(num_samples=50, warmup_steps=50, progress=False)
+            >>> idata.posterior["loc"].shape
+            (8, 50)
+        """
+        density = model_density(model, model_args, model_kwargs, init_strategy=init_strategy)
+        if density.layout.dim == 0:
+            raise ValueError("the model has no continuous latent sites to sample")
+        if not density.vectorized:
+            warnings.warn(
+                "the model does not vectorize over a batch of parameters (see the log of "
+                "pyro_nfmala.model for why), so the chains are evaluated point by point, one model run "
+                "each: write its sites to broadcast over leading batch dimensions (e.g. "
+                "(x * beta.unsqueeze(-2)).sum(-1) for x @ beta) for one run per move",
+                UserWarning,
+                stacklevel=2,
+            )
+        fit = None
+        if flow is None:
+            fit = fit_map_to_density(density, **dict(fit_options or {}))
+            flow, check = fit.flow, fit.check
+        else:
+            check_flow_dim(flow, density.layout)
+            check = None
+        latent = as_latent_flow(flow)
+        target = PosteriorPullback(latent, lambda x: density.log_prob(x).to(latent.dtype))
+        if check is None:
+            check = check_flow(latent, target.log_prob)
+            check.warn("ChainSampler's flow", stacklevel=3)
+        modes = fit.modes if fit is not None else ()
+        if independence_every == "auto":
+            independence_every = 1 if check.reliable or len(modes) > 1 else None
+        sampler = cls(
+            target, num_chains, independence_every=independence_every, seed=seed, modes=modes, **options
+        )
+        sampler.density, sampler.fit_result, sampler.flow_check = density, fit, check
+        return sampler
 
     @property
     def target(self) -> LatentTarget:
@@ -280,12 +366,19 @@ class ChainSampler:
             return torch.stack(values, dim=1).numpy()
 
         groups = {"latent": {"z": stack(draws_z)}} if keep_latent else None
-        return from_arrays(
-            {"x": stack(draws_x)},
-            {name: stack(values) for name, values in stats.items()},
-            groups=groups,
-            dims={"x": ["x_dim"], "z": ["z_dim"]},
-        )
+        x = torch.stack(draws_x, dim=1)
+        if self.density is None:
+            posterior, dims = {"x": x.numpy()}, {"x": ["x_dim"], "z": ["z_dim"]}
+        else:  # the model's sites, constrained (and "x", the unconstrained point, in the latent group)
+            with torch.no_grad():
+                posterior = {name: value.numpy() for name, value in self.density.constrain(x).items()}
+            groups = {"latent": {**(groups or {}).get("latent", {}), "x": x.numpy()}}
+            dims = {"x": ["x_dim"], "z": ["z_dim"]}
+        sample_stats = {name: stack(values) for name, values in stats.items()}
+        if self.density is not None:
+            warn_if_unconverged(posterior, what="ChainSampler's chains")
+            warn_about_chains(chain_reports(posterior), what="ChainSampler's chains")
+        return from_arrays(posterior, sample_stats, groups=groups, dims=dims)
 
     def advance(self, num_steps: int, *, progress: bool = True) -> MALAState:
         """Runs ``num_steps`` steps at fixed step size without recording them; returns the state."""
