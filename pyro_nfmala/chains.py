@@ -41,6 +41,7 @@ import warnings
 
 from collections.abc import Callable, Mapping
 
+import pyro
 import torch
 
 from torch import Tensor
@@ -192,7 +193,12 @@ class ChainSampler:
             check_flow_dim(flow, density.layout)
             check = None
         latent = as_latent_flow(flow)
-        target = PosteriorPullback(latent, lambda x: density.log_prob(x).to(latent.dtype))
+
+        def log_prob(x: Tensor) -> Tensor:  # as Pyro's MCMC evaluates a potential: no argument checks
+            with pyro.validation_enabled(False):
+                return density.log_prob(x).to(latent.dtype)
+
+        target = PosteriorPullback(latent, log_prob)
         if check is None:
             check = check_flow(latent, target.log_prob)
             check.warn("ChainSampler's flow", stacklevel=3)
