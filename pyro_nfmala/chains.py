@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .arviz import from_arrays, warn_if_unconverged
+from .arviz import from_arrays, pointwise_log_likelihood, warn_if_unconverged
 from .driver import Driver
 from .fit import FitResult, fit_map_to_density
 from .flow import as_latent_flow
@@ -122,6 +122,7 @@ class ChainSampler:
         #: (``None`` where a flow was given); ``None`` for a sampler built on a target.
         self.density: ModelDensity | None = None
         self.fit_result: FitResult | None = None
+        self._model: tuple | None = None
         if initial_z is None:
             z0 = self.flow.sample_base((self.num_chains,), self.generator)
         else:
@@ -209,6 +210,7 @@ class ChainSampler:
             target, num_chains, independence_every=independence_every, seed=seed, modes=modes, **options
         )
         sampler.density, sampler.fit_result, sampler.flow_check = density, fit, check
+        sampler._model = (model, model_args, dict(model_kwargs or {}))
         return sampler
 
     @property
@@ -325,7 +327,15 @@ class ChainSampler:
         finally:
             bar.close()
 
-    def sample(self, num_samples: int, *, thin: int = 1, keep_latent: bool = True, progress: bool = True):
+    def sample(
+        self,
+        num_samples: int,
+        *,
+        thin: int = 1,
+        keep_latent: bool = True,
+        log_likelihood: bool = True,
+        progress: bool = True,
+    ):
         """Runs ``num_samples * thin`` steps at fixed step size; returns ArviZ data of every
         ``thin``-th state.
 
@@ -338,6 +348,11 @@ class ChainSampler:
         ``diverging`` and ``lp`` (the log density of ``x`` under the push-forward of the
         target, up to a constant), and with independence moves ``independence_accept_prob`` (NaN
         on draws without one). Stats are those of the step that produced each kept state.
+
+        For a sampler built by :meth:`from_model`, the posterior group holds the model's sites
+        (constrained) and the ``latent`` group ``x`` too; with ``log_likelihood`` (default), the
+        ``log_likelihood`` and ``observed_data`` groups (pointwise per observed site, as
+        :func:`~pyro_nfmala.to_inference_data` gives them), so ``az.loo`` runs on the result.
         """
         if num_samples < 1 or thin < 1:
             raise ValueError(f"num_samples and thin must be >= 1, got {num_samples} and {thin}")
@@ -384,6 +399,11 @@ class ChainSampler:
         if self.density is not None:
             warn_if_unconverged(posterior, what="ChainSampler's chains")
             warn_about_chains(chain_reports(posterior), what="ChainSampler's chains")
+            if log_likelihood:  # what az.loo and az.waic read, as to_inference_data gives for NFMALA
+                model, model_args, model_kwargs = self._model
+                pointwise, observed = pointwise_log_likelihood(model, posterior, model_args, model_kwargs)
+                if pointwise:
+                    groups = {**groups, "log_likelihood": pointwise, "observed_data": observed}
         return from_arrays(posterior, sample_stats, groups=groups, dims=dims)
 
     def advance(self, num_steps: int, *, progress: bool = True) -> MALAState:

@@ -4,12 +4,15 @@ once and is still right, point by point."""
 
 import warnings
 
+import arviz as az
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 
 from pyro.ops.stats import effective_sample_size
+from test_model_comparison import elpd_loo
 from test_user_scales import PRIOR_SD, SIGMA, data, exact_posterior, regression
 
 from pyro_nfmala import ChainSampler
@@ -48,10 +51,13 @@ def test_all_chains_advance_in_one_model_run_per_move_and_are_right():
     assert sampler._driver.independence_every == 1  # the Laplace map passes the check: global moves on
     sampler.warmup(200, progress=False)
     before = model.runs
-    idata = sampler.sample(300, progress=False)
+    idata = sampler.sample(300, log_likelihood=False, progress=False)
     assert model.runs - before == 2 * 300  # one run for all 16 chains per move (MALA, independence)
     assert idata.posterior["beta"].shape == (16, 300, 3)
     assert max_mean_error(idata, *exact_posterior(x, y)) < 4
+    idata = sampler.sample(100, progress=False)  # with the pointwise log-likelihood that az.loo reads
+    assert idata.log_likelihood["y"].shape == (16, 100, len(y))
+    assert np.isfinite(elpd_loo(az.loo(idata)))
 
 
 @pytest.mark.statistical
