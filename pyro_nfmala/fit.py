@@ -77,7 +77,6 @@ import zuko
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .flow import latent_to_data
 from .flowcheck import FlowCheck, check_flow
 from .flows import StagedFlow, default_flow
 from .gaussian import GaussianFlow, Mode, gaussian_stage
@@ -152,7 +151,7 @@ def fit_flow(
     def loss() -> Tensor:
         distribution = flow()
         z = distribution.base.rsample((num_particles,))
-        x, ladj = latent_to_data(distribution.transform, z)
+        x, ladj = distribution.transform.inv.call_and_ladj(z)
         values = distribution.base.log_prob(z) - log_prob(x) - ladj
         finite = torch.isfinite(values)
         if int(finite.sum()) * 2 < num_particles:  # most draws outside the support: a non-finite step

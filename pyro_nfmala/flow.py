@@ -229,7 +229,8 @@ def latent_to_data(transform: Transform, z: Tensor) -> tuple[Tensor, Tensor]:
     that gives :math:`g` once for :math:`x_b = g^{-1}(y_b)` and once more for the log-determinant; both
     need only :math:`g` at :math:`x_a = y_a`, so it is built once here. That is half the network passes
     of every latent-to-data map through a coupling flow (RealNVP, NICE, the staged maps' flow stage),
-    forward and backward. Other transforms use their own inverse.
+    forward and backward. Other transforms use their own inverse. (Not yet what
+    :meth:`LatentFlow.to_data` uses: see ``benchmarks/README.md``.)
 
     Example:
         >>> transform = zuko.flows.RealNVP(3, transforms=2)().transform
@@ -374,9 +375,8 @@ class LatentFlow:
             return base.sample(torch.Size(shape))
 
     def to_data(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        r"""Returns :math:`x = f(z)` and :math:`\mathrm{ladj}(z) = \log|\det J_f(z)|`, differentiably
-        (each coupling layer's network evaluated once: :func:`latent_to_data`)."""
-        return latent_to_data(self.distribution.transform, z)
+        r"""Returns :math:`x = f(z)` and :math:`\mathrm{ladj}(z) = \log|\det J_f(z)|`, differentiably."""
+        return self.distribution.transform.inv.call_and_ladj(z)
 
     def to_latent(self, x: Tensor) -> Tensor:
         r"""Returns :math:`z = f^{-1}(x)`."""
