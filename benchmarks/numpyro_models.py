@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+import torch
 
-from jax import lax
+from jax import lax, random
+from jax.scipy.special import logsumexp
 
 from pyro_nfmala.examples.flow_cases import GP_BASIS, GP_BOUNDARY, approximate_gp_data, garch_data
 from pyro_nfmala.examples.posteriordb import load_data
@@ -60,6 +62,141 @@ def approximate_gp(x, y):
     numpyro.sample("y", dist.Normal(intercept + f, sigma), obs=y)
 
 
+# ----------------------------------------------------------------------------------------------
+# the ten posteriordb models of ``pyro_nfmala.examples.posteriordb.MODELS``, transcribed site for
+# site (names, distributions, supports, plates and data keywords as in the Pyro models)
+
+
+class OrderedNormal(dist.Distribution):
+    """``size`` iid ``Normal(loc, scale)`` values, sorted (density ``size! prod N``), as the Pyro one."""
+
+    support = dist.constraints.ordered_vector
+    arg_constraints = {}
+
+    def __init__(self, loc, scale, size, validate_args=None):
+        self.loc, self.scale, self.size = loc, scale, size
+        super().__init__(batch_shape=(), event_shape=(size,), validate_args=validate_args)
+
+    def sample(self, key, sample_shape=()):
+        draws = self.loc + self.scale * random.normal(key, tuple(sample_shape) + (self.size,))
+        return jnp.sort(draws, -1)
+
+    def log_prob(self, value):
+        return dist.Normal(self.loc, self.scale).log_prob(value).sum(-1) + math.lgamma(self.size + 1)
+
+
+def low_dim_gauss_mix(N, y):
+    """A two-component mixture with ordered means."""
+    mu = numpyro.sample("mu", OrderedNormal(0.0, 2.0, 2))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(2.0).expand([2]).to_event(1))
+    theta = numpyro.sample("theta", dist.Beta(5.0, 5.0))
+    weights = jnp.stack([theta, 1 - theta], -1)
+    with numpyro.plate("data", N):
+        numpyro.sample("y", dist.MixtureSameFamily(dist.Categorical(weights), dist.Normal(mu, sigma)), obs=y)
+
+
+def _linear(beta, *columns):
+    loc = beta[..., 0]
+    for k, column in enumerate(columns, 1):
+        loc = loc + beta[..., k] * column
+    return loc
+
+
+def _flat_regression(observed, y, *columns):
+    """``y ~ normal(beta[1] + beta[2] * columns[1] + ..., sigma)``, flat priors on ``beta``, ``sigma > 0``."""
+    beta = numpyro.sample("beta", dist.ImproperUniform(dist.constraints.real, (), (len(columns) + 1,)))
+    sigma = numpyro.sample("sigma", dist.ImproperUniform(dist.constraints.positive, (), ()))
+    with numpyro.plate("data", len(y)):
+        numpyro.sample(observed, dist.Normal(_linear(beta, *columns), sigma), obs=y)
+
+
+def kilpisjarvi(N, x, y, pmualpha, psalpha, pmubeta, psbeta, xpred=None):
+    """A linear trend on years (not centred); ``xpred`` is unused."""
+    alpha = numpyro.sample("alpha", dist.Normal(pmualpha, psalpha))
+    beta = numpyro.sample("beta", dist.Normal(pmubeta, psbeta))
+    sigma = numpyro.sample("sigma", dist.ImproperUniform(dist.constraints.positive, (), ()))
+    with numpyro.plate("data", N):
+        numpyro.sample("y", dist.Normal(alpha + beta * x, sigma), obs=y)
+
+
+def logearn_interaction(N, earn, height, male):
+    """log earnings on height, sex and their interaction, flat priors."""
+    _flat_regression("log_earn", jnp.log(earn), height, male, height * male)
+
+
+def kidscore_mom_work(N, kid_score, mom_work, mom_hs=None, mom_iq=None):
+    """kid_score on indicators of mom_work = 2, 3, 4, flat priors; ``mom_hs``, ``mom_iq`` unused."""
+    work2, work3, work4 = ((mom_work == w).astype(kid_score.dtype) for w in (2, 3, 4))
+    _flat_regression("kid_score", kid_score, work2, work3, work4)
+
+
+def logmesquite_logvas(N, weight, diam1, diam2, canopy_height, total_height, density, group):
+    """log weight on log canopy volume, area, shape, total height, density and group, flat priors."""
+    _flat_regression(
+        "log_weight",
+        jnp.log(weight),
+        jnp.log(diam1 * diam2 * canopy_height),
+        jnp.log(diam1 * diam2),
+        jnp.log(diam1 / diam2),
+        jnp.log(total_height),
+        jnp.log(density),
+        group,
+    )
+
+
+def nes(N, partyid7, real_ideo, race_adj, educ1, gender, income, age_discrete, year=None):
+    """partyid7 on 8 predictors (age as indicators), flat priors; ``year`` unused."""
+    age30_44, age45_64, age65up = ((age_discrete == a).astype(partyid7.dtype) for a in (2, 3, 4))
+    _flat_regression(
+        "partyid7", partyid7, real_ideo, race_adj, age30_44, age45_64, age65up, educ1, gender, income
+    )
+
+
+def arma11(T, y):
+    """ARMA(1, 1) with ``err_0 = 0``, the recursion for ``nu`` by ``lax.scan``."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+    phi = numpyro.sample("phi", dist.Normal(0.0, 2.0))
+    theta = numpyro.sample("theta", dist.Normal(0.0, 2.0))
+    sigma = numpyro.sample("sigma", dist.HalfCauchy(2.5))
+
+    def step(nu, previous):
+        new = mu + phi * previous + theta * (previous - nu)
+        return new, new
+
+    nu1 = mu + phi * mu
+    _, rest = lax.scan(step, nu1, y[: T - 1])
+    nu = jnp.concatenate([nu1[None], rest])
+    numpyro.sample("y", dist.Normal(nu, sigma).to_event(1), obs=y)
+
+
+def gp_pois_regr(N, x, k, y=None):
+    """A latent GP (non-centred, ``f = L f_tilde``) with Poisson counts; ``y`` is unused."""
+    rho = numpyro.sample("rho", dist.Gamma(25.0, 4.0))
+    alpha = numpyro.sample("alpha", dist.HalfNormal(2.0))
+    with numpyro.plate("data", N):
+        f_tilde = numpyro.sample("f_tilde", dist.Normal(0.0, 1.0))
+        cov = alpha**2 * jnp.exp(-((x[:, None] - x[None, :]) ** 2) / (2 * rho**2))
+        cholesky = jnp.linalg.cholesky(cov + 1e-10 * jnp.eye(len(x)))
+        f = numpyro.deterministic("f", cholesky @ f_tilde)
+        numpyro.sample("k", dist.Poisson(jnp.exp(f)), obs=k)
+
+
+def hmm_example(N, K, y):
+    """A two-state HMM, the states summed out by the forward algorithm (``lax.scan``, logsumexp)."""
+    theta1 = numpyro.sample("theta1", dist.Dirichlet(jnp.ones(K)))
+    theta2 = numpyro.sample("theta2", dist.Dirichlet(jnp.ones(K)))
+    mu = numpyro.sample("mu", dist.ImproperUniform(dist.constraints.positive_ordered_vector, (), (K,)))
+    numpyro.factor("mu_prior", dist.Normal(3.0, 1.0).log_prob(mu[0]) + dist.Normal(10.0, 1.0).log_prob(mu[1]))
+    log_theta = jnp.log(jnp.stack([theta1, theta2], -2))  # [j, k]: from state j to state k
+    log_emission = dist.Normal(mu, 1.0).log_prob(y[:, None])  # (N, K)
+
+    def step(gamma, emission):
+        return logsumexp(gamma[:, None] + log_theta, -2) + emission, None
+
+    gamma, _ = lax.scan(step, log_emission[0], log_emission[1:])
+    numpyro.factor("forward", logsumexp(gamma, -1))
+
+
 def _numpy(data):
     return {key: (np.asarray(value) if hasattr(value, "numpy") else value) for key, value in data.items()}
 
@@ -70,4 +207,24 @@ MODELS = {
     "eight_schools_centered": lambda: (eight_schools_centered, _numpy(load_data("eight_schools"))),
     "garch11": lambda: (garch11, _numpy(garch_data())),
     "approximate_gp": lambda: (approximate_gp, _numpy(approximate_gp_data())),
+}
+
+
+def _posteriordb(model, name):
+    return lambda: (model, _numpy(load_data(name, dtype=torch.float64)))
+
+
+#: the ten posteriordb models (as ``pyro_nfmala.examples.posteriordb.MODELS``): name -> () -> (model,
+#: float64 data as keyword arguments)
+POSTERIORDB_MODELS = {
+    "eight_schools": _posteriordb(eight_schools_centered, "eight_schools"),
+    "low_dim_gauss_mix": _posteriordb(low_dim_gauss_mix, "low_dim_gauss_mix"),
+    "kilpisjarvi_mod": _posteriordb(kilpisjarvi, "kilpisjarvi_mod"),
+    "earnings": _posteriordb(logearn_interaction, "earnings"),
+    "kidiq_with_mom_work": _posteriordb(kidscore_mom_work, "kidiq_with_mom_work"),
+    "mesquite": _posteriordb(logmesquite_logvas, "mesquite"),
+    "nes2000": _posteriordb(nes, "nes2000"),
+    "arma": _posteriordb(arma11, "arma"),
+    "gp_pois_regr": _posteriordb(gp_pois_regr, "gp_pois_regr"),
+    "hmm_example": _posteriordb(hmm_example, "hmm_example"),
 }

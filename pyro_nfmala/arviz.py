@@ -22,7 +22,7 @@ __all__ = ["SAMPLE_STATS", "diverging_draws", "from_arrays", "pointwise_log_like
 
 import math
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -137,10 +137,7 @@ def to_inference_data(
         name: np.stack([np.asarray(chain["sample_stats"][name]) for chain in per_chain])
         for name in per_chain[0]["sample_stats"]
     }
-    warn_if_unconverged(samples)
-    warn_about_chains(
-        chain_reports(samples, [chain.get("seconds per draw", math.nan) for chain in per_chain])
-    )
+    warn_about_draws(samples, [chain.get("seconds per draw", math.nan) for chain in per_chain])
     groups = {}
     model = getattr(mcmc.kernel, "model", None)
     if log_likelihood and model is not None and samples:
@@ -269,6 +266,20 @@ def warn_if_unconverged(samples: Mapping[str, Any], stacklevel: int = 3, what: s
             stacklevel=stacklevel,
         )
     return bool(problems)
+
+
+def warn_about_draws(
+    samples: Mapping[str, Any],
+    seconds_per_draw: Sequence[float] | None = None,
+    stacklevel: int = 3,
+    what: str = "this run",
+) -> bool:
+    """The end-of-run checks of ``samples`` ``{site: (chains, draws, ...)}``: the pooled one
+    (:func:`warn_if_unconverged`) and the per-chain one (:func:`~pyro_nfmala.report.chain_reports`,
+    with each chain's time per draw if given), each warning once; returns whether either warned."""
+    pooled = warn_if_unconverged(samples, stacklevel=stacklevel + 1, what=what)
+    reports = chain_reports(samples, seconds_per_draw)
+    return warn_about_chains(reports, stacklevel=stacklevel + 1, what=what) or pooled
 
 
 def diverging_draws(mcmc) -> np.ndarray:

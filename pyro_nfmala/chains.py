@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .arviz import from_arrays, pointwise_log_likelihood, warn_if_unconverged
+from .arviz import from_arrays, pointwise_log_likelihood, warn_about_draws
 from .driver import Driver
 from .fit import FitResult, fit_map_to_density
 from .flow import as_latent_flow
@@ -56,7 +56,6 @@ from .mala import MALAState, Move, StepInfo
 from .model import ModelDensity, check_flow_dim, model_density
 from .options import DEFAULT_PRECONDITIONER, SamplerOptions, check_num_chains
 from .refine import FlowRefiner
-from .report import chain_reports, warn_about_chains
 from .target import LatentTarget, PosteriorPullback
 
 
@@ -397,8 +396,7 @@ class ChainSampler:
             dims = {"x": ["x_dim"], "z": ["z_dim"]}
         sample_stats = {name: stack(values) for name, values in stats.items()}
         if self.density is not None:
-            warn_if_unconverged(posterior, what="ChainSampler's chains")
-            warn_about_chains(chain_reports(posterior), what="ChainSampler's chains")
+            warn_about_draws(posterior, what="ChainSampler's chains")
             if log_likelihood:  # what az.loo and az.waic read, as to_inference_data gives for NFMALA
                 model, model_args, model_kwargs = self._model
                 pointwise, observed = pointwise_log_likelihood(model, posterior, model_args, model_kwargs)

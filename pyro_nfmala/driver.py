@@ -44,8 +44,8 @@ import torch
 from torch import Tensor
 
 from .adaptation import FlowRefinement, KernelParameters, WarmupAdaptation, find_reasonable_step_size
-from .independence import independence_step
-from .mala import MALAState, StepInfo, finite_chains, init_state, mala_step
+from .independence import independence_proposal
+from .mala import MALAState, StepInfo, finite_chains, init_state, mala_step, metropolis_hastings_step
 from .options import SamplerOptions, check_num_chains
 from .target import LatentTarget, PosteriorPullback
 
@@ -168,6 +168,7 @@ class Driver:
         self._errors_seen: set[str] = set()
         self._last_step_size: Tensor | None = None
         self._last_independence: Tensor | None = None
+        self._proposal: tuple | None = None  # (move, modes, the independence proposal built from them)
         self.accepted = torch.zeros(self.num_chains, dtype=torch.long)
         self.sampling_steps = 0
         self.recording = False
@@ -373,19 +374,29 @@ class Driver:
 
     def _independence_move(self, phase: str) -> None:
         """One independence move of every chain (:mod:`pyro_nfmala.independence`)."""
-        self.state, info = independence_step(
-            self.state,
-            self.target,
-            self.move,
-            self.options.independence_scale,
-            generator=self.generator,
-            modes=self.modes,
+        one = torch.ones((), dtype=self.state.z.dtype, device=self.state.z.device)
+        self.state, info = metropolis_hastings_step(
+            self.state, self.target, self._independence_proposal(), one, generator=self.generator
         )
         self._note_errors(info.errors)
         self.ledgers["independence"].add(phase, info)
         if phase == "sampling":  # a chain that moves only by independence moves is not stuck
             self.accepted += info.accepted.reshape(-1).long().cpu()
         self._last_independence = info.accept_prob
+
+    def _independence_proposal(self):
+        """The independence move's proposal, built again only when the Langevin move (its cache) or
+        the modes change."""
+        if (
+            self._proposal is None
+            or self._proposal[0] is not self.move
+            or self._proposal[1] is not self.modes
+        ):
+            proposal = independence_proposal(
+                self.move, self.options.independence_scale, self.modes, self.generator
+            )
+            self._proposal = (self.move, self.modes, proposal)
+        return self._proposal[2]
 
     @property
     def stat_names(self) -> tuple[str, ...]:

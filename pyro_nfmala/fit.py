@@ -482,7 +482,7 @@ def fit_staged_map(
             stacklevel=3,
         )
     check.warn("the fitted map", stacklevel=3)
-    modes = (Mode(laplace.loc, laplace.scale_tril, laplace.log_mass), *laplace.others)
+    modes = (laplace.mode, *laplace.others)
     return FitResult(kept, losses, check, stage, seconds, spent, modes if laplace.method == "laplace" else ())
 
 

@@ -58,14 +58,23 @@ BARRIER = 1.0
 MIN_MODE_MASS = 1e-3
 
 
+def laplace_log_mass(log_density: float, scale_tril: Tensor) -> float:
+    r""":math:`\log \pi_X(\mu) + \log|\det L|`: the log of a mode's Laplace mass, up to a constant
+    shared by all modes of a posterior."""
+    return log_density + float(torch.diagonal(scale_tril).log().sum())
+
+
 class Mode(NamedTuple):
     r"""A mode of a posterior with its Laplace approximation :math:`N(\mu, L L^T)`."""
 
     loc: Tensor  #: :math:`\mu`, (d,)
     scale_tril: Tensor  #: :math:`L`, (d, d)
-    #: :math:`\log \pi_X(\mu) + \log|\det L|`: the log of its Laplace mass, up to a constant
-    #: shared by all modes
-    log_mass: float
+    log_density: float  #: :math:`\log \pi_X(\mu)`
+
+    @property
+    def log_mass(self) -> float:
+        """The log of its Laplace mass (:func:`laplace_log_mass`)."""
+        return laplace_log_mass(self.log_density, self.scale_tril)
 
 
 class GaussianStage(NamedTuple):
@@ -79,9 +88,14 @@ class GaussianStage(NamedTuple):
     others: tuple[Mode, ...] = ()
 
     @property
+    def mode(self) -> Mode:
+        """The mode found, as a :class:`Mode`."""
+        return Mode(self.loc, self.scale_tril, self.log_density)
+
+    @property
     def log_mass(self) -> float:
-        """The log Laplace mass of the mode (see :class:`Mode`)."""
-        return self.log_density + float(torch.diagonal(self.scale_tril).log().sum())
+        """The log of the mode's Laplace mass (:func:`laplace_log_mass`)."""
+        return laplace_log_mass(self.log_density, self.scale_tril)
 
 
 class _OutOfTime(Exception):
@@ -210,9 +224,9 @@ def _other_modes(
 ) -> tuple[Mode, ...]:
     """The maxima of ``found`` that a barrier separates from the best mode and from each other, with a
     positive definite Hessian and a Laplace mass of at least ``MIN_MODE_MASS`` of the best one's."""
-    kept = [Mode(stage.loc, stage.scale_tril, stage.log_mass)]
+    kept = [stage.mode]
     for x, value in sorted(found, key=lambda item: -item[1]):
-        if not all(_separated(log_prob, mode.loc, x, value) for mode in kept):
+        if not all(_separated(log_prob, mode, x, value) for mode in kept):
             continue
         mode = _mode_at(log_prob, x, value, kept[0].log_mass)
         if mode is not None:
@@ -231,7 +245,7 @@ def with_mode_from(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         x, value = _maximize(log_prob, start.to(modes[0].loc), max_iter)
-    if not math.isfinite(value) or not all(_separated(log_prob, mode.loc, x, value) for mode in modes):
+    if not math.isfinite(value) or not all(_separated(log_prob, mode, x, value) for mode in modes):
         return modes
     mode = _mode_at(log_prob, x, value, max(m.log_mass for m in modes))
     return modes if mode is None else (*modes, mode)
@@ -243,14 +257,14 @@ def _mode_at(
     """The mode at the maximum ``x``, where its Hessian is positive definite and its Laplace mass is at
     least ``MIN_MODE_MASS`` of ``best_log_mass``'s."""
     scale_tril, method = _laplace(log_prob, x)
-    mode = Mode(x, scale_tril, value + float(torch.diagonal(scale_tril).log().sum()))
+    mode = Mode(x, scale_tril, value)
     return mode if method == "laplace" and mode.log_mass >= best_log_mass + math.log(MIN_MODE_MASS) else None
 
 
-def _separated(log_prob: Callable[[Tensor], Tensor], a: Tensor, b: Tensor, value_b: float) -> bool:
+def _separated(log_prob: Callable[[Tensor], Tensor], mode: Mode, b: Tensor, value_b: float) -> bool:
     """Whether the log density dips by more than ``BARRIER`` below its value at both ends on the segment
-    from ``a`` to ``b`` (nine points; a point where it is not finite or raises is a barrier)."""
-    value_a = _value(log_prob, a)
+    from ``mode``'s location to ``b`` (nine points; a point where it is not finite or raises is a barrier)."""
+    a, value_a = mode.loc, mode.log_density
     t = torch.linspace(0.1, 0.9, 9, dtype=a.dtype, device=a.device)[:, None]
     try:
         with torch.no_grad():

@@ -64,7 +64,7 @@ import torch
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from torch import Tensor
 
-from .arviz import warn_if_unconverged
+from .arviz import warn_about_draws
 from .centring import PARAMETERIZATIONS, NonCentring, hierarchical_sites
 from .driver import Driver
 from .fit import FIT_SECONDS, FitResult, _deadline, fit_map_to_density
@@ -74,7 +74,6 @@ from .gaussian import with_mode_from
 from .mala import MALAState, Move
 from .model import ModelDensity, ParamLayout, check_flow_dim, model_density
 from .options import DEFAULT_PRECONDITIONER, SamplerOptions
-from .report import chain_reports, warn_about_chains
 from .target import LatentTarget, PosteriorPullback, TemperedFlow, check_beta
 
 logger = logging.getLogger(__name__)
@@ -366,8 +365,7 @@ class NFMALA(MCMCKernel):
         count = len(self._run_draws)
         what = f"NFMALA's chain{'s' if count > 1 else ''} ({count} in this process so far)"
         samples = self.layout.unpack(pooled)
-        warn_if_unconverged(samples, stacklevel=5, what=what)
-        warn_about_chains(chain_reports(samples), stacklevel=5, what=what)
+        warn_about_draws(samples, stacklevel=5, what=what)
 
     # ----------------------------------------------------------------------------------------
     # internals

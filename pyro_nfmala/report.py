@@ -120,6 +120,7 @@ def warn_about_chains(reports: Sequence[ChainReport], stacklevel: int = 3, what:
     """Warns once for the chains of ``reports`` that disagree with the others or are slow, naming each
     chain and its worst coordinates; returns whether it warned."""
     parts = []
+    median = float(torch.tensor([r.seconds_per_draw for r in reports]).nanmedian()) if reports else math.nan
     for report in reports:
         if report.disagrees:
             worst = ", ".join(
@@ -127,7 +128,6 @@ def warn_about_chains(reports: Sequence[ChainReport], stacklevel: int = 3, what:
             )
             parts.append(f"chain {report.chain} disagrees with the other chains on {worst}")
         if report.slow:
-            median = float(torch.tensor([r.seconds_per_draw for r in reports]).nanmedian())
             parts.append(
                 f"chain {report.chain} took {report.seconds_per_draw:.3g} s per draw, "
                 f"{report.seconds_per_draw / median:.1f}x the chains' median"

@@ -22,7 +22,7 @@ from pyro_nfmala import (
     to_inference_data,
 )
 from pyro_nfmala.driver import Driver
-from pyro_nfmala.gaussian import Mode, gaussian_stage, with_mode_from
+from pyro_nfmala.gaussian import gaussian_stage, with_mode_from
 from pyro_nfmala.independence import (
     IndependenceProposal,
     ModeMixtureProposal,
@@ -224,7 +224,7 @@ def test_the_mode_search_sees_separate_modes_and_no_duplicates():
     assert len(stage.others) == 1
     assert abs(float(stage.others[0].loc) + float(stage.loc)) < 1e-4 and abs(abs(float(stage.loc)) - 3) < 1e-3
     assert abs(float(stage.others[0].scale_tril) - 0.5) < 1e-3
-    one = Mode(stage.loc, stage.scale_tril, stage.log_mass)
+    one = stage.mode
     assert len(with_mode_from(two_modes, (one,), -stage.loc)) == 2
     assert len(with_mode_from(two_modes, (one,), stage.loc + 0.3)) == 1
 
@@ -269,7 +269,7 @@ def test_a_bimodal_posterior_is_sampled_across_both_modes_by_the_mode_mixture(mo
     assert all(count == 2 for count in modes.values()), modes
     assert max(abs(error) for error in errors) < 4, errors
     monkeypatch.setattr(
-        "pyro_nfmala.independence.independence_proposal",
+        "pyro_nfmala.driver.independence_proposal",
         lambda precond, scale=1.0, modes=(), generator=None: IndependenceProposal(precond, scale),
     )
     errors, _ = bimodal_share_errors()
