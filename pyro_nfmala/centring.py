@@ -34,7 +34,16 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["PARAMETERIZATIONS", "NonCentring", "hierarchical_sites", "non_centred"]
+__all__ = [
+    "PARAMETERIZATIONS",
+    "NonCentring",
+    "fit_in_better_coordinates",
+    "hierarchical_sites",
+    "non_centred",
+]
+
+import time
+import warnings
 
 from collections.abc import Callable, Mapping
 
@@ -46,10 +55,14 @@ from pyro.infer.inspect import get_dependencies
 from pyro.infer.reparam import LocScaleReparam
 from torch import Tensor
 
+from .fit import FIT_SECONDS, FitResult, _deadline, fit_map_to_density
 from .model import ModelDensity, ParamLayout, default_init, model_density
 
 #: The parameterizations NFMALA can sample a model in.
 PARAMETERIZATIONS = ("auto", "centred", "non-centred")
+#: The least time a stage of the staged fit gets when the centring trials have spent the budget
+#: (``fit_options["max_seconds"]``, shared by the trials and the flow stage).
+MIN_FIT_SECONDS = 1.0
 
 
 def _unwrap(fn):
@@ -135,16 +148,82 @@ class NonCentring:
             )
 
     def to_original(self, x: Tensor) -> Tensor:
-        """The model's own unconstrained point ``(d,)`` of the non-centred point ``x`` ``(d,)``: one run
-        of the non-centred model at ``x``, reading the model's sites (exact, no approximation)."""
-        values = self.density.constrain(x.detach())
+        """The model's own unconstrained points ``(..., d)`` of the non-centred points ``x`` ``(..., d)``:
+        runs of the non-centred model at ``x``, reading the model's sites (exact, no approximation); one
+        run for the whole batch where the model vectorizes, else one per point."""
+        flat = x.detach().reshape(-1, x.shape[-1])
+        if self.density.particles is not None and flat.shape[0] > 1:
+            with poutine.block(), torch.no_grad():
+                trace, _ = self.density.particles.trace(flat)
+            values = {name: trace.nodes[name]["value"] for name in self.original_layout.shapes}
+            if all(v.numel() == len(flat) * self.original_layout.sizes[name] for name, v in values.items()):
+                return self._pack(values, (len(flat),)).reshape(x.shape)
+        return torch.stack([self._point_to_original(point) for point in flat]).reshape(x.shape)
+
+    def _point_to_original(self, x: Tensor) -> Tensor:
+        values = self.density.constrain(x)
         with poutine.block(), torch.no_grad():
             trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(
                 *self.model_args, **self.model_kwargs
             )
+        return self._pack({name: trace.nodes[name]["value"] for name in self.original_layout.shapes}, ())
+
+    def _pack(self, values: Mapping[str, Tensor], batch: tuple) -> Tensor:
+        """The model's sites' values ``{site: batch + shape}`` (particles first) as unconstrained points."""
         params = {}
-        for name in self.original_layout.shapes:
-            value = trace.nodes[name]["value"]
+        for name, shape in self.original_layout.shapes.items():
+            value = values[name].reshape(batch + tuple(shape))
             transform = self.original_transforms.get(name)
             params[name] = transform(value) if transform is not None else value
         return self.original_layout.pack(params)
+
+
+def fit_in_better_coordinates(
+    model: Callable,
+    model_args: tuple,
+    model_kwargs: dict | None,
+    density: ModelDensity,
+    sites: list[str],
+    parameterization: str = "auto",
+    fit_options: Mapping | None = None,
+    density_options: Mapping | None = None,
+    stacklevel: int = 2,
+) -> tuple[FitResult, NonCentring | None]:
+    """The staged map of the model's posterior in its own coordinates (``density``) or non-centred on
+    ``sites`` (its hierarchical sites), and the :class:`NonCentring` where non-centred (else ``None``).
+
+    ``"auto"`` fits the Gaussian stages in the centred coordinates, then (unless those pass the flow
+    check) in the non-centred ones, keeps the coordinates whose Gaussian map has the smaller k-hat, and
+    fits the flow stage there only where that map fails the check; ``"non-centred"`` fits there directly.
+    One time budget (``fit_options["max_seconds"]``) bounds the trials and the flow stage together.
+    The warnings of the trial kept are given again at ``stacklevel``."""
+    fit_options = dict(fit_options or {})
+    non_centring = NonCentring(model, sites, model_args, model_kwargs, density, **dict(density_options or {}))
+    if parameterization == "non-centred":
+        return fit_map_to_density(non_centring.density, **fit_options), non_centring
+    budget = fit_options.get("max_seconds", FIT_SECONDS)
+    deadline = _deadline(budget)
+
+    def within_budget(options: dict) -> dict:
+        left = deadline - time.perf_counter()
+        return options if budget is None else {**options, "max_seconds": max(left, MIN_FIT_SECONDS)}
+
+    gaussian_only = {**fit_options, "flow_stage": "none"}
+    trials = {}
+    for name, trial_density in (("centred", density), ("non-centred", non_centring.density)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = fit_map_to_density(trial_density, **within_budget(gaussian_only))
+            trials[name] = (result, caught, trial_density)
+        if result.check.good or result.budget_spent:
+            break
+    name = min(trials, key=lambda key: trials[key][0].check.khat)
+    result, caught, chosen = trials[name]
+    chosen_centring = non_centring if name == "non-centred" else None
+    trial_seconds = sum(trial[0].seconds for trial in trials.values())
+    if result.check.good or fit_options.get("flow_stage") == "none":
+        for warning in caught:
+            warnings.warn(warning.message, warning.category, stacklevel=stacklevel + 1)
+        return result._replace(seconds=trial_seconds), chosen_centring
+    full = fit_map_to_density(chosen, **within_budget(fit_options))
+    return full._replace(seconds=full.seconds + trial_seconds), chosen_centring

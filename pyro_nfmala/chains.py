@@ -48,6 +48,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .arviz import from_arrays, pointwise_log_likelihood, warn_about_draws
+from .centring import PARAMETERIZATIONS, NonCentring, fit_in_better_coordinates, hierarchical_sites
 from .driver import Driver
 from .fit import FitResult, fit_map_to_density
 from .flow import as_latent_flow
@@ -121,6 +122,9 @@ class ChainSampler:
         #: (``None`` where a flow was given); ``None`` for a sampler built on a target.
         self.density: ModelDensity | None = None
         self.fit_result: FitResult | None = None
+        #: For :meth:`from_model`: the non-centred coordinates the chains run in, ``None`` where they run
+        #: in the model's own (the draws are mapped back to the model's sites either way).
+        self.non_centring: NonCentring | None = None
         self._model: tuple | None = None
         if initial_z is None:
             z0 = self.flow.sample_base((self.num_chains,), self.generator)
@@ -148,9 +152,11 @@ class ChainSampler:
         model_kwargs: dict | None = None,
         flow=None,
         fit_options: Mapping | None = None,
+        parameterization: str = "auto",
         init_strategy: Callable | None = None,
         independence_every: int | str | None = "auto",
         seed: int | None = None,
+        trace_density: bool = True,
         **options,
     ) -> ChainSampler:
         r"""All chains of a Pyro model's posterior as one batch, one vectorized run of the model per move.
@@ -160,7 +166,11 @@ class ChainSampler:
         it is, after the flow check. ``independence_every="auto"`` is 1 where the map passes the flow
         check's reliability bar or the fit found several modes, else none (as ``NFMALA``'s).
         ``options`` are the sampler's (``preconditioner``, ``mass_matrix``, ``step_size``, ...).
-        The chains start at draws of the map.
+        The chains start at draws of the map. ``parameterization`` is :class:`~pyro_nfmala.NFMALA`'s: with
+        ``flow=None``, a model with hierarchical sites is sampled non-centred where that brings its
+        posterior nearer a Gaussian (:func:`~pyro_nfmala.centring.fit_in_better_coordinates`), and the
+        draws come back as the model's own sites. ``trace_density`` is :class:`~pyro_nfmala.NFMALA`'s: the
+        model's log density and gradient as one traced graph per batch shape (:mod:`pyro_nfmala.traced`).
 
         Example:
             >>> def model(y):
@@ -173,7 +183,9 @@ class ChainSampler:
             >>> idata.posterior["loc"].shape
             (8, 50)
         """
-        density = model_density(model, model_args, model_kwargs, init_strategy=init_strategy)
+        density = model_density(
+            model, model_args, model_kwargs, init_strategy=init_strategy, trace_density=trace_density
+        )
         if density.layout.dim == 0:
             raise ValueError("the model has no continuous latent sites to sample")
         if not density.vectorized:
@@ -185,9 +197,28 @@ class ChainSampler:
                 UserWarning,
                 stacklevel=2,
             )
-        fit = None
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
+        fit, non_centring, sampled = None, None, density
         if flow is None:
-            fit = fit_map_to_density(density, **dict(fit_options or {}))
+            sites = (
+                [] if parameterization == "centred" else hierarchical_sites(model, model_args, model_kwargs)
+            )
+            if sites:
+                density_options = {"init_strategy": init_strategy, "trace_density": trace_density}
+                fit, non_centring = fit_in_better_coordinates(
+                    model,
+                    model_args,
+                    model_kwargs,
+                    density,
+                    sites,
+                    parameterization,
+                    fit_options,
+                    density_options,
+                )
+                sampled = density if non_centring is None else non_centring.density
+            else:
+                fit = fit_map_to_density(density, **dict(fit_options or {}))
             flow, check = fit.flow, fit.check
         else:
             check_flow_dim(flow, density.layout)
@@ -196,7 +227,7 @@ class ChainSampler:
 
         def log_prob(x: Tensor) -> Tensor:  # as Pyro's MCMC evaluates a potential: no argument checks
             with pyro.validation_enabled(False):
-                return density.log_prob(x).to(latent.dtype)
+                return sampled.log_prob(x).to(latent.dtype)
 
         target = PosteriorPullback(latent, log_prob)
         if check is None:
@@ -209,6 +240,7 @@ class ChainSampler:
             target, num_chains, independence_every=independence_every, seed=seed, modes=modes, **options
         )
         sampler.density, sampler.fit_result, sampler.flow_check = density, fit, check
+        sampler.non_centring = non_centring
         sampler._model = (model, model_args, dict(model_kwargs or {}))
         return sampler
 
@@ -390,6 +422,8 @@ class ChainSampler:
         if self.density is None:
             posterior, dims = {"x": x.numpy()}, {"x": ["x_dim"], "z": ["z_dim"]}
         else:  # the model's sites, constrained (and "x", the unconstrained point, in the latent group)
+            if self.non_centring is not None:
+                x = self.non_centring.to_original(x)
             with torch.no_grad():
                 posterior = {name: value.numpy() for name, value in self.density.constrain(x).items()}
             groups = {"latent": {**(groups or {}).get("latent", {}), "x": x.numpy()}}

@@ -31,7 +31,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["GaussianFlow", "GaussianStage", "Mode", "gaussian_stage", "with_mode_from"]
+__all__ = ["GaussianFlow", "GaussianStage", "Mode", "gaussian_stage", "laplace_log_mass", "with_mode_from"]
 
 import math
 import time

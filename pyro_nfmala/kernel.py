@@ -53,7 +53,6 @@ __all__ = ["NFMALA"]
 
 import logging
 import time
-import warnings
 
 from collections.abc import Callable, Mapping
 
@@ -65,9 +64,9 @@ from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from torch import Tensor
 
 from .arviz import warn_about_draws
-from .centring import PARAMETERIZATIONS, NonCentring, hierarchical_sites
+from .centring import PARAMETERIZATIONS, NonCentring, fit_in_better_coordinates, hierarchical_sites
 from .driver import Driver
-from .fit import FIT_SECONDS, FitResult, _deadline, fit_map_to_density
+from .fit import FitResult, fit_map_to_density
 from .flow import as_latent_flow
 from .flowcheck import FlowCheck, check_flow
 from .gaussian import with_mode_from
@@ -77,10 +76,6 @@ from .options import DEFAULT_PRECONDITIONER, SamplerOptions
 from .target import LatentTarget, PosteriorPullback, TemperedFlow, check_beta
 
 logger = logging.getLogger(__name__)
-
-#: The least time a stage of the staged fit gets when the centring trials have spent the budget
-#: (``fit_options["max_seconds"]``, shared by the trials and the flow stage).
-MIN_FIT_SECONDS = 1.0
 
 
 class NFMALA(MCMCKernel):
@@ -127,6 +122,10 @@ class NFMALA(MCMCKernel):
             R-hat see a map that missed part of the posterior. The fit uses the strategy too. With
             ``beta`` (T2), chains start at draws of the flow, :math:`z_0 \sim q_Z`.
         initial_params: Unconstrained initial parameters, one value per site (no chain dimension).
+        trace_density: Evaluate the model's log density and its gradient as one traced graph per
+            batch shape (:mod:`pyro_nfmala.traced`; default): the same arithmetic, checked against the
+            model at the point traced, 2-6x faster on small models; a model whose Python branches on
+            its parameters' values stays eager. ``False`` runs the model eagerly at every step.
 
     The sampler's options, ``step_size``, ``adapt_step_size``, ``target_accept_prob``,
     ``preconditioner``, ``mass_matrix``, ``independence_every`` and ``independence_scale``, are passed
@@ -164,6 +163,7 @@ class NFMALA(MCMCKernel):
         ignore_jit_warnings: bool = False,
         init_strategy: Callable | None = None,
         initial_params: Mapping[str, Tensor] | None = None,
+        trace_density: bool = True,
     ) -> None:
         if (model is None) == (potential_fn is None):
             raise ValueError("give exactly one of model or potential_fn")
@@ -198,6 +198,7 @@ class NFMALA(MCMCKernel):
         self.jit_options = jit_options
         self.ignore_jit_warnings = ignore_jit_warnings
         self.init_strategy = init_strategy
+        self.trace_density = bool(trace_density)
         self._user_initial_params = dict(initial_params) if initial_params is not None else None
         self._step_size: float | None = None  # the last chain's adapted step size; kept after cleanup
         self.layout: ParamLayout | None = None
@@ -247,7 +248,7 @@ class NFMALA(MCMCKernel):
             target: LatentTarget = TemperedFlow(self.flow, self.beta)
         else:
             dtype = self.flow.dtype
-            target = PosteriorPullback(self.flow, lambda x: sampled.point_log_prob(x).to(dtype))
+            target = PosteriorPullback(self.flow, lambda x: sampled.log_prob(x).to(dtype))
         # A posterior's chains start where Pyro's init strategy puts them (by default uniform in
         # (-2, 2) of the unconstrained space, one draw per chain, as Stan does): apart from each other
         # and independent of the map, so that R-hat can see a map that missed part of the posterior.
@@ -418,7 +419,9 @@ class NFMALA(MCMCKernel):
                     "potential_fn needs initial parameters: pass initial_params to NFMALA or to MCMC "
                     "(a dict of unconstrained values, one per site)"
                 )
-            return ModelDensity.from_potential(self.potential_fn, self._user_initial_params)
+            return ModelDensity.from_potential(
+                self.potential_fn, self._user_initial_params, trace_density=self.trace_density
+            )
         if self._user_transforms is None:
             self._user_transforms = self.transforms is not None
         options = self._density_options()
@@ -433,6 +436,7 @@ class NFMALA(MCMCKernel):
             "jit_options": self.jit_options,
             "skip_jit_warnings": self.ignore_jit_warnings,
             "init_strategy": self.init_strategy,
+            "trace_density": self.trace_density,
         }
 
     def _prepare_map(self, density: ModelDensity, args: tuple, kwargs: dict) -> None:
@@ -454,7 +458,18 @@ class NFMALA(MCMCKernel):
             self._non_centred_sites = []
             sites = self._hierarchical_sites(args, kwargs)
             if sites:
-                self.fit_result = self._fit_choosing_centring(density, sites, args, kwargs)
+                self.fit_result, self._non_centring = fit_in_better_coordinates(
+                    self.model,
+                    args,
+                    kwargs,
+                    density,
+                    sites,
+                    self.parameterization,
+                    self.fit_options,
+                    self._density_options(),
+                    stacklevel=7,
+                )
+                self._non_centred_sites = sites if self._non_centring is not None else []
             else:
                 self.fit_result = fit_map_to_density(density, **self.fit_options)
             self.flow = as_latent_flow(self.fit_result.flow)
@@ -481,40 +496,6 @@ class NFMALA(MCMCKernel):
         ):
             return []
         return hierarchical_sites(self.model, args, kwargs, self.init_strategy)
-
-    def _fit_choosing_centring(self, density: ModelDensity, sites: list[str], args, kwargs) -> FitResult:
-        """The staged map in the coordinates whose Gaussian stages pass the flow check better (``"auto"``),
-        or non-centred; the flow stage only in the coordinates chosen."""
-        non_centring = NonCentring(self.model, sites, args, kwargs, density, **self._density_options())
-        if self.parameterization == "non-centred":
-            self._non_centred_sites, self._non_centring = sites, non_centring
-            return fit_map_to_density(non_centring.density, **self.fit_options)
-        budget = self.fit_options.get("max_seconds", FIT_SECONDS)
-        deadline = _deadline(budget)
-
-        def within_budget(options: dict) -> dict:  # one budget for the trials and the flow stage together
-            left = deadline - time.perf_counter()
-            return options if budget is None else {**options, "max_seconds": max(left, MIN_FIT_SECONDS)}
-
-        gaussian_only = {**self.fit_options, "flow_stage": "none"}
-        trials = {}
-        for name, trial_density in (("centred", density), ("non-centred", non_centring.density)):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                result = fit_map_to_density(trial_density, **within_budget(gaussian_only))
-                trials[name] = (result, caught, trial_density)
-            if result.check.good or result.budget_spent:
-                break
-        name = min(trials, key=lambda key: trials[key][0].check.khat)
-        result, caught, chosen = trials[name]
-        self._non_centred_sites = sites if name == "non-centred" else []
-        self._non_centring = non_centring if name == "non-centred" else None
-        if result.check.good or self.fit_options.get("flow_stage") == "none":
-            for warning in caught:
-                warnings.warn(warning.message, warning.category, stacklevel=7)
-            return result._replace(seconds=sum(trial[0].seconds for trial in trials.values()))
-        full = fit_map_to_density(chosen, **within_budget(self.fit_options))
-        return full._replace(seconds=full.seconds + sum(trial[0].seconds for trial in trials.values()))
 
     def _describe_start(self) -> str:
         shapes = {name: tuple(shape) for name, shape in self.layout.shapes.items()}

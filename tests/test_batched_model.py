@@ -46,7 +46,8 @@ def test_all_chains_advance_in_one_model_run_per_move_and_are_right():
     pyro.set_rng_seed(0)
     model = Counted()
     x, y = data(3)
-    sampler = ChainSampler.from_model(model, x, y, num_chains=16, seed=0, fit_options={"progress": False})
+    options = {"fit_options": {"progress": False}, "trace_density": False}  # traced, the model never runs
+    sampler = ChainSampler.from_model(model, x, y, num_chains=16, seed=0, **options)
     assert sampler.density.vectorized and sampler.fit_result.stage == "laplace"
     assert sampler._driver.independence_every == 1  # the Laplace map passes the check: global moves on
     sampler.warmup(200, progress=False)

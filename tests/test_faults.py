@@ -53,6 +53,7 @@ def run_faulty_kernel(potential: FaultyPotential, num_samples: int, independence
         flow=identity_flow(2),
         initial_params={"x": torch.zeros(2)},
         independence_every=independence_every,
+        trace_density=False,  # the faults come from the potential's own state, which a trace would freeze
     )
     mcmc = MCMC(
         kernel,
