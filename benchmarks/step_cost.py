@@ -94,7 +94,7 @@ def regression_data(n: int = 100):
 
 #: cProfile's names of the parts of a draw: part -> (file ending, function name).
 PARTS = {
-    "model potential": ("pyro/infer/mcmc/util.py", "_potential_fn"),
+    "model potential": ("pyro_nfmala/traced.py", "__call__"),  # the density, traced (with its gradient)
     "gradients (backward)": ("torch/autograd/__init__.py", "grad"),
     "flow forward": ("pyro_nfmala/flow.py", "to_data"),
     "step": ("pyro_nfmala/mala.py", "metropolis_hastings_step"),
@@ -151,54 +151,67 @@ def pyro_model_row(num_samples: int, repeats: int) -> dict:
         warnings.simplefilter("ignore")
         MCMC(kernel, num_samples=200, warmup_steps=200, disable_progbar=True).run(*data)
 
-        def fixed() -> NFMALA:  # the fitted map and the adapted step, nothing adapted or fitted again
-            return NFMALA(
-                regression,
-                flow=kernel.fit_result.flow,
-                step_size=kernel.step_size,
-                adapt_step_size=False,
-                mass_matrix=None,
-            )
+    def fixed(trace_density: bool = True) -> NFMALA:  # the fitted map and adapted step, nothing adapted
+        return NFMALA(
+            regression,
+            flow=kernel.fit_result.flow,
+            step_size=kernel.step_size,
+            adapt_step_size=False,
+            mass_matrix=None,
+            trace_density=trace_density,
+        )
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         mcmc = MCMC(fixed(), num_samples=num_samples, warmup_steps=0, disable_progbar=True)
         profile = cProfile.Profile()
         profile.enable()
         mcmc.run(*data)
         profile.disable()
     parts = per_draw_parts(profile, num_samples)
-    stamps = []  # the wall time at each draw, Pyro's loop included (its hook runs after each)
-    timed = MCMC(
-        fixed(),
-        num_samples=num_samples,
-        warmup_steps=0,
-        disable_progbar=True,
-        hook_fn=lambda *args: stamps.append(time.perf_counter()),
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        timed.run(*data)
-    draw_ms = 1000 * (stamps[-1] - stamps[0]) / (len(stamps) - 1)
     profiled = sum(parts.values())
-    batched = {}
-    for chains in (4, 1024):  # all chains as one batch: one vectorized model run per move
-        sampler = ChainSampler.from_model(
-            regression, *data, num_chains=chains, flow=kernel.fit_result.flow, mass_matrix=None, seed=0
+    draw_ms, batched = {}, {}
+    for trace_density in (True, False):  # the traced density (the default) and the model run eagerly
+        stamps = []  # the wall time at each draw, Pyro's loop included (its hook runs after each)
+        timed = MCMC(
+            fixed(trace_density),
+            num_samples=num_samples,
+            warmup_steps=0,
+            disable_progbar=True,
+            hook_fn=lambda *args: stamps.append(time.perf_counter()),
         )
-        sampler.warmup(100, progress=False)
-        steps = max(num_samples // (4 if chains > 4 else 1), 50)
-        start = time.perf_counter()
-        sampler.advance(steps, progress=False)
-        batched[chains] = 1000 * (time.perf_counter() - start) / (steps * chains)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            timed.run(*data)
+        first = min(len(stamps) - 2, 100)  # after the density is traced (its 100th evaluation)
+        draw_ms[trace_density] = 1000 * (stamps[-1] - stamps[first]) / (len(stamps) - 1 - first)
+        for chains in (4, 1024):  # all chains as one batch: one vectorized model run per move
+            sampler = ChainSampler.from_model(
+                regression,
+                *data,
+                num_chains=chains,
+                flow=kernel.fit_result.flow,
+                mass_matrix=None,
+                seed=0,
+                trace_density=trace_density,
+            )
+            sampler.warmup(100, progress=False)
+            steps = max(num_samples // (4 if chains > 4 else 1), 50)
+            start = time.perf_counter()
+            sampler.advance(steps, progress=False)
+            batched[trace_density, chains] = 1000 * (time.perf_counter() - start) / (steps * chains)
     return {
         "model": "regression: 4 coefficients + noise scale, 100 observations",
         "evaluations_per_draw": 2 if mcmc.kernel._independence_schedule() == 1 else 1,
         "potential_and_gradient_ms": potential_ms,
-        "draw_ms": draw_ms,
-        "ratio": draw_ms / potential_ms,
+        "draw_ms": draw_ms[True],
+        "draw_ms_eager": draw_ms[False],
+        "ratio": draw_ms[True] / potential_ms,
         "shares": {part: seconds / profiled for part, seconds in parts.items()},
-        "batched_chain_draw_ms": {str(chains): ms for chains, ms in batched.items()},
-        "batched_4_ratio": batched[4] / potential_ms,
-        "batched_1024_speedup": draw_ms / batched[1024],
+        "batched_chain_draw_ms": {str(chains): batched[True, chains] for chains in (4, 1024)},
+        "batched_chain_draw_ms_eager": {str(chains): batched[False, chains] for chains in (4, 1024)},
+        "batched_4_ratio": batched[True, 4] / potential_ms,
+        "batched_1024_speedup": draw_ms[True] / batched[True, 1024],
     }
 
 
@@ -275,6 +288,7 @@ def main() -> None:
             f"| {r['identity_ms']:.2f} | {r['identity_ratio']:.2f}x "
             f"| {r['jacobian_ms']:.2f} | {r['jacobian_ratio']:.2f}x |"
         )
+    potential = pyro_row["potential_and_gradient_ms"]
     lines += [
         "",
         f"Pyro model ({pyro_row['model']}), one chain, sampling phase, "
@@ -291,14 +305,19 @@ def main() -> None:
     ]
     lines += [
         "",
-        "All chains as one batch (`ChainSampler.from_model`, the same map, one model run per move):",
+        "The traced density (the default) against the model run eagerly (`trace_density=False`), per "
+        "chain-draw; all chains as one batch with `ChainSampler.from_model` (the same map):",
         "",
-        "| chains | per chain-draw (ms) | vs one potential + gradient | vs one NFMALA chain's draw |",
-        "| --- | --- | --- | --- |",
+        "| chains | traced (ms) | vs one potential + gradient | eager (ms) | vs one potential + gradient "
+        "| traced vs one NFMALA chain's draw |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| 1 (`MCMC(NFMALA(model))`) | {pyro_row['draw_ms']:.3f} | {pyro_row['ratio']:.2f}x "
+        f"| {pyro_row['draw_ms_eager']:.3f} | {pyro_row['draw_ms_eager'] / potential:.2f}x | 1x |",
     ]
     for chains, ms in pyro_row["batched_chain_draw_ms"].items():
+        eager = pyro_row["batched_chain_draw_ms_eager"][chains]
         lines.append(
-            f"| {chains} | {ms:.3f} | {ms / pyro_row['potential_and_gradient_ms']:.2f}x "
+            f"| {chains} | {ms:.3f} | {ms / potential:.2f}x | {eager:.3f} | {eager / potential:.2f}x "
             f"| {pyro_row['draw_ms'] / ms:.0f}x faster |"
         )
     lines += [

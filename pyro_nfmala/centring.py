@@ -55,7 +55,7 @@ from pyro.infer.inspect import get_dependencies
 from pyro.infer.reparam import LocScaleReparam
 from torch import Tensor
 
-from .fit import FIT_SECONDS, FitResult, _deadline, fit_map_to_density
+from .fit import FIT_SECONDS, FitResult, _deadline, fit_map_to_density, passes
 from .model import ModelDensity, ParamLayout, default_init, model_density
 
 #: The parameterizations NFMALA can sample a model in.
@@ -193,10 +193,11 @@ def fit_in_better_coordinates(
     ``sites`` (its hierarchical sites), and the :class:`NonCentring` where non-centred (else ``None``).
 
     ``"auto"`` fits the Gaussian stages in the centred coordinates, then (unless those pass the flow
-    check) in the non-centred ones, keeps the coordinates whose Gaussian map has the smaller k-hat, and
-    fits the flow stage there only where that map fails the check; ``"non-centred"`` fits there directly.
-    One time budget (``fit_options["max_seconds"]``) bounds the trials and the flow stage together.
-    The warnings of the trial kept are given again at ``stacklevel``."""
+    check, at the grade ``fit_options["keep_gaussian"]``) in the non-centred ones, keeps the coordinates
+    whose Gaussian map has the smaller k-hat, and fits the flow stage there only where that map fails
+    the check; ``"non-centred"`` fits there directly. One time budget (``fit_options["max_seconds"]``)
+    bounds the trials and the flow stage together. The warnings of the trial kept are given again at
+    ``stacklevel``."""
     fit_options = dict(fit_options or {})
     non_centring = NonCentring(model, sites, model_args, model_kwargs, density, **dict(density_options or {}))
     if parameterization == "non-centred":
@@ -209,19 +210,20 @@ def fit_in_better_coordinates(
         return options if budget is None else {**options, "max_seconds": max(left, MIN_FIT_SECONDS)}
 
     gaussian_only = {**fit_options, "flow_stage": "none"}
+    grade = fit_options.get("keep_gaussian", "serviceable")
     trials = {}
     for name, trial_density in (("centred", density), ("non-centred", non_centring.density)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = fit_map_to_density(trial_density, **within_budget(gaussian_only))
             trials[name] = (result, caught, trial_density)
-        if result.check.good or result.budget_spent:
+        if passes(result.check, grade) or result.budget_spent:
             break
     name = min(trials, key=lambda key: trials[key][0].check.khat)
     result, caught, chosen = trials[name]
     chosen_centring = non_centring if name == "non-centred" else None
     trial_seconds = sum(trial[0].seconds for trial in trials.values())
-    if result.check.good or fit_options.get("flow_stage") == "none":
+    if passes(result.check, grade) or fit_options.get("flow_stage") == "none":
         for warning in caught:
             warnings.warn(warning.message, warning.category, stacklevel=stacklevel + 1)
         return result._replace(seconds=trial_seconds), chosen_centring

@@ -16,6 +16,12 @@ the latent target T1 over the base density. Two numbers summarize them:
   worth. At 90% of the draws or more the weights are nearly equal and the map is good whatever
   the tail fit says (fitted to nearly equal weights, k-hat is noise), provided k-hat <= 0.7.
 
+Three grades follow (:class:`FlowCheck`): **good** (k-hat below 0.5, or an importance ESS of 90% with
+k-hat <= 0.7), **serviceable** (good, or k-hat <= 0.7 with an importance ESS of at least 30%: as the
+proposal of independence moves, the map's draws are worth a third of exact draws or more, so chains
+mix well with the map as it is) and **reliable** (k-hat <= 0.7: the weights, and the map's coverage,
+can be trusted; above, a warning).
+
 Example:
     >>> import zuko
     >>> check = check_flow(identity_flow(2), lambda x: -0.5 * (x**2).sum(-1), num_samples=2000)
@@ -25,7 +31,15 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["FLOW_CHECK_SAMPLES", "KHAT_BAD", "KHAT_GOOD", "FlowCheck", "check_flow"]
+__all__ = [
+    "FLOW_CHECK_SAMPLES",
+    "GOOD_ESS_FRACTION",
+    "KHAT_BAD",
+    "KHAT_GOOD",
+    "SERVICEABLE_ESS_FRACTION",
+    "FlowCheck",
+    "check_flow",
+]
 
 import math
 import warnings
@@ -49,6 +63,8 @@ KHAT_BAD = 0.7
 FLOW_CHECK_SAMPLES = 1000
 #: An importance ESS of at least this share of the draws also makes a map good (with k-hat <= 0.7).
 GOOD_ESS_FRACTION = 0.9
+#: An importance ESS of at least this share of the draws makes a map serviceable (with k-hat <= 0.7).
+SERVICEABLE_ESS_FRACTION = 0.3
 
 
 class FlowCheck(NamedTuple):
@@ -69,6 +85,13 @@ class FlowCheck(NamedTuple):
         """Whether the map alone is a good approximation of the target (k-hat below 0.5, or an
         importance ESS of at least 90% of the draws: nearly equal weights, whose tail fit is noise)."""
         return self.khat < KHAT_GOOD or (self.reliable and self.ess_fraction >= GOOD_ESS_FRACTION)
+
+    @property
+    def serviceable(self) -> bool:
+        """Whether chains mix well with the map as it is, being good, or with k-hat at most 0.7 and an
+        importance ESS of at least 30% of the draws (its draws, as independence proposals, are worth a
+        third of exact draws or more). The staged fit adds no flow stage to a serviceable Gaussian map."""
+        return self.good or (self.reliable and self.ess_fraction >= SERVICEABLE_ESS_FRACTION)
 
     @property
     def reliable(self) -> bool:

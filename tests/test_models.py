@@ -208,8 +208,9 @@ def test_fitted_flow_round_trips_through_save_and_load(dirichlet_gamma_flow, tmp
 
 
 def test_the_staged_fit_keeps_the_cheapest_map_that_passes_the_check(dirichlet_gamma_flow):
-    """Dirichlet-Gamma is close to Gaussian in the unconstrained space: the Laplace stage passes."""
-    assert dirichlet_gamma_flow.stage == "laplace" and dirichlet_gamma_flow.check.good
+    """Dirichlet-Gamma is close to Gaussian in the unconstrained space: the Laplace stage passes (its
+    importance ESS is over 80% of the check's draws)."""
+    assert dirichlet_gamma_flow.stage == "laplace" and dirichlet_gamma_flow.check.serviceable
     assert dirichlet_gamma_flow.losses == [] and dirichlet_gamma_flow.seconds > 0
 
 

@@ -25,7 +25,8 @@ from pyro_nfmala import (
     load_flow,
     save_flow,
 )
-from pyro_nfmala.flowcheck import check_flow
+from pyro_nfmala.fit import fit_staged_map
+from pyro_nfmala.flowcheck import FlowCheck, check_flow
 from pyro_nfmala.flows import StagedFlow
 from pyro_nfmala.gaussian import gaussian_stage
 from pyro_nfmala.precond import MassMatrixPreconditioner, get_preconditioner
@@ -89,6 +90,34 @@ def test_the_flow_check_tells_a_good_map_from_a_misplaced_one():
     assert not check.reliable and check.ess_fraction < 0.2
     with pytest.warns(RuntimeWarning, match=r"fails the flow check: Pareto k-hat .* > 0.7"):
         check.warn("the map")
+
+
+def student_t(x, nu=5.0):
+    """A bivariate Student-t (5 degrees of freedom): its Laplace map is serviceable, not good."""
+    return -(nu + 2) / 2 * torch.log1p((x**2).sum(-1) / nu)
+
+
+def test_flow_check_grades():
+    laplace = StagedFlow(
+        torch.zeros(2, dtype=torch.float64), math.sqrt(5 / 7) * torch.eye(2, dtype=torch.float64)
+    )
+    check = check_flow(laplace, student_t, num_samples=4000)
+    assert check.reliable and check.serviceable and not check.good  # k-hat 0.53, importance ESS 48%
+    assert FlowCheck(0.6, 290.0, 1000, 1000).reliable and not FlowCheck(0.6, 290.0, 1000, 1000).serviceable
+    assert not FlowCheck(0.75, 950.0, 1000, 1000).serviceable  # unreliable, whatever the ESS
+    assert FlowCheck(0.4, 10.0, 1000, 1000).good and FlowCheck(0.6, 950.0, 1000, 1000).good
+    with pytest.raises(ValueError, match="keep_gaussian must be one of"):
+        fit_staged_map(student_t, torch.zeros(1, 2), keep_gaussian="best")
+
+
+@pytest.mark.statistical
+def test_a_serviceable_gaussian_map_is_kept_unless_a_good_one_is_asked_for():
+    torch.manual_seed(0)
+    starts = torch.randn(4, 2, dtype=torch.float64)
+    kept = fit_staged_map(student_t, starts, progress=False)
+    assert kept.stage == "laplace" and kept.losses == [] and kept.check.serviceable
+    polished = fit_staged_map(student_t, starts, progress=False, keep_gaussian="good")
+    assert polished.stage == "flow" and polished.check.good
 
 
 # ----------------------------------------------------------------------------------------------
