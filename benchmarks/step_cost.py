@@ -43,6 +43,7 @@ from pyro_nfmala.flows import StagedFlow
 from pyro_nfmala.mala import init_state, mala_step
 from pyro_nfmala.model import model_density
 from pyro_nfmala.precond import get_preconditioner
+from pyro_nfmala.traced import TracedFunction
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -217,11 +218,14 @@ def pyro_model_row(num_samples: int, repeats: int) -> dict:
 
 def flow_stage_row(repeats: int, dim: int = 10) -> dict:
     """The latent-to-data pass (and its backward) of a staged map with an affine-coupling flow stage, as
-    ``NFMALA``'s flow stage builds it: zuko's inverse (each coupling network evaluated twice), the
-    one-pass inverse (``flow.latent_to_data``, what the library uses), and that under ``torch.compile``
-    with its compile time, for one chain and for 4."""
+    ``NFMALA``'s flow stage builds it: zuko's inverse (each coupling network evaluated twice; the
+    library's default), the one-pass inverse (``flow.latent_to_data``), that under ``torch.compile``, and
+    zuko's inverse with its backward recorded as one graph (``traced.TracedFunction``, as the samplers
+    trace a whole target evaluation), with the compile and record times, for one chain and for 4."""
     torch.manual_seed(0)
-    staged = StagedFlow(torch.zeros(dim), torch.eye(dim), default_flow(dim, kind="affine"))
+    staged = StagedFlow(torch.zeros(dim), torch.eye(dim), default_flow(dim, kind="affine")).requires_grad_(
+        False
+    )
     transform = LatentFlow(staged).distribution.transform
     compiled = torch.compile(lambda z: latent_to_data(transform, z), dynamic=False)
     ways = {
@@ -230,23 +234,33 @@ def flow_stage_row(repeats: int, dim: int = 10) -> dict:
         "one-pass, compiled": compiled,
     }
     row = {"flow": f"StagedFlow({dim}) with default_flow({dim}, kind='affine') (RealNVP, 6 transforms)"}
-    for chains in (1, 4):
-        z = torch.randn(chains, dim)
 
-        def pass_and_backward(way):
+    def pass_and_backward(way, z):
+        with torch.enable_grad():
             primal = z.detach().requires_grad_(True)
             x, ladj = way(primal)
-            torch.autograd.grad(ladj.sum() + x.sum(), primal)
+            (grad,) = torch.autograd.grad(ladj.sum() + x.sum(), primal)
+        return x.detach(), ladj.detach(), grad
 
+    for chains in (1, 4):
+        z = torch.randn(chains, dim)
         start = time.perf_counter()
-        pass_and_backward(compiled)
+        pass_and_backward(compiled, z)
         row[f"compile_seconds_{chains}"] = time.perf_counter() - start
+        traced = TracedFunction(lambda point: pass_and_backward(ways["zuko inverse"], point), trace_after=1)
+        start = time.perf_counter()
+        traced(z)
+        row[f"record_seconds_{chains}"] = time.perf_counter() - start
+        assert traced.traced_shapes == [(chains, dim)]
         for name, way in ways.items():
             row[f"{name} ms, {chains} chains"] = 1000 * best_time(
-                lambda: pass_and_backward(way), repeats * 20
+                lambda: pass_and_backward(way, z), repeats * 20
             )
+        row[f"zuko inverse, traced ms, {chains} chains"] = 1000 * best_time(lambda: traced(z), repeats * 20)
     saved = row["one-pass inverse ms, 1 chains"] - row["one-pass, compiled ms, 1 chains"]
     row["compile_break_even_passes"] = 1000 * row["compile_seconds_1"] / saved if saved > 0 else float("inf")
+    saved = row["zuko inverse ms, 1 chains"] - row["zuko inverse, traced ms, 1 chains"]
+    row["record_break_even_passes"] = 1000 * row["record_seconds_1"] / saved if saved > 0 else float("inf")
     return row
 
 
@@ -324,19 +338,23 @@ def main() -> None:
         "",
         f"Latent-to-data pass and backward of a staged map's flow stage ({stage_row['flow']}):",
         "",
-        "| chains | zuko inverse (ms) | one-pass inverse (ms) | one-pass, compiled (ms) | compile (s) |",
-        "| --- | --- | --- | --- | --- |",
+        "| chains | zuko inverse (ms) | one-pass inverse (ms) | one-pass, compiled (ms) | compile (s) "
+        "| zuko inverse, traced (ms) | record (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for chains in (1, 4):
         lines.append(
             f"| {chains} | {stage_row[f'zuko inverse ms, {chains} chains']:.2f} "
             f"| {stage_row[f'one-pass inverse ms, {chains} chains']:.2f} "
             f"| {stage_row[f'one-pass, compiled ms, {chains} chains']:.2f} "
-            f"| {stage_row[f'compile_seconds_{chains}']:.1f} |"
+            f"| {stage_row[f'compile_seconds_{chains}']:.1f} "
+            f"| {stage_row[f'zuko inverse, traced ms, {chains} chains']:.2f} "
+            f"| {stage_row[f'record_seconds_{chains}']:.2f} |"
         )
     lines.append(
         f"\ntorch.compile pays after {stage_row['compile_break_even_passes']:,.0f} passes per process "
-        "and shape (compile time counted)."
+        "and shape (compile time counted); the traced graph after "
+        f"{stage_row['record_break_even_passes']:,.0f}."
     )
     table = "\n".join(lines)
     (RESULTS / "step_cost.md").write_text(table + "\n")

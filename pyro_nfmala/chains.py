@@ -229,7 +229,7 @@ class ChainSampler:
             with pyro.validation_enabled(False):
                 return sampled.log_prob(x).to(latent.dtype)
 
-        target = PosteriorPullback(latent, log_prob)
+        target = PosteriorPullback(latent, log_prob, trace=trace_density)
         if check is None:
             check = check_flow(latent, target.log_prob)
             check.warn("ChainSampler's flow", stacklevel=3)

@@ -248,7 +248,9 @@ class NFMALA(MCMCKernel):
             target: LatentTarget = TemperedFlow(self.flow, self.beta)
         else:
             dtype = self.flow.dtype
-            target = PosteriorPullback(self.flow, lambda x: sampled.log_prob(x).to(dtype))
+            target = PosteriorPullback(
+                self.flow, lambda x: sampled.log_prob(x).to(dtype), trace=self.trace_density
+            )
         # A posterior's chains start where Pyro's init strategy puts them (by default uniform in
         # (-2, 2) of the unconstrained space, one draw per chain, as Stan does): apart from each other
         # and independent of the map, so that R-hat can see a map that missed part of the posterior.

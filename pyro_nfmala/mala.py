@@ -59,7 +59,6 @@ __all__ = [
     "metropolis_hastings_step",
 ]
 
-import warnings
 
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -70,7 +69,7 @@ import torch
 from torch import Tensor
 
 from .flow import LatentFlow
-from .target import LatentTarget
+from .target import NO_GRADIENT_WARNING, LatentTarget  # noqa: F401 - NO_GRADIENT_WARNING re-exported
 
 
 class MALAState(NamedTuple):
@@ -184,28 +183,11 @@ def _is_out_of_support(error: BaseException) -> bool:
     )
 
 
-#: Warned when a log density does not depend on ``z`` in autograd's graph.
-NO_GRADIENT_WARNING = (
-    "the log density has no gradient (it does not require grad): a potential_fn that returns a Python "
-    "float or a detached tensor, or a posterior that does not depend on the parameters (a flat prior "
-    "and no data). Its gradient is taken as zero, which keeps the chain exact but makes each step a "
-    "random walk: return a tensor computed from the params with torch operations."
-)
-
-
 def evaluate(target: LatentTarget, move: Move, z: Tensor) -> MALAState:
-    r"""Evaluates :math:`\log \pi`, its gradient, :math:`f` and the move's cache at ``z``."""
-    with torch.enable_grad():
-        z = z.detach().requires_grad_(True)
-        log_density, x, ladj = target.log_density(z)
-        if log_density.requires_grad:
-            (grad,) = torch.autograd.grad(log_density.sum(), z, allow_unused=True)
-        else:  # a constant in z (or a potential that lost its graph): a zero gradient, still exact
-            warnings.warn(NO_GRADIENT_WARNING, RuntimeWarning, stacklevel=2)
-            grad = None
-    if grad is None:
-        grad = torch.zeros_like(z)
-    state = MALAState(z.detach(), x.detach(), ladj.detach(), log_density.detach(), grad.detach())
+    r"""Evaluates :math:`\log \pi`, its gradient, :math:`f` and the move's cache at ``z``
+    (:meth:`~pyro_nfmala.target.LatentTarget.evaluate`)."""
+    log_density, x, ladj, grad = target.evaluate(z)
+    state = MALAState(z.detach(), x, ladj, log_density, grad)
     return state._replace(cache=move.prepare(target.flow, state))
 
 

@@ -14,6 +14,9 @@ T2, the tempered flow measure (the generative sampling of Coeurdoux et al.):
 Both return, for a batch of latents ``z`` of shape ``(..., d)``, the log density (shape
 ``(...)``), the data point :math:`x = f(z)` and :math:`\mathrm{ladj}(z)`, all differentiable
 in ``z``. Both accept a zuko flow (frozen on the way in) or a :class:`~pyro_nfmala.LatentFlow`.
+:meth:`LatentTarget.evaluate` gives what a chain needs, :math:`(\log \pi(z), x, \mathrm{ladj}(z),
+\nabla_z \log \pi(z))`, detached: by autograd, or, for a :class:`PosteriorPullback` built with
+``trace=True``, from one traced graph per batch shape (:mod:`pyro_nfmala.traced`).
 
 Example:
     >>> flow = zuko.flows.NSF(2, transforms=2)
@@ -28,14 +31,24 @@ from __future__ import annotations
 __all__ = ["LatentTarget", "PosteriorPullback", "TemperedFlow", "check_beta"]
 
 import math
+import warnings
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
 from torch import Tensor
 
 from .flow import LatentFlow, as_latent_flow
+
+#: Warned when a log density does not depend on ``z`` in autograd's graph.
+NO_GRADIENT_WARNING = (
+    "the log density has no gradient (it does not require grad): a potential_fn that returns a Python "
+    "float or a detached tensor, or a posterior that does not depend on the parameters (a flat prior "
+    "and no data). Its gradient is taken as zero, which keeps the chain exact but makes each step a "
+    "random walk: return a tensor computed from the params with torch operations."
+)
 
 
 class LatentTarget:
@@ -46,6 +59,11 @@ class LatentTarget:
     def log_density(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         r"""Returns :math:`(\log \pi(z), x = f(z), \mathrm{ladj}(z))`, differentiable in ``z``."""
         raise NotImplementedError
+
+    def evaluate(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        r""":math:`(\log \pi(z), x, \mathrm{ladj}(z), \nabla_z \log \pi(z))` at ``z``, detached (by
+        autograd; a log density that does not depend on ``z`` warns and has a zero gradient)."""
+        return _evaluate_by_autograd(self, z)
 
     def check(self, z: Tensor) -> None:
         """Checks, once before sampling, that the target evaluates a batch ``z`` ``(n, d)`` as it should."""
@@ -60,17 +78,32 @@ class PosteriorPullback(LatentTarget):
             shape ``(..., d)``, returning shape ``(...)``: one value per point, e.g.
             ``lambda x: -0.5 * (x**2).sum(-1)``.
         dim: The target's dimension, if known: checked against the flow's.
+        trace: Evaluate for the chains from one traced graph per batch shape
+            (:class:`~pyro_nfmala.traced.TracedFunction`: checked against autograd at the point traced and
+            every 500th evaluation after); for a flow and a ``log_prob`` that do not change.
 
     :meth:`check` (run by the samplers on their initial states) refuses a ``log_prob`` that
     returns another shape, or that mixes the points of a batch (indexing ``x[0]`` instead of
     ``x[..., 0]``): either would sample silently wrong.
     """
 
-    def __init__(self, flow, log_prob: Callable[[Tensor], Tensor], dim: int | None = None) -> None:
+    def __init__(
+        self, flow, log_prob: Callable[[Tensor], Tensor], dim: int | None = None, *, trace: bool = False
+    ) -> None:
         self.flow = as_latent_flow(flow)
         if dim is not None and dim != self.flow.dim:
             raise ValueError(f"the flow has dimension {self.flow.dim} but the target has dimension {dim}")
         self.log_prob = log_prob
+        self._traced = None
+        if trace:
+            from .traced import TracedFunction  # the traced module builds on the step's error handling
+
+            self._traced = TracedFunction(partial(_evaluate_by_autograd, self), what="the latent target")
+
+    def evaluate(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        r""":meth:`LatentTarget.evaluate`; with ``trace=True``, from a traced graph of the flow's pass, the
+        density and both gradients, per batch shape (the flow and ``log_prob`` must not change)."""
+        return _evaluate_by_autograd(self, z) if self._traced is None else self._traced(z)
 
     def log_density(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x, ladj = self.flow.to_data(z)
@@ -139,3 +172,17 @@ class TemperedFlow(LatentTarget):
     def log_density(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x, ladj = self.flow.to_data(z)
         return self.flow.base_log_prob(z) - self.beta * ladj, x, ladj
+
+
+def _evaluate_by_autograd(target: LatentTarget, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        log_density, x, ladj = target.log_density(z)
+        if log_density.requires_grad:
+            (grad,) = torch.autograd.grad(log_density.sum(), z, allow_unused=True)
+        else:  # a constant in z (or a potential that lost its graph): a zero gradient, still exact
+            warnings.warn(NO_GRADIENT_WARNING, RuntimeWarning, stacklevel=4)
+            grad = None
+    if grad is None:
+        grad = torch.zeros_like(z)
+    return log_density.detach(), x.detach(), ladj.detach(), grad.detach()

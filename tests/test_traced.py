@@ -9,8 +9,9 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+import zuko
 
-from pyro_nfmala import NFMALA
+from pyro_nfmala import NFMALA, PosteriorPullback
 from pyro_nfmala.examples.posteriordb import MODELS, load_data
 from pyro_nfmala.model import model_density
 from pyro_nfmala.traced import TracedLogProb
@@ -184,3 +185,23 @@ def test_nfmala_draws_the_same_chain_traced_or_not():
         draws.append(mcmc.get_samples()["beta"])
     assert kernel.fit_result is not None
     assert torch.allclose(draws[0], draws[1], rtol=1e-6, atol=1e-6)
+
+
+def test_a_whole_target_evaluation_traced_equals_autograd_and_the_inner_density_runs_inside_it():
+    """The flow's pass, the density and both gradients as one graph: float64 agreement with autograd away
+    from the traced point, and the model's own traced density not traced apart (it runs inside)."""
+    density = posteriordb_density("eight_schools")
+    flow = zuko.flows.RealNVP(density.layout.dim, transforms=2).double().requires_grad_(False)
+    target = PosteriorPullback(flow, density.log_prob, trace=True)
+    target._traced.trace_after = 1
+    generator = torch.Generator().manual_seed(0)
+    target.evaluate(torch.randn(4, 10, dtype=torch.float64, generator=generator))
+    assert target._traced.traced_shapes == [(4, 10)] and density.traced.traced_shapes == []
+    z = torch.randn(4, 10, dtype=torch.float64, generator=generator)
+    untraced = PosteriorPullback(flow, density._eager_log_prob)
+    for got, want in zip(target.evaluate(z), untraced.evaluate(z)):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # the graph reads the flow's parameters, not copies of them
+        next(flow.parameters()).add_(0.1)
+    for got, want in zip(target.evaluate(z), untraced.evaluate(z)):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
