@@ -52,8 +52,8 @@ import torch
 from pyro.ops.stats import fit_generalized_pareto
 from torch import Tensor
 
+from .errors import is_out_of_memory
 from .flow import as_latent_flow
-from .mala import is_out_of_memory
 
 #: Below this Pareto k-hat the map is good (PSIS).
 KHAT_GOOD = 0.5

@@ -46,7 +46,7 @@ import zuko
 from pyro.distributions.transforms import LowerCholeskyAffine
 from torch import Tensor, nn
 
-from .mala import is_out_of_memory
+from .errors import is_out_of_memory
 
 #: Rounds of L-BFGS (each of up to ``max_iter`` iterations) while the log density still improves.
 MAX_ROUNDS = 3

@@ -53,8 +53,6 @@ __all__ = [
     "evaluate",
     "finite_chains",
     "init_state",
-    "is_numerical_error",
-    "is_out_of_memory",
     "mala_step",
     "metropolis_hastings_step",
 ]
@@ -63,11 +61,11 @@ __all__ = [
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-import pyro.ops.integrator
 import torch
 
 from torch import Tensor
 
+from .errors import is_numerical_error, is_out_of_memory  # noqa: F401 - re-exported
 from .flow import LatentFlow
 from .target import NO_GRADIENT_WARNING, LatentTarget  # noqa: F401 - NO_GRADIENT_WARNING re-exported
 
@@ -141,46 +139,6 @@ def _tensors(cache: Any) -> list[Tensor]:
     if isinstance(cache, Tensor):
         return [cache]
     return [tensor for part in cache for tensor in _tensors(part)]
-
-
-def is_numerical_error(error: BaseException) -> bool:
-    """Whether an error raised at a proposal is a numerical failure (a divergence), as in Pyro's HMC.
-
-    True when a handler registered with :func:`pyro.ops.integrator.register_exception_handler`
-    accepts it, or when a distribution's argument check failed (a parameter out of its support);
-    out-of-memory errors never are.
-    """
-    if is_out_of_memory(error) or not isinstance(error, Exception):
-        return False
-    if _is_out_of_support(error):
-        return True
-    handlers = getattr(pyro.ops.integrator, "_EXCEPTION_HANDLERS", {})
-    return any(handler(error) for handler in list(handlers.values()))
-
-
-#: How torch's allocators word an allocation failure that is not a ``torch.OutOfMemoryError``
-#: (the CPU allocator raises a plain ``RuntimeError``).
-_OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "out of memory", "failed to allocate")
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """Python's ``MemoryError``, torch's ``OutOfMemoryError`` (CUDA) and its CPU allocator's
-    ``RuntimeError: DefaultCPUAllocator: can't allocate memory``: never a numerical failure, whatever
-    a handler registered with Pyro says, since rejecting them would hide a machine out of memory."""
-    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    message = str(error).lower()
-    return isinstance(error, RuntimeError) and any(text in message for text in _OUT_OF_MEMORY_MESSAGES)
-
-
-def _is_out_of_support(error: BaseException) -> bool:
-    """A distribution's argument check failing at a proposal ("Expected parameter scale ... to satisfy
-    the constraint GreaterThan(...)"): a parameter that under- or overflowed out of its support (a scale
-    exp(u) that reached 0 deep in a funnel), which is a numerical failure, not a programming error."""
-    message = str(error)
-    return (
-        isinstance(error, ValueError) and message.startswith("Expected parameter") and "constraint" in message
-    )
 
 
 def evaluate(target: LatentTarget, move: Move, z: Tensor) -> MALAState:

@@ -46,7 +46,7 @@ from pyro.infer.mcmc.util import initialize_model
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from .mala import is_out_of_memory
+from .errors import is_out_of_memory
 from .traced import TracedLogProb
 
 logger = logging.getLogger(__name__)

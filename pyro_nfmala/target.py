@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from .flow import LatentFlow, as_latent_flow
+from .traced import TracedFunction
 
 #: Warned when a log density does not depend on ``z`` in autograd's graph.
 NO_GRADIENT_WARNING = (
@@ -96,8 +97,6 @@ class PosteriorPullback(LatentTarget):
         self.log_prob = log_prob
         self._traced = None
         if trace:
-            from .traced import TracedFunction  # the traced module builds on the step's error handling
-
             self._traced = TracedFunction(partial(_evaluate_by_autograd, self), what="the latent target")
 
     def evaluate(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -69,7 +69,7 @@ import torch
 
 from torch import Tensor
 
-from .mala import is_out_of_memory
+from .errors import is_out_of_memory
 
 logger = logging.getLogger(__name__)
 
