@@ -107,11 +107,12 @@ PARTS = {
 
 
 def cumulative_seconds(profile: cProfile.Profile) -> dict[str, float]:
-    """The cumulative time of each of ``PARTS`` in the profile, and its calls made by the kernel's
-    ``sample`` (what a draw costs; the setup's evaluations, such as the flow check, are not counted)."""
+    """The cumulative time of each of ``PARTS`` in the profile, the whole run's (``per_draw_parts``
+    takes the setup out of Pyro's loop; the setup's own few evaluations, such as the flow check's one
+    batch, stay in the parts: a small share of a run of hundreds of draws)."""
     stats = pstats.Stats(profile).stats
     found = dict.fromkeys(PARTS, 0.0)
-    for (filename, _, function), (_, _, _, cumulative, callers) in stats.items():
+    for (filename, _, function), (_, _, _, cumulative, _) in stats.items():
         for part, (ending, name) in PARTS.items():
             if function == name and filename.replace("\\", "/").endswith(ending):
                 found[part] = max(found[part], cumulative)
