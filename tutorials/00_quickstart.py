@@ -13,7 +13,7 @@
 #    the kernel reports;
 # 3. compare with Pyro's NUTS on the same budget, and with plain MALA (NFMALA on the identity map).
 #
-# Run: `python tutorials/00_quickstart.py` (about 2.5 minutes on 2 cores); `SMOKE_TEST=1` shrinks it
+# Run: `python tutorials/00_quickstart.py` (about 30 seconds on 2 cores); `SMOKE_TEST=1` shrinks it
 # to seconds.
 
 # %%
