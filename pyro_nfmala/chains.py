@@ -202,7 +202,9 @@ class ChainSampler:
         fit, non_centring, sampled = None, None, density
         if flow is None:
             sites = (
-                [] if parameterization == "centred" else hierarchical_sites(model, model_args, model_kwargs)
+                []
+                if parameterization == "centred"
+                else hierarchical_sites(model, model_args, model_kwargs, init_strategy)
             )
             if sites:
                 density_options = {"init_strategy": init_strategy, "trace_density": trace_density}
