@@ -190,7 +190,8 @@ def fit_in_better_coordinates(
     stacklevel: int = 2,
 ) -> tuple[FitResult, NonCentring | None]:
     """The staged map of the model's posterior in its own coordinates (``density``) or non-centred on
-    ``sites`` (its hierarchical sites), and the :class:`NonCentring` where non-centred (else ``None``).
+    ``sites`` (its hierarchical sites), and the :class:`NonCentring` where non-centred (else ``None``);
+    with no sites, the staged map of ``density``.
 
     ``"auto"`` fits the Gaussian stages in the centred coordinates, then (unless those pass the flow
     check, at the grade ``fit_options["keep_gaussian"]``) in the non-centred ones, keeps the coordinates
@@ -199,6 +200,8 @@ def fit_in_better_coordinates(
     bounds the trials and the flow stage together. The warnings of the trial kept are given again at
     ``stacklevel``."""
     fit_options = dict(fit_options or {})
+    if not sites:
+        return fit_map_to_density(density, **fit_options), None
     non_centring = NonCentring(model, sites, model_args, model_kwargs, density, **dict(density_options or {}))
     if parameterization == "non-centred":
         return fit_map_to_density(non_centring.density, **fit_options), non_centring

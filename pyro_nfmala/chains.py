@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from .arviz import from_arrays, pointwise_log_likelihood, warn_about_draws
 from .centring import PARAMETERIZATIONS, NonCentring, fit_in_better_coordinates, hierarchical_sites
 from .driver import Driver
-from .fit import FitResult, fit_map_to_density
+from .fit import FitResult
 from .flow import as_latent_flow
 from .flowcheck import FlowCheck, check_flow
 from .mala import MALAState, Move, StepInfo
@@ -206,21 +206,18 @@ class ChainSampler:
                 if parameterization == "centred"
                 else hierarchical_sites(model, model_args, model_kwargs, init_strategy)
             )
-            if sites:
-                density_options = {"init_strategy": init_strategy, "trace_density": trace_density}
-                fit, non_centring = fit_in_better_coordinates(
-                    model,
-                    model_args,
-                    model_kwargs,
-                    density,
-                    sites,
-                    parameterization,
-                    fit_options,
-                    density_options,
-                )
-                sampled = density if non_centring is None else non_centring.density
-            else:
-                fit = fit_map_to_density(density, **dict(fit_options or {}))
+            density_options = {"init_strategy": init_strategy, "trace_density": trace_density}
+            fit, non_centring = fit_in_better_coordinates(
+                model,
+                model_args,
+                model_kwargs,
+                density,
+                sites,
+                parameterization,
+                fit_options,
+                density_options,
+            )
+            sampled = density if non_centring is None else non_centring.density
             flow, check = fit.flow, fit.check
         else:
             check_flow_dim(flow, density.layout)

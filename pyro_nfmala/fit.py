@@ -114,9 +114,13 @@ MAP_GRADES = ("serviceable", "good")
 
 def passes(check: FlowCheck, grade: str = "serviceable") -> bool:
     """Whether ``check`` meets ``grade`` (one of :data:`MAP_GRADES`)."""
+    return check.serviceable if _check_grade(grade) == "serviceable" else check.good
+
+
+def _check_grade(grade: str) -> str:
     if grade not in MAP_GRADES:
         raise ValueError(f"keep_gaussian must be one of {MAP_GRADES}, got {grade!r}")
-    return check.serviceable if grade == "serviceable" else check.good
+    return grade
 
 
 class FitResult(NamedTuple):
@@ -405,8 +409,7 @@ def fit_staged_map(
     throughout) is dropped with a warning, and the best map so far is kept. ``keep_gaussian`` is the
     grade of the flow check (:data:`MAP_GRADES`) at which a map is kept without a further stage.
     """
-    if keep_gaussian not in MAP_GRADES:
-        raise ValueError(f"keep_gaussian must be one of {MAP_GRADES}, got {keep_gaussian!r}")
+    _check_grade(keep_gaussian)  # before any fitting
     if flow_stage not in FLOW_STAGES:
         raise ValueError(f"flow_stage must be one of {FLOW_STAGES}, got {flow_stage!r}")
     start_time = time.perf_counter()

@@ -66,7 +66,7 @@ from torch import Tensor
 from .arviz import warn_about_draws
 from .centring import PARAMETERIZATIONS, NonCentring, fit_in_better_coordinates, hierarchical_sites
 from .driver import Driver
-from .fit import FitResult, fit_map_to_density
+from .fit import FitResult
 from .flow import as_latent_flow
 from .flowcheck import FlowCheck, check_flow
 from .gaussian import with_mode_from
@@ -457,23 +457,19 @@ class NFMALA(MCMCKernel):
 
     def _fit_or_check(self, density: ModelDensity, args: tuple, kwargs: dict) -> None:
         if self._fits_own_map:
-            self._non_centred_sites = []
             sites = self._hierarchical_sites(args, kwargs)
-            if sites:
-                self.fit_result, self._non_centring = fit_in_better_coordinates(
-                    self.model,
-                    args,
-                    kwargs,
-                    density,
-                    sites,
-                    self.parameterization,
-                    self.fit_options,
-                    self._density_options(),
-                    stacklevel=7,
-                )
-                self._non_centred_sites = sites if self._non_centring is not None else []
-            else:
-                self.fit_result = fit_map_to_density(density, **self.fit_options)
+            self.fit_result, self._non_centring = fit_in_better_coordinates(
+                self.model,
+                args,
+                kwargs,
+                density,
+                sites,
+                self.parameterization,
+                self.fit_options,
+                self._density_options(),
+                stacklevel=7,
+            )
+            self._non_centred_sites = sites if self._non_centring is not None else []
             self.flow = as_latent_flow(self.fit_result.flow)
             self.flow_check = self.fit_result.check
             logger.info(

@@ -262,12 +262,10 @@ class _ParticleModel:
                 total = total + self.particles_first(site["log_prob"]).reshape(len(total), -1).sum(-1)
         return total
 
-    def particles_first(self, value: Tensor, event_dims: int = 0) -> Tensor:
-        """A site's value or log density with the particle dimension first (of size 1 where all
-        particles share it)."""
-        batch = value.dim() - event_dims
-        value = value.reshape((1,) * (self.nesting + 1 - batch) + value.shape)
-        return value.movedim(-(self.nesting + 1) - event_dims, 0)
+    def particles_first(self, log_prob: Tensor) -> Tensor:
+        """A site's log density with the particle dimension first (of size 1 where all particles share it)."""
+        log_prob = log_prob.reshape((1,) * (self.nesting + 1 - log_prob.dim()) + log_prob.shape)
+        return log_prob.movedim(-(self.nesting + 1), 0)
 
 
 def default_init(site: dict, radius: float = 2.0) -> Tensor:
