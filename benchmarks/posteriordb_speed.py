@@ -52,7 +52,8 @@ NUMPYRO_METHODS = ("sequential", "vectorized")
 GOAL_MEDIAN, GOAL_EVERY = 3.0, 1.0
 
 
-def run_nfmala(name: str, budget: dict, seed: int) -> dict:
+def run_nfmala(name: str, budget: dict, seed: int, **sampler_options) -> dict:
+    """``ChainSampler.from_model`` on one posterior, the fit counted; ``sampler_options`` are its options."""
     torch.set_num_threads(1)
     data = load_data(name, dtype=torch.float64)
     pyro.set_rng_seed(seed)
@@ -65,6 +66,7 @@ def run_nfmala(name: str, budget: dict, seed: int) -> dict:
             num_chains=budget["chains"],
             seed=seed,
             fit_options={"progress": False},
+            **sampler_options,
         )
         setup = time.perf_counter() - start
         idata = sampler.run(budget["samples"], budget["warmup"], progress=False, log_likelihood=False)
@@ -79,6 +81,7 @@ def run_nfmala(name: str, budget: dict, seed: int) -> dict:
     result["non_centred"] = sampler.non_centring is not None
     result["traced"] = bool(sampler.density.traced and sampler.density.traced.traced_shapes)
     result["divergences"] = int(sampler.num_divergent)
+    result["tries"] = sampler.independence_tries
     result["right"] = right(result)
     return result
 

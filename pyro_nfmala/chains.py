@@ -73,7 +73,7 @@ class ChainSampler:
 
     The sampler's options, ``preconditioner``, ``mass_matrix``, ``step_size``,
     ``target_accept_prob``, ``adapt``, ``independence_every``, ``independence_scale``,
-    ``refine_every`` and ``refine_options``, are passed to
+    ``independence_tries``, ``refine_every`` and ``refine_options``, are passed to
     :class:`~pyro_nfmala.options.SamplerOptions` (documented there; ``independence_every`` is
     ``None`` or an integer here, and ``refine_every`` needs a posterior pull-back).
 
@@ -95,6 +95,7 @@ class ChainSampler:
         adapt: str = "shared",
         independence_every: int | None = None,
         independence_scale: float = 1.0,
+        independence_tries: int | str = 1,
         refine_every: int | None = None,
         refine_options: dict | None = None,
         initial_z: Tensor | None = None,
@@ -155,6 +156,7 @@ class ChainSampler:
         parameterization: str = "auto",
         init_strategy: Callable | None = None,
         independence_every: int | str | None = "auto",
+        independence_tries: int | str = "auto",
         seed: int | None = None,
         trace_density: bool = True,
         **options,
@@ -164,7 +166,9 @@ class ChainSampler:
         ``flow=None`` fits the staged map (:func:`~pyro_nfmala.fit.fit_map_to_density`, with
         ``fit_options``) as ``NFMALA(model)`` does; any zuko flow on the unconstrained space is used as
         it is, after the flow check. ``independence_every="auto"`` is 1 where the map passes the flow
-        check's reliability bar or the fit found several modes, else none (as ``NFMALA``'s).
+        check's reliability bar or the fit found several modes, else none (as ``NFMALA``'s);
+        ``independence_tries="auto"`` chooses the tries per independence step from warmup's acceptance
+        rate (:class:`~pyro_nfmala.options.SamplerOptions`), one try for a model that does not vectorize.
         ``options`` are the sampler's (``preconditioner``, ``mass_matrix``, ``step_size``, ...).
         The chains start at draws of the map. ``parameterization`` is :class:`~pyro_nfmala.NFMALA`'s: with
         ``flow=None``, a model with hierarchical sites is sampled non-centred where that brings its
@@ -235,8 +239,16 @@ class ChainSampler:
         modes = fit.modes if fit is not None else ()
         if independence_every == "auto":
             independence_every = 1 if check.reliable or len(modes) > 1 else None
+        if not density.vectorized and independence_tries == "auto":
+            independence_tries = 1  # each try would cost a model run of its own
         sampler = cls(
-            target, num_chains, independence_every=independence_every, seed=seed, modes=modes, **options
+            target,
+            num_chains,
+            independence_every=independence_every,
+            independence_tries=independence_tries,
+            seed=seed,
+            modes=modes,
+            **options,
         )
         sampler.density, sampler.fit_result, sampler.flow_check = density, fit, check
         sampler.non_centring = non_centring
@@ -285,6 +297,12 @@ class ChainSampler:
     def num_steps(self) -> int:
         """Steps made so far, warmup included."""
         return self._driver.steps
+
+    @property
+    def independence_tries(self) -> int:
+        """How many independence moves each independence step makes (for ``"auto"``, one in warmup,
+        then the number chosen from warmup's acceptance rate)."""
+        return self._driver.independence_tries
 
     @property
     def independence_acceptance_rate(self) -> float:

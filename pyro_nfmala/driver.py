@@ -10,8 +10,10 @@ batch of states and owns, once for both:
   (:func:`~pyro_nfmala.adaptation.find_reasonable_step_size`);
 - the schedule of moves: every step is one Langevin move (the preconditioner of
   :mod:`pyro_nfmala.precond`), and with ``independence_every=k`` every ``k``-th is followed by an
-  independence move (:mod:`pyro_nfmala.independence`); each move is one call of the generic
-  Metropolis-Hastings step (:func:`~pyro_nfmala.mala.metropolis_hastings_step`);
+  independence step (:mod:`pyro_nfmala.independence`: ``independence_tries`` moves in a row, their
+  proposals evaluated as one batch); each move is the generic Metropolis-Hastings step
+  (:func:`~pyro_nfmala.mala.metropolis_hastings_step`) or its batched form for independence moves
+  (:func:`~pyro_nfmala.independence.independence_steps`);
 - warmup, as one :class:`~pyro_nfmala.adaptation.WarmupAdaptation` (step size, mass matrix, and
   the flow where it is refined), whose parameters the steps receive; fixed when warmup ends, so
   that sampling is one fixed, exact kernel;
@@ -19,7 +21,7 @@ batch of states and owns, once for both:
   proposals, and per sampling draw the statistics (``accept_prob``, ``step_size``, ``diverging``,
   ``lp``: the log density of :math:`x` under the target's push-forward up to a constant,
   :math:`\log \pi(z) - \mathrm{ladj}(z)`; with independence moves ``independence_accept_prob``,
-  NaN on a draw without one);
+  the mean over the step's ``independence_tries``, NaN on a draw without one);
 - the warnings: the first numerical error of each kind, with its message, and at the end of a
   run the divergences of warmup and sampling and any chain that never moved.
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 __all__ = ["DIVERGENCE_WARNING_RATE", "SAMPLE_STATS", "Driver", "MoveLedger"]
 
+import logging
 import warnings
 
 import torch
@@ -44,10 +47,12 @@ import torch
 from torch import Tensor
 
 from .adaptation import FlowRefinement, KernelParameters, WarmupAdaptation, find_reasonable_step_size
-from .independence import independence_proposal
-from .mala import MALAState, StepInfo, finite_chains, init_state, mala_step, metropolis_hastings_step
+from .independence import auto_tries, independence_proposal, independence_steps
+from .mala import MALAState, StepInfo, finite_chains, init_state, mala_step
 from .options import SamplerOptions, check_num_chains
 from .target import LatentTarget, PosteriorPullback
+
+logger = logging.getLogger(__name__)
 
 #: Above this share of divergent proposals (in warmup or in sampling), the end of a run warns.
 DIVERGENCE_WARNING_RATE = 0.01
@@ -157,6 +162,7 @@ class Driver:
             eye = torch.ones(dim, **unit) if options.mass_matrix == "diagonal" else torch.eye(dim, **unit)
             self.move = self.move.with_inverse_mass(eye)
         self.independence_every = options.independence_every
+        self._tries: int | None = None if options.independence_tries == "auto" else options.independence_tries
         self.modes = tuple(modes)
         self.state: MALAState | None = None
         self.step_size: Tensor | None = None
@@ -372,17 +378,40 @@ class Driver:
                 self.draws.setdefault(name, []).append(value.detach().cpu())
         return info
 
+    @property
+    def independence_tries(self) -> int:
+        """How many independence moves each independence step makes (the options' number, or for
+        ``"auto"`` one until warmup ends and then :func:`~pyro_nfmala.independence.auto_tries` of
+        warmup's acceptance rate, fixed from the first sampling step on)."""
+        if self._tries is not None:
+            return self._tries
+        if self.warming_up:
+            return 1
+        ledger = self.ledgers["independence"].counts["warmup"]
+        rate = ledger["accepted"] / ledger["proposals"] if ledger["proposals"] else float("nan")
+        self._tries = auto_tries(rate)
+        logger.info(
+            "%s: independence acceptance %.3f in warmup, so %d independence tries per step from now on",
+            self.label, rate, self._tries,
+        )  # fmt: skip
+        return self._tries
+
     def _independence_move(self, phase: str) -> None:
-        """One independence move of every chain (:mod:`pyro_nfmala.independence`)."""
-        one = torch.ones((), dtype=self.state.z.dtype, device=self.state.z.device)
-        self.state, info = metropolis_hastings_step(
-            self.state, self.target, self._independence_proposal(), one, generator=self.generator
+        """The options' ``independence_tries`` independence moves of every chain in a row
+        (:func:`~pyro_nfmala.independence.independence_steps`); the statistics keep their mean
+        acceptance probability."""
+        self.state, info = independence_steps(
+            self.state,
+            self.target,
+            self._independence_proposal(),
+            self.independence_tries,
+            generator=self.generator,
         )
         self._note_errors(info.errors)
         self.ledgers["independence"].add(phase, info)
         if phase == "sampling":  # a chain that moves only by independence moves is not stuck
-            self.accepted += info.accepted.reshape(-1).long().cpu()
-        self._last_independence = info.accept_prob
+            self.accepted += info.accepted.any(0).reshape(-1).long().cpu()
+        self._last_independence = info.accept_prob.mean(0)
 
     def _independence_proposal(self):
         """The independence move's proposal, built again only when the Langevin move (its cache) or

@@ -128,8 +128,10 @@ class NFMALA(MCMCKernel):
             its parameters' values stays eager. ``False`` runs the model eagerly at every step.
 
     The sampler's options, ``step_size``, ``adapt_step_size``, ``target_accept_prob``,
-    ``preconditioner``, ``mass_matrix``, ``independence_every`` and ``independence_scale``, are passed
-    to :class:`~pyro_nfmala.options.SamplerOptions` (documented there). Here
+    ``preconditioner``, ``mass_matrix``, ``independence_every``, ``independence_scale`` and
+    ``independence_tries``, are passed to :class:`~pyro_nfmala.options.SamplerOptions` (documented
+    there; ``independence_tries="auto"`` is one try for a ``potential_fn`` or a model that does not
+    vectorize, whose tries would each cost a run). Here
     ``independence_every="auto"`` (the default) puts an independence move after every step on a
     posterior whose map passes the flow check's reliability bar (Pareto k-hat <= 0.7), none otherwise
     (and none on the tempered target); its acceptance rate is in the diagnostics and in
@@ -155,6 +157,7 @@ class NFMALA(MCMCKernel):
         mass_matrix: str | None = "auto",
         independence_every: int | str | None = "auto",
         independence_scale: float = 1.0,
+        independence_tries: int | str = "auto",
         beta: float | None = None,
         transforms: Mapping | None = None,
         max_plate_nesting: int | None = None,
@@ -267,7 +270,12 @@ class NFMALA(MCMCKernel):
             self._chain_modes = with_mode_from(sampled.log_prob, self._chain_modes, init_x)
             if len(self._chain_modes) > len(self._modes()):  # chains run after this one propose there too
                 self.fit_result = self.fit_result._replace(modes=self._chain_modes)
-        options = self.options.replace(independence_every=self._independence_schedule())
+        tries = self.options.independence_tries
+        if tries == "auto" and (self.model is None or not sampled.vectorized):
+            tries = 1  # each try would cost a model run of its own
+        options = self.options.replace(
+            independence_every=self._independence_schedule(), independence_tries=tries
+        )
         self._driver = Driver(target, 1, options, label="NFMALA", modes=self._chain_modes)
         state = self._driver.start_at(
             init_x, fallback=self._user_initial_params is None, describe=self._describe_start
@@ -346,6 +354,7 @@ class NFMALA(MCMCKernel):
             "numerical errors": driver.errors if driver else 0,
             "independence non-finite": ledger["independence"].total("divergent") if driver else 0,
             "independence acceptance rate": driver.independence_acceptance_rate if driver else float("nan"),
+            "independence tries": driver.independence_tries if driver else 1,
             "step size": self.step_size,
             "sample_stats": draws,
         }

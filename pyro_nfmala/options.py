@@ -33,7 +33,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .independence import check_independence
+from .independence import check_independence, check_tries
 from .mala import Move
 from .precond import get_preconditioner
 
@@ -131,6 +131,17 @@ class SamplerOptions:
             map passes the flow check's reliability bar (Pareto k-hat <= 0.7), none otherwise.
         independence_scale: :math:`s > 0` (1: the map's base law; wider is safer for a map that
             is too narrow).
+        independence_tries: How many independence moves each independence step makes in a row
+            (default 1): their proposals are evaluated as one batch
+            (:func:`~pyro_nfmala.independence.independence_steps`), so a chain that one proposal
+            fails to move has more chances for the price of one larger evaluation. It pays where the
+            map is fair but not good (independence acceptance rate about 0.5-0.8) and the model's
+            density takes a batch in one run; where the draws are already nearly independent, or
+            the density is evaluated point by point, it only costs time. ``"auto"`` (the default of
+            :class:`~pyro_nfmala.NFMALA` and :meth:`ChainSampler.from_model
+            <pyro_nfmala.chains.ChainSampler.from_model>` on a model that vectorizes): one try in warmup,
+            then :func:`~pyro_nfmala.independence.auto_tries` of warmup's acceptance rate (8 below
+            0.85, else 1), fixed for sampling.
         refine_every: ``None`` (default): the flow is fixed. ``n`` (:class:`~pyro_nfmala.ChainSampler`
             on a posterior pull-back): during warmup (not in its last quarter), every ``n`` steps
             the flow takes a few Adam steps on the states the chains visited and their gradients
@@ -152,6 +163,7 @@ class SamplerOptions:
         adapt: str = "shared",
         independence_every: int | str | None = None,
         independence_scale: float = 1.0,
+        independence_tries: int | str = 1,
         refine_every: int | None = None,
         refine_options: dict | None = None,
     ) -> None:
@@ -166,6 +178,7 @@ class SamplerOptions:
         self.independence_every, self.independence_scale = check_independence(
             independence_every, independence_scale, allow_auto=True
         )
+        self.independence_tries = check_tries(independence_tries)
         self.refine_every = _check_refine_every(refine_every)
         self.refine_options = dict(refine_options or {})
 
@@ -195,6 +208,7 @@ _OPTION_NAMES = (
     "adapt",
     "independence_every",
     "independence_scale",
+    "independence_tries",
     "refine_every",
     "refine_options",
 )

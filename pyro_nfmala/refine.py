@@ -259,6 +259,7 @@ def adapt_flow_with_chains(
     num_steps: int = 400,
     refine_every: int = 10,
     refine_options: Mapping | None = None,
+    independence_tries: int = 1,
     max_seconds: float | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -289,6 +290,7 @@ def adapt_flow_with_chains(
     options = SamplerOptions(
         mass_matrix=None,
         independence_every=1,
+        independence_tries=independence_tries,
         refine_every=refine_every,
         refine_options={**CHAIN_REFINE_OPTIONS, **dict(refine_options or {})},
     )

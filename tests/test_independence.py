@@ -19,6 +19,7 @@ from pyro_nfmala import (
     PosteriorPullback,
     TemperedFlow,
     identity_flow,
+    independence,
     to_inference_data,
 )
 from pyro_nfmala.driver import Driver
@@ -27,6 +28,7 @@ from pyro_nfmala.independence import (
     IndependenceProposal,
     ModeMixtureProposal,
     independence_step,
+    independence_steps,
     mode_mixture_weights,
 )
 from pyro_nfmala.mala import init_state, mala_step
@@ -70,6 +72,136 @@ def test_exact_law_is_invariant_and_a_ratio_without_the_proposal_density_is_caug
     broken = IndependenceWithoutProposalDensity(IdentityPreconditioner(), scale)
     state, _ = run_moves(target, broken, mixture)
     assert max_abs_z_score(statistics(state.z, state.x), reference_statistics) > 6.0
+
+
+def _tries_without_the_current_weight(log_weight, log_weights_new, uniforms):
+    """Negative control: every try is weighed against where the chain started the step, not where
+    the tries before it left it (the chain ends at the last proposal accepted)."""
+    chosen = torch.full(log_weight.shape, -1, dtype=torch.long)
+    log_ratios = log_weights_new - log_weight
+    accepted = torch.log(uniforms) < log_ratios.clamp(max=0.0)
+    for j in range(len(log_weights_new)):
+        chosen = torch.where(accepted[j], torch.full_like(chosen, j), chosen)
+    return chosen, log_ratios, accepted
+
+
+def run_tries(target, proposal, mixture, tries, moves=NUM_MOVES // 2, seed=3):
+    torch.manual_seed(seed)
+    state = init_state(target, proposal, exact_latents(target.flow, mixture, NUM_PARTICLES))
+    accept = []
+    for _ in range(moves):
+        state, info = independence_steps(state, target, proposal, tries)
+        accept.append(float(info.accept_prob.mean()))
+    return state, sum(accept) / len(accept)
+
+
+@pytest.mark.statistical
+def test_several_tries_per_step_keep_the_exact_law_and_weighing_each_against_the_start_is_caught(
+    latent_flow, mixture, reference_statistics, monkeypatch
+):
+    """Exact draws stay exact under steps of four independence moves in a row (proposals evaluated
+    as one batch, from a base 1.5 times wider than the flow's); the same check catches tries that are
+    each weighed against the step's starting point."""
+    target = PosteriorPullback(latent_flow, mixture.log_prob)
+    proposal = IndependenceProposal(IdentityPreconditioner(), 1.5)
+    state, accept_rate = run_tries(target, proposal, mixture, tries=4)
+    assert 0.2 < accept_rate < 0.95
+    assert max_abs_z_score(statistics(state.z, state.x), reference_statistics) < 4.5
+    monkeypatch.setattr(independence, "_run_tries", _tries_without_the_current_weight)
+    state, _ = run_tries(target, proposal, mixture, tries=4)
+    assert max_abs_z_score(statistics(state.z, state.x), reference_statistics) > 6.0
+
+
+def test_one_try_is_the_single_move_and_each_try_is_a_metropolis_hastings_move(latent_flow, mixture):
+    """One try draws and accepts exactly as the single independence move; with several, a chain ends
+    at its last accepted proposal, and a try's ratio is the one against where the tries before it
+    left the chain (recomputed here from the proposals' densities)."""
+    target = PosteriorPullback(latent_flow, mixture.log_prob)
+    proposal = IndependenceProposal(IdentityPreconditioner(), 1.2)
+    state = init_state(target, proposal, exact_latents(latent_flow, mixture, 64))
+    generator = torch.Generator().manual_seed(5)
+    single, single_info = mala_step(state, target, proposal, torch.tensor(1.0), generator=generator)
+    generator.manual_seed(5)
+    batched, info = independence_steps(state, target, proposal, 1, generator=generator)
+    torch.testing.assert_close(batched.z, single.z, rtol=0, atol=0)
+    torch.testing.assert_close(info.accept_prob[0], single_info.accept_prob)
+
+    generator.manual_seed(6)
+    after, info = independence_steps(state, target, proposal, 3, generator=generator)
+    generator.manual_seed(6)
+    z_new = 1.2 * torch.randn((3 * 64, 2), generator=generator, dtype=torch.float64)
+    log_q = torch.distributions.Normal(0.0, 1.2).log_prob(z_new).sum(-1)
+    x_new, ladj_new = latent_flow.to_data(z_new)
+    log_weights = (mixture.log_prob(x_new) + ladj_new - log_q).detach().reshape(3, 64)
+    log_weight = state.log_density - torch.distributions.Normal(0.0, 1.2).log_prob(state.z).sum(-1)
+    expected_z = state.z.clone()
+    for j in range(3):
+        torch.testing.assert_close(info.log_accept_ratio[j], log_weights[j] - log_weight)
+        accept = info.accepted[j]
+        log_weight = torch.where(accept, log_weights[j], log_weight)
+        expected_z[accept] = z_new.reshape(3, 64, 2)[j][accept]
+    torch.testing.assert_close(after.z, expected_z, rtol=0, atol=0)
+    assert 0 < int(info.accepted.sum()) < 3 * 64
+
+
+def test_a_try_where_the_target_fails_is_a_counted_rejection():
+    """Proposals where the log density is NaN are rejected, counted as divergent, and never reached."""
+    target = PosteriorPullback(
+        identity_flow(2), lambda x: torch.where(x[..., 0] > 0.5, float("nan"), -0.5 * (x**2).sum(-1))
+    )
+    proposal = IndependenceProposal(IdentityPreconditioner())
+    state = init_state(target, proposal, torch.full((32, 2), -1.0, dtype=torch.float64))
+    state, info = independence_steps(state, target, proposal, 6, generator=torch.Generator().manual_seed(0))
+    assert bool(info.diverging.any()) and not bool(info.accepted[info.diverging].any())
+    assert bool((info.accept_prob[info.diverging] == 0).all())
+    assert bool((state.z[:, 0] <= 0.5).all()) and bool(torch.isfinite(state.log_density).all())
+
+
+def test_the_batch_sampler_counts_every_try_and_reports_their_mean(latent_flow, mixture):
+    target = PosteriorPullback(latent_flow, mixture.log_prob)
+    sampler = ChainSampler(target, 16, independence_every=1, independence_tries=4, seed=0)
+    idata = sampler.run(30, 20, progress=False)
+    ledger = sampler._driver.ledgers["independence"]
+    assert ledger.total("proposals") == 4 * 16 * 50
+    stat = idata.sample_stats["independence_accept_prob"].values
+    assert stat.shape == (16, 30) and bool(((stat >= 0) & (stat <= 1)).all())
+    assert 0.0 < sampler.independence_acceptance_rate < 1.0
+
+
+def test_auto_tries_are_one_in_warmup_then_chosen_by_its_acceptance_and_fixed(latent_flow, mixture):
+    """``independence_tries="auto"``: one try per step in warmup; after it, eight where warmup accepted
+    fewer than 85% of the proposals (a flow that stretches the mixture's gap, from a base 1.5 times
+    too wide), one where it accepted them all (a flow that is exactly the target)."""
+    assert independence.auto_tries(0.6) == 8 and independence.auto_tries(0.9) == 1
+    assert independence.auto_tries(float("nan")) == 1
+    target = PosteriorPullback(latent_flow, mixture.log_prob)
+    sampler = ChainSampler(
+        target, 16, independence_every=1, independence_scale=1.5, independence_tries="auto", seed=0
+    )
+    sampler.warmup(40, progress=False)
+    ledger = sampler._driver.ledgers["independence"]
+    assert sampler.independence_tries == 8
+    assert ledger.counts["warmup"]["proposals"] == 16 * 39 + 8 * 16  # the last warmup step is after it
+    sampler.sample(10, progress=False)
+    assert ledger.counts["sampling"]["proposals"] == 8 * 16 * 10
+    exact = ChainSampler(
+        PosteriorPullback(identity_flow(2), lambda x: -0.5 * (x**2).sum(-1)),
+        16,
+        independence_every=1,
+        independence_tries="auto",
+        seed=0,
+    )
+    exact.run(10, 40, progress=False)
+    assert exact.independence_tries == 1
+
+
+@pytest.mark.parametrize("tries", [0, -2, 1.5, True, "4", None])
+def test_a_bad_number_of_tries_is_a_clear_error(latent_flow, mixture, tries):
+    target = PosteriorPullback(latent_flow, mixture.log_prob)
+    with pytest.raises(ValueError, match="independence_tries"):
+        ChainSampler(target, 4, independence_every=1, independence_tries=tries)
+    with pytest.raises(ValueError, match="independence_tries"):
+        NFMALA(potential_fn=lambda p: (p["x"] ** 2).sum(), flow=identity_flow(1), independence_tries=tries)
 
 
 def test_accept_ratio_matches_an_independent_computation_on_the_tempered_target(latent_flow):
