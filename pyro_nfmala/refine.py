@@ -70,6 +70,7 @@ from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
+import zuko
 
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -122,6 +123,10 @@ class FlowRefiner:
         buffer_size: The most recent points kept for training (older ones are forgotten: early
             warmup states have not reached the posterior yet).
         generator: Random generator of the minibatches.
+        single_precision: Train a float64 staged map's flow stage in float32 (the default), on
+            the points whitened by its Gaussian stage in float64, :math:`u = L^{-1}(x - \mu)`, with the
+            scores :math:`L^T s`: the same losses up to a constant, 1.5x faster Adam steps; the refined
+            flow is float64 again. Other flows train in their own dtype.
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class FlowRefiner:
         batch_size: int = 256,
         buffer_size: int = 4096,
         generator: torch.Generator | None = None,
+        single_precision: bool = True,
     ) -> None:
         for name, value in (("steps", steps), ("batch_size", batch_size), ("buffer_size", buffer_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -145,7 +151,19 @@ class FlowRefiner:
         self.module = flow.trainable_copy()
         if loss == "auto":
             loss = "fisher+likelihood" if isinstance(self.module, StagedFlow) else "likelihood"
-        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=lr)
+        #: the flow stage trained in float32 on whitened points (``single_precision``), else ``None``
+        self._stage32: zuko.flows.Flow | None = None
+        module = self.module
+        if (
+            single_precision
+            and isinstance(module, StagedFlow)
+            and module.has_flow
+            and module.loc.dtype == torch.float64
+        ):
+            inner = module.transform.transforms[1]
+            self._stage32 = zuko.flows.Flow(copy.deepcopy(inner).float(), copy.deepcopy(module.base).float())
+        self._trained = self.module if self._stage32 is None else self._stage32
+        self.optimizer = torch.optim.Adam(self._trained.parameters(), lr=lr)
         self.loss, self.steps, self.batch_size, self.buffer_size = loss, steps, batch_size, buffer_size
         self.generator = generator
         self._points: Tensor | None = None
@@ -185,12 +203,24 @@ class FlowRefiner:
             return self.module.scale_tril
         return points.std(0).clamp(min=1e-8) if len(points) > 1 else torch.ones_like(points[0])
 
-    def _batch_loss(self, index: Tensor | None, whitening: Tensor) -> Tensor:
-        points = self._points if index is None else self._points[index]
+    def _training_data(self) -> tuple[Tensor, Tensor | None, Tensor, float]:
+        r"""The points and scores to train on, the whitening of the Fisher loss, and the constant that
+        the losses differ by: in the float32 path the whitened points :math:`u = L^{-1}(x - \mu)` and
+        scores :math:`L^T s` (so the whitening is the identity), and
+        :math:`\log q(x) = \log q_g(u) - \log|\det L|`."""
+        if self._stage32 is None:
+            return self._points, self._scores, self._whitening(self._points), 0.0
+        loc, scale_tril = self.module.loc, self.module.scale_tril
+        points = torch.linalg.solve_triangular(scale_tril, (self._points - loc).T, upper=False).T
+        scores = None if self._scores is None else self._scores @ scale_tril
+        log_det = float(torch.diagonal(scale_tril).log().sum())
+        whitening = torch.ones(points.shape[-1], dtype=torch.float32, device=points.device)
+        return points.float(), None if scores is None else scores.float(), whitening, log_det
+
+    def _batch_loss(self, points: Tensor, scores: Tensor | None, whitening: Tensor) -> Tensor:
         if self.loss == "likelihood":
-            return -self.module().log_prob(points).mean()
-        scores = self._scores if index is None else self._scores[index]
-        divergence, log_q = fisher_divergence(self.module, points, scores, whitening, with_log_prob=True)
+            return -self._trained().log_prob(points).mean()
+        divergence, log_q = fisher_divergence(self._trained, points, scores, whitening, with_log_prob=True)
         return divergence - log_q.mean() if self.loss == "fisher+likelihood" else divergence
 
     def refine(self) -> LatentFlow:
@@ -198,22 +228,28 @@ class FlowRefiner:
         loss or gradient is not finite is skipped."""
         if self.num_points == 0:
             return LatentFlow(self.module)
-        whitening = self._whitening(self._points)
+        points, scores, whitening, log_det = self._training_data()
         for _ in range(self.steps):
-            index = None
+            index = slice(None)
             if self.num_points > self.batch_size:
-                index = torch.randperm(self.num_points, generator=self.generator, device=self._points.device)
+                index = torch.randperm(self.num_points, generator=self.generator, device=points.device)
                 index = index[: self.batch_size]
-            loss = self._batch_loss(index, whitening)
+            loss = self._batch_loss(points[index], None if scores is None else scores[index], whitening)
             if not torch.isfinite(loss):
                 continue  # a point the flow cannot reach: skip this step rather than corrupt the flow
             self.optimizer.zero_grad()
             loss.backward()
-            gradients = [p.grad for p in self.module.parameters() if p.grad is not None]
+            gradients = [p.grad for p in self._trained.parameters() if p.grad is not None]
             if not all(bool(torch.isfinite(grad).all()) for grad in gradients):
                 continue
             self.optimizer.step()
-            self.losses.append(loss.item())
+            # the likelihood part of the loss in the map's own terms: log q(x) = log q_g(u) - log|det L|
+            self.losses.append(loss.item() + (log_det if self.loss != "fisher" else 0.0))
+        if self._stage32 is not None:
+            with torch.no_grad():
+                inner = self.module.transform.transforms[1]
+                for kept, trained in zip(inner.parameters(), self._stage32.transform.parameters()):
+                    kept.copy_(trained)
         return LatentFlow(self.module)
 
 

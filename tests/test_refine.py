@@ -134,3 +134,41 @@ def test_the_buffer_keeps_the_most_recent_points():
     refiner.add(torch.full((1, 2), float("nan")))  # left out
     assert refiner.num_points == 5
     assert torch.equal(refiner._points, torch.tensor([[0.0, 0.0]] * 2 + [[1.0, 1.0]] * 3))
+
+
+@pytest.mark.parametrize("loss", ["fisher+likelihood", "likelihood"])
+def test_a_staged_maps_flow_stage_trains_in_single_precision_on_the_same_loss(loss):
+    """The float32 path (points whitened by the Gaussian stage in float64, far from the origin here)
+    gives the float64 loss to float32 accuracy, trains only the flow stage, and hands back a float64
+    map whose flow stage holds the float32 parameters it learnt."""
+    torch.manual_seed(0)
+    loc = torch.tensor([1000.0, -3.0, 0.5], dtype=torch.float64)
+    scale_tril = torch.tensor([[0.01, 0, 0], [0.005, 2.0, 0], [0.0, 0.3, 0.5]], dtype=torch.float64)
+    staged = StagedFlow(
+        loc, scale_tril, zuko.flows.RealNVP(3, transforms=2, hidden_features=(16, 16)).double()
+    )
+    points = loc + (scale_tril @ torch.randn(300, 3, 1, dtype=torch.float64)).squeeze(-1) * 1.3
+    precision = torch.cholesky_inverse(scale_tril)
+    scores = -((points - loc) @ precision) / 1.3**2  # the scores of N(loc, 1.3^2 L L^T)
+    losses = {}
+    for single in (False, True):
+        refiner = FlowRefiner(
+            LatentFlow(staged), loss=loss, steps=1, lr=1e-3, batch_size=512, single_precision=single
+        )
+        refiner._points, refiner._scores = (
+            points,
+            None if loss == "likelihood" else scores,
+        )  # as add() keeps them
+        refined = refiner.refine()
+        losses[single] = refiner.losses[0]
+        assert refined.dtype == torch.float64
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    module = refiner.module
+    torch.testing.assert_close(module.loc, loc, rtol=0, atol=0)
+    torch.testing.assert_close(module.scale_tril, scale_tril, rtol=0, atol=0)
+    trained = list(refiner._stage32.transform.parameters())
+    kept = list(module.transform.transforms[1].parameters())
+    assert all(k.dtype == torch.float64 for k in kept)
+    assert all(torch.equal(k, t.double()) for k, t in zip(kept, trained))
+    before = list(staged.transform.transforms[1].parameters())
+    assert any(not torch.equal(k, b) for k, b in zip(kept, before))  # it learnt; the given map is untouched
