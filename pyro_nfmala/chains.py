@@ -53,6 +53,7 @@ from .driver import Driver
 from .fit import FitResult
 from .flow import as_latent_flow
 from .flowcheck import FlowCheck, check_flow
+from .independence import tries_for_density
 from .mala import MALAState, Move, StepInfo
 from .model import ModelDensity, check_flow_dim, model_density
 from .options import DEFAULT_PRECONDITIONER, SamplerOptions, check_num_chains
@@ -239,13 +240,11 @@ class ChainSampler:
         modes = fit.modes if fit is not None else ()
         if independence_every == "auto":
             independence_every = 1 if check.reliable or len(modes) > 1 else None
-        if not density.vectorized and independence_tries == "auto":
-            independence_tries = 1  # each try would cost a model run of its own
         sampler = cls(
             target,
             num_chains,
             independence_every=independence_every,
-            independence_tries=independence_tries,
+            independence_tries=tries_for_density(independence_tries, density.vectorized),
             seed=seed,
             modes=modes,
             **options,

@@ -75,6 +75,7 @@ __all__ = [
     "independence_step",
     "independence_steps",
     "mode_mixture_weights",
+    "tries_for_density",
 ]
 
 import math
@@ -244,6 +245,12 @@ def auto_tries(acceptance_rate: float) -> int:
     """The tries of ``independence_tries="auto"`` after a warmup whose independence moves accepted
     ``acceptance_rate`` of their proposals (NaN, no warmup moves: one try)."""
     return AUTO_TRIES if acceptance_rate < AUTO_TRIES_BELOW else 1
+
+
+def tries_for_density(tries: int | str, vectorized: bool) -> int | str:
+    """``independence_tries`` for a model's density: ``"auto"`` is one try where the density is
+    evaluated point by point (``vectorized`` false), each try costing a model run of its own."""
+    return 1 if tries == "auto" and not vectorized else tries
 
 
 def check_tries(tries: object) -> int | str:

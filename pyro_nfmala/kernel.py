@@ -70,6 +70,7 @@ from .fit import FitResult
 from .flow import as_latent_flow
 from .flowcheck import FlowCheck, check_flow
 from .gaussian import with_mode_from
+from .independence import tries_for_density
 from .mala import MALAState, Move
 from .model import ModelDensity, ParamLayout, check_flow_dim, model_density
 from .options import DEFAULT_PRECONDITIONER, SamplerOptions
@@ -270,9 +271,9 @@ class NFMALA(MCMCKernel):
             self._chain_modes = with_mode_from(sampled.log_prob, self._chain_modes, init_x)
             if len(self._chain_modes) > len(self._modes()):  # chains run after this one propose there too
                 self.fit_result = self.fit_result._replace(modes=self._chain_modes)
-        tries = self.options.independence_tries
-        if tries == "auto" and (self.model is None or not sampled.vectorized):
-            tries = 1  # each try would cost a model run of its own
+        tries = tries_for_density(
+            self.options.independence_tries, self.model is not None and sampled.vectorized
+        )
         options = self.options.replace(
             independence_every=self._independence_schedule(), independence_tries=tries
         )

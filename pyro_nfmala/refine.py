@@ -210,8 +210,9 @@ class FlowRefiner:
         :math:`\log q(x) = \log q_g(u) - \log|\det L|`."""
         if self._stage32 is None:
             return self._points, self._scores, self._whitening(self._points), 0.0
-        loc, scale_tril = self.module.loc, self.module.scale_tril
-        points = torch.linalg.solve_triangular(scale_tril, (self._points - loc).T, upper=False).T
+        scale_tril = self.module.scale_tril
+        with torch.no_grad():
+            points = self.module.transform.transforms[0]()(self._points)  # the Gaussian stage: x to u
         scores = None if self._scores is None else self._scores @ scale_tril
         log_det = float(torch.diagonal(scale_tril).log().sum())
         whitening = torch.ones(points.shape[-1], dtype=torch.float32, device=points.device)

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .flow import LatentFlow, as_latent_flow
-from .traced import TracedFunction
+from .traced import TracedFunction, value_and_gradient
 
 #: Warned when a log density does not depend on ``z`` in autograd's graph.
 NO_GRADIENT_WARNING = (
@@ -174,14 +174,7 @@ class TemperedFlow(LatentTarget):
 
 
 def _evaluate_by_autograd(target: LatentTarget, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    with torch.enable_grad():
-        z = z.detach().requires_grad_(True)
-        log_density, x, ladj = target.log_density(z)
-        if log_density.requires_grad:
-            (grad,) = torch.autograd.grad(log_density.sum(), z, allow_unused=True)
-        else:  # a constant in z (or a potential that lost its graph): a zero gradient, still exact
-            warnings.warn(NO_GRADIENT_WARNING, RuntimeWarning, stacklevel=4)
-            grad = None
-    if grad is None:
-        grad = torch.zeros_like(z)
-    return log_density.detach(), x.detach(), ladj.detach(), grad.detach()
+    (log_density, x, ladj), grad, connected = value_and_gradient(target.log_density, z)
+    if not connected:  # a constant in z (or a potential that lost its graph): a zero gradient, still exact
+        warnings.warn(NO_GRADIENT_WARNING, RuntimeWarning, stacklevel=4)
+    return log_density, x, ladj, grad

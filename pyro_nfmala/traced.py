@@ -56,7 +56,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["CHECK_EVERY", "TRACE_AFTER", "TracedFunction", "TracedLogProb", "recording"]
+__all__ = ["CHECK_EVERY", "TRACE_AFTER", "TracedFunction", "TracedLogProb", "recording", "value_and_gradient"]
 
 import logging
 import threading
@@ -64,6 +64,7 @@ import warnings
 
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -302,15 +303,23 @@ class _TracedValue(torch.autograd.Function):
         return grad_output.unsqueeze(-1) * grad, None, None
 
 
-def _eager_value_and_grad(log_prob: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+def value_and_gradient(function: Callable, x: Tensor) -> tuple[Any, Tensor, bool]:
+    """``function(x)`` and the gradient in ``x`` of its value (the output, or its first output for a
+    tuple; shape ``x.shape[:-1]``) by autograd, the outputs detached; the gradient is zero where the
+    value does not depend on ``x``, and the flag says whether it is in autograd's graph at all."""
     with torch.enable_grad():
         point = x.detach().requires_grad_(True)
-        value = log_prob(point)
-        if value.requires_grad:
-            (grad,) = torch.autograd.grad(value.sum(), point, allow_unused=True)
-        else:
-            grad = None
-    return value.detach(), torch.zeros_like(point) if grad is None else grad
+        outputs = function(point)
+        value = outputs[0] if isinstance(outputs, tuple) else outputs
+        connected = value.requires_grad
+        grad = torch.autograd.grad(value.sum(), point, allow_unused=True)[0] if connected else None
+    detached = tuple(t.detach() for t in outputs) if isinstance(outputs, tuple) else outputs.detach()
+    return detached, torch.zeros_like(point) if grad is None else grad.detach(), connected
+
+
+def _eager_value_and_grad(log_prob: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+    value, grad, _ = value_and_gradient(log_prob, x)
+    return value, grad
 
 
 #: ATen's error checks of linear algebra (a Cholesky factorization of a matrix that is not positive
