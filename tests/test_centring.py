@@ -15,7 +15,7 @@ from pyro.ops.stats import effective_sample_size
 from pyro_nfmala import NFMALA, ChainSampler
 from pyro_nfmala.centring import NonCentring, hierarchical_sites
 from pyro_nfmala.examples.flow_cases import funnel
-from pyro_nfmala.examples.posteriordb import eight_schools_centered, load_data, reference_samples
+from pyro_nfmala.examples.posteriordb import eight_schools_centered, eight_schools_data, reference_samples
 from pyro_nfmala.model import model_density
 
 
@@ -31,7 +31,7 @@ def positive_child():
 
 
 def test_hierarchical_sites_are_real_loc_scale_sites_with_latent_parents():
-    data = load_data("eight_schools", dtype=torch.float64)
+    data = eight_schools_data(torch.float64)
     assert hierarchical_sites(eight_schools_centered, (), data) == ["theta"]
     assert hierarchical_sites(funnel, (), {"d": 3}) == ["x"]
     assert (
@@ -43,7 +43,7 @@ def test_hierarchical_sites_are_real_loc_scale_sites_with_latent_parents():
 def test_the_map_back_is_exact_and_the_densities_differ_by_its_log_determinant():
     """log p_nc(u) = log p(T(u)) + log|det J_T(u)|, with J_T by central differences in float64: the
     non-centred chains sample the model's own posterior exactly."""
-    data = load_data("eight_schools", dtype=torch.float64)
+    data = eight_schools_data(torch.float64)
     original = model_density(eight_schools_centered, (), data, max_plate_nesting=1)
     non_centring = NonCentring(eight_schools_centered, ["theta"], (), data, original, max_plate_nesting=1)
     torch.manual_seed(0)
@@ -66,7 +66,7 @@ def test_the_map_back_is_exact_and_the_densities_differ_by_its_log_determinant()
 def test_a_batch_maps_back_in_one_run_as_each_point_does_alone():
     """ChainSampler maps all its draws back in one vectorized run of the non-centred model: the same
     points as one run per point, and as the closed form theta = mu + tau * theta_tilde."""
-    data = load_data("eight_schools", dtype=torch.float64)
+    data = eight_schools_data(torch.float64)
     original = model_density(eight_schools_centered, (), data, max_plate_nesting=1)
     non_centring = NonCentring(eight_schools_centered, ["theta"], (), data, original, max_plate_nesting=1)
     torch.manual_seed(1)
@@ -80,11 +80,12 @@ def test_a_batch_maps_back_in_one_run_as_each_point_does_alone():
 
 
 @pytest.mark.statistical
+@pytest.mark.posteriordb
 def test_the_batch_sampler_samples_the_centred_eight_schools_non_centred():
     """ChainSampler.from_model chooses the non-centred coordinates as NFMALA does, and its draws, mapped
     back to the model's sites, have the reference's means of mu, tau and theta (within 4.5 standard
     errors; left in the non-centred coordinates, theta's would be about 0, 30 standard errors off)."""
-    data = load_data("eight_schools", dtype=torch.float64)
+    data = eight_schools_data(torch.float64)
     pyro.set_rng_seed(0)
     options = {"progress": False, "flow_stage": "none"}
     with warnings.catch_warnings():

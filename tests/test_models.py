@@ -28,6 +28,7 @@ from pyro_nfmala import (
 from pyro_nfmala.examples.baselines import neutra_nuts
 from pyro_nfmala.examples.posteriordb import (
     eight_schools_centered,
+    eight_schools_data,
     eight_schools_noncentered,
     load_data,
     load_reference,
@@ -110,15 +111,18 @@ def assert_mean(draws: torch.Tensor, ref_draws: np.ndarray, label: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "model, kwargs",
+    "model, data",
     [
-        (eight_schools_centered, load_data("eight_schools")),
-        (low_dim_gauss_mix, load_data("low_dim_gauss_mix")),
-        (dirichlet_gamma, {"counts": COUNTS, "events": EVENTS}),
+        (eight_schools_centered, eight_schools_data),
+        pytest.param(
+            low_dim_gauss_mix, lambda: load_data("low_dim_gauss_mix"), marks=pytest.mark.posteriordb
+        ),
+        (dirichlet_gamma, lambda: {"counts": COUNTS, "events": EVENTS}),
     ],
     ids=["eight_schools", "low_dim_gauss_mix", "dirichlet_gamma"],
 )
-def test_vectorized_density_equals_pyro_potential_point_by_point(model, kwargs):
+def test_vectorized_density_equals_pyro_potential_point_by_point(model, data):
+    kwargs = data()
     density = model_density(model, model_kwargs=kwargs)
     assert density.vectorized
     x = torch.randn(7, density.layout.dim)
@@ -233,7 +237,7 @@ def test_a_given_flow_is_fitted_in_front_of_the_gaussian_stage_until_its_loss_se
 
 def run_eight_schools(fit_steps: int, num_samples: int, num_chains: int, seed: int):
     """Fits a flow, runs NFMALA through MCMC; returns Stan-named draws and the reference."""
-    data = load_data("eight_schools")
+    data = eight_schools_data()
     pyro.set_rng_seed(seed)
     fit = fit_flow_to_model(
         eight_schools_centered, model_kwargs=data, num_steps=fit_steps, num_particles=32, progress=False
@@ -255,6 +259,7 @@ def run_eight_schools(fit_steps: int, num_samples: int, num_chains: int, seed: i
 
 
 @pytest.mark.statistical
+@pytest.mark.posteriordb
 def test_eight_schools_means_match_the_posteriordb_reference():
     """The one-line NFMALA (staged map fitted at setup, two chains) on the non-centred eight schools:
     posterior means agree with posteriordb's reference draws within ESS-based tolerances.
@@ -262,7 +267,7 @@ def test_eight_schools_means_match_the_posteriordb_reference():
     The centred model has the same posterior but a funnel in its coordinates, whose neck a flow
     fitted by reverse KL misses; it is the slow test below, and a row of benchmarks/posteriordb.py.
     """
-    data = load_data("eight_schools")
+    data = eight_schools_data()
     pyro.set_rng_seed(5)
     kernel = NFMALA(eight_schools_noncentered, fit_options={"progress": False})
     mcmc = MCMC(kernel, num_samples=1000, warmup_steps=400, num_chains=2, disable_progbar=True)
@@ -280,6 +285,7 @@ def test_eight_schools_means_match_the_posteriordb_reference():
 
 
 @pytest.mark.slow
+@pytest.mark.posteriordb
 def test_eight_schools_matches_the_posteriordb_reference_in_mean_and_sd():
     """The long version: a fully fitted flow, 4 chains; every mean, every sd but log tau's, R-hat.
 
@@ -306,6 +312,7 @@ def test_eight_schools_matches_the_posteriordb_reference_in_mean_and_sd():
     assert max(abs(e["mean_error"]) for e in errors.values()) < 0.15
 
 
+@pytest.mark.posteriordb
 def test_standardized_errors_of_the_reference_itself_are_zero():
     reference = load_reference("eight_schools")
     samples = {
@@ -438,12 +445,12 @@ def test_flow_fitted_on_another_model_is_a_dimension_error(dirichlet_gamma_flow)
     with pytest.raises(
         ValueError, match="dimension 3 but the model's unconstrained parameters have dimension 10"
     ):
-        MCMC(kernel, num_samples=5, warmup_steps=5, disable_progbar=True).run(**load_data("eight_schools"))
+        MCMC(kernel, num_samples=5, warmup_steps=5, disable_progbar=True).run(**eight_schools_data())
     with pytest.raises(ValueError, match="dimension 3"):
         neutra_nuts(
             eight_schools_centered,
             dirichlet_gamma_flow.flow,
-            model_kwargs=load_data("eight_schools"),
+            model_kwargs=eight_schools_data(),
             num_samples=5,
         )
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from pyro_nfmala.examples.posteriordb import (
-    DATA,
     MODELS,
     POSTERIORS,
     comparable_reference,
+    data_dir,
     derived,
     load_data,
     load_reference,
@@ -178,7 +178,7 @@ STAN_TARGETS = {
 
 def raw_data(name):
     """The data straight from the shipped JSON: NumPy float64 arrays, integer scalars as ints."""
-    with zipfile.ZipFile(DATA / f"{POSTERIORS[name][1]}.data.json.zip") as archive:
+    with zipfile.ZipFile(data_dir() / f"{POSTERIORS[name][1]}.data.json.zip") as archive:
         raw = json.loads(archive.read(archive.namelist()[0]))
     return {
         key: value if isinstance(value, int) else np.asarray(value, dtype=np.float64)
@@ -186,6 +186,7 @@ def raw_data(name):
     }
 
 
+@pytest.mark.posteriordb
 @pytest.mark.parametrize("name", NAMES)
 def test_pyro_model_is_the_stan_model_up_to_a_constant(name):
     """Pyro's log joint minus Stan's target is the same at 40 reference draws (float64)."""
@@ -213,6 +214,7 @@ def test_pyro_model_is_the_stan_model_up_to_a_constant(name):
     assert pyro_lp.max() - pyro_lp.min() > 1e-3  # the draws differ: the check is not vacuous
 
 
+@pytest.mark.posteriordb
 @pytest.mark.parametrize("name", NAMES)
 def test_batch_density_equals_point_by_point(name):
     torch.manual_seed(0)
@@ -223,6 +225,7 @@ def test_batch_density_equals_point_by_point(name):
     torch.testing.assert_close(density.log_prob(x), expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.posteriordb
 @pytest.mark.parametrize("name", NAMES)
 def test_reference_round_trips_to_zero_standardized_errors(name):
     reference = load_reference(name)
@@ -235,6 +238,7 @@ def test_reference_round_trips_to_zero_standardized_errors(name):
         assert abs(error["mean_error"]) < 1e-8 and abs(error["sd_error"]) < 1e-8
 
 
+@pytest.mark.posteriordb
 def test_comparable_reference_drops_the_hmm_viterbi_path(monkeypatch):
     import pyro_nfmala.examples.posteriordb as posteriordb
 

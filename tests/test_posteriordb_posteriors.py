@@ -25,7 +25,7 @@ from pyro.infer import MCMC
 from pyro_nfmala import NFMALA, from_arrays, to_inference_data
 from pyro_nfmala.examples.posteriordb import MODELS, comparable_reference, derived, load_data, reference_names
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.posteriordb]
 
 
 def relative_sd_error(draws: np.ndarray, ess: float) -> float:

@@ -12,7 +12,7 @@ import torch
 import zuko
 
 from pyro_nfmala import NFMALA, PosteriorPullback
-from pyro_nfmala.examples.posteriordb import MODELS, load_data
+from pyro_nfmala.examples.posteriordb import MODELS, eight_schools_data, load_data
 from pyro_nfmala.model import model_density
 from pyro_nfmala.traced import TracedLogProb
 
@@ -25,7 +25,11 @@ def value_and_grad(log_prob, x):
 
 
 def posteriordb_density(name):
-    return model_density(MODELS[name], (), load_data(name, dtype=torch.float64), trace_density=True)
+    if name == "eight_schools":
+        data = eight_schools_data(torch.float64)
+    else:
+        data = load_data(name, dtype=torch.float64)
+    return model_density(MODELS[name], (), data, trace_density=True)
 
 
 def near(density, n=4, scale=0.3, seed=0):
@@ -34,6 +38,7 @@ def near(density, n=4, scale=0.3, seed=0):
     return x0 + scale * torch.randn(n, len(x0), dtype=torch.float64, generator=generator)
 
 
+@pytest.mark.posteriordb
 @pytest.mark.parametrize("name", ["eight_schools", "gp_pois_regr", "hmm_example", "low_dim_gauss_mix"])
 def test_traced_values_and_gradients_equal_the_models_away_from_the_traced_point(name):
     density = posteriordb_density(name)
@@ -172,6 +177,7 @@ def test_a_density_changed_after_tracing_is_caught_by_a_spot_check(monkeypatch):
     assert torch.allclose(value, density(x)) and traced.eager_shapes == [(3, 2)]
 
 
+@pytest.mark.posteriordb
 def test_nfmala_draws_the_same_chain_traced_or_not():
     data = load_data("kidiq_with_mom_work", dtype=torch.float64)
     draws = []

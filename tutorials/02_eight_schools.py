@@ -7,8 +7,9 @@
 # to the posterior by variational inference, then sample the **exact** posterior with NFMALA
 # (latent MALA on the pull-back T1, both preconditioners), with Pyro's NUTS on the same model,
 # and with NeuTra-NUTS on the same flow. Every run is scored against posteriordb's reference
-# draws (long Stan runs, in the repository's `benchmarks/data/posteriordb`), in units of the reference
-# standard deviation, with ESS per second, R-hat over 4 chains and divergences.
+# draws (long Stan runs, not shipped: set `PYRO_NFMALA_POSTERIORDB` to a folder holding them, as
+# `benchmarks/README.md` says), in units of the reference standard deviation, with ESS per second,
+# R-hat over 4 chains and divergences.
 #
 # Section 5 repeats the check on posteriordb's `low_dim_gauss_mix`: a two-component mixture with
 # ordered means, positive scales and a weight in (0, 1).

@@ -7,8 +7,8 @@ Nothing here is imported by ``import pyro_nfmala``; import the submodules themse
 - :mod:`pyro_nfmala.examples.metrics`: sample-quality metrics against such targets (energy
   distance, mass in the gaps between modes, mode weights, k-NN precision and recall);
 - :mod:`pyro_nfmala.examples.posteriordb`: reference posteriors from posteriordb (models in
-  Pyro; their data and gold-standard draws in the source repository's
-  ``benchmarks/data/posteriordb``, not in the wheel) and standardized errors;
+  Pyro; their data and gold-standard draws read from the folder that ``$PYRO_NFMALA_POSTERIORDB``
+  names, never shipped) and standardized errors;
 - :mod:`pyro_nfmala.examples.flow_cases`: posteriors a Gaussian map does not serve (a centred funnel
   in 100 dimensions, a GARCH(1, 1), an approximate GP), data generated with fixed seeds;
 - :mod:`pyro_nfmala.examples.baselines`: NeuTra-NUTS on the same flow, the comparator.

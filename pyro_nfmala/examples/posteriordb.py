@@ -1,12 +1,15 @@
 r"""Reference posteriors from posteriordb, their models written in Pyro, and the comparison.
 
-The models are code and ship with the package; the data, posteriordb's gold-standard draws (long
-Stan NUTS runs, 10 chains of 1,000 draws) and the Stan files (5.7 MB, BSD 3-Clause) ship with the
-source repository only, in ``benchmarks/data/posteriordb``, not in the wheel or the sdist: checks
-run offline from a clone. :func:`data_dir` says where they are read from: the folder named by the
-environment variable ``PYRO_NFMALA_POSTERIORDB`` if it is set, else the checkout's
-``benchmarks/data/posteriordb`` found from this file (there with an editable install). Where the
-folder is missing (an installed wheel), loading raises a :class:`FileNotFoundError` that says so.
+The models are code and ship with the package. posteriordb's data, gold-standard draws (long Stan
+NUTS runs, 10 chains of 1,000 draws) and Stan files (BSD 3-Clause) do not: they are read from the
+folder that the environment variable ``PYRO_NFMALA_POSTERIORDB`` names (:func:`data_dir`), a flat
+folder of posteriordb's files (``{data}.data.json.zip``, ``{posterior}.draws.json.zip``,
+``{posterior}.info.json``, ``{model}.stan``; the benchmarks' README says how to make it from a clone of
+posteriordb). Where the variable is unset or the folder lacks a file, loading raises a
+:class:`FileNotFoundError` that says so, and the tests that need the files skip (:func:`available`).
+The eight schools' data alone, the classic numbers of Rubin (1981), are also here as code
+(:func:`eight_schools_data`), so that the tests of the library's logic on that model run without the
+folder.
 Each posterior is named by its data set (the key of :func:`load_data`); :data:`MODELS` maps it to
 its Pyro model, written from the Stan file with Stan's parameter names:
 
@@ -52,10 +55,12 @@ __all__ = [
     "MODELS",
     "OrderedNormal",
     "arma11",
+    "available",
     "comparable_reference",
     "data_dir",
     "derived",
     "eight_schools_centered",
+    "eight_schools_data",
     "eight_schools_noncentered",
     "gp_pois_regr",
     "hmm_example",
@@ -87,9 +92,8 @@ import torch
 
 from pyro.distributions import constraints
 
-# the environment variable that names the data folder, and the folder in a checkout of the repository
+# the environment variable that names the data folder
 ENV_VAR = "PYRO_NFMALA_POSTERIORDB"
-REPOSITORY_DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "posteriordb"
 POSTERIORS = {
     "eight_schools": ("eight_schools-eight_schools_noncentered", "eight_schools"),
     "low_dim_gauss_mix": ("low_dim_gauss_mix-low_dim_gauss_mix", "low_dim_gauss_mix"),
@@ -108,30 +112,39 @@ NOT_COMPARABLE = {"hmm_example": ("z_star", "log_p_z_star")}
 
 
 def data_dir() -> Path:
-    """The folder the data and reference draws are read from: ``$PYRO_NFMALA_POSTERIORDB`` if set,
-    else the repository checkout's ``benchmarks/data/posteriordb``. It is looked up at each load,
-    so the variable may be set after import; the folder need not exist (loading then raises)."""
+    """The folder the data and reference draws are read from: ``$PYRO_NFMALA_POSTERIORDB``. It is looked up
+    at each load, so the variable may be set after import; raises a :class:`FileNotFoundError` that says
+    how to get the files where it is unset."""
     folder = os.environ.get(ENV_VAR)
-    return Path(folder).expanduser() if folder else REPOSITORY_DATA
+    if not folder:
+        raise FileNotFoundError(
+            f"posteriordb's reference data are read from the folder that the environment variable {ENV_VAR} "
+            "names, and it is not set. They are not part of pyro_nfmala: clone posteriordb "
+            "(https://github.com/stan-dev/posteriordb) and gather its files for these posteriors into one "
+            "folder, as benchmarks/README.md of pyro_nfmala's repository says, then set the variable to it."
+        )
+    return Path(folder).expanduser()
 
 
-def __getattr__(name: str):
-    # ``DATA``, the data folder as a module constant before :func:`data_dir`, kept for old imports
-    if name == "DATA":
-        return data_dir()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def available() -> bool:
+    """Whether ``$PYRO_NFMALA_POSTERIORDB`` names a folder holding every posterior's data and draws."""
+    folder = os.environ.get(ENV_VAR)
+    if not folder or not Path(folder).expanduser().is_dir():
+        return False
+    path = Path(folder).expanduser()
+    return all(
+        (path / f"{data}.data.json.zip").is_file() and (path / f"{posterior}.draws.json.zip").is_file()
+        for posterior, data in POSTERIORS.values()
+    )
 
 
 def _data_file(filename: str) -> Path:
     path = data_dir() / filename
     if not path.is_file():
-        source = f"{ENV_VAR}={os.environ[ENV_VAR]}" if os.environ.get(ENV_VAR) else f"{ENV_VAR} not set"
         raise FileNotFoundError(
-            f"posteriordb reference data {filename!r} not found in {path.parent} ({source}). The data "
-            "and reference draws ship with the source repository (benchmarks/data/posteriordb), not "
-            "with the wheel: clone the repository and install it editable from the clone (pip install "
-            f"-e .), or set the environment variable {ENV_VAR} to a folder holding these files (such "
-            "as benchmarks/data/posteriordb of a clone)."
+            f"posteriordb reference data {filename!r} not found in {path.parent} ({ENV_VAR}="
+            f"{os.environ[ENV_VAR]}): that folder must hold posteriordb's files for this posterior, named as "
+            "benchmarks/README.md of pyro_nfmala's repository says."
         )
     return path
 
@@ -158,6 +171,15 @@ def load_data(name: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.
         key: value if isinstance(value, int) else torch.tensor(value, dtype=dtype)
         for key, value in _raw_data(name).items()
     }
+
+
+def eight_schools_data(dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor | int]:
+    """The eight schools' data (Rubin, 1981; Gelman et al., *Bayesian Data Analysis*): the estimated
+    coaching effects ``y`` and their standard errors ``sigma``, as :func:`load_data` gives posteriordb's
+    ``eight_schools`` (the same numbers), without the data folder."""
+    y = [28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0]
+    sigma = [15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0]
+    return {"J": 8, "y": torch.tensor(y, dtype=dtype), "sigma": torch.tensor(sigma, dtype=dtype)}
 
 
 def load_reference(name: str) -> dict[str, np.ndarray]:
