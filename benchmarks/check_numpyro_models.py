@@ -23,7 +23,7 @@ from numpyro_models import POSTERIORDB_MODELS  # noqa: E402
 from pyro.infer.mcmc.util import initialize_model  # noqa: E402
 
 from pyro_nfmala.examples.posteriordb import MODELS, load_data  # noqa: E402
-from pyro_nfmala.model import default_init  # noqa: E402
+from pyro_nfmala.model.density import default_init  # noqa: E402
 
 POINTS = 5
 TOLERANCE = 1e-8

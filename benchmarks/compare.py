@@ -60,7 +60,7 @@ from pyro_nfmala.examples.posteriordb import (
     standardized_errors,
 )
 from pyro_nfmala.examples.toys import Banana, DoubleMoon, GaussianMixture, GaussianRing, NealFunnel
-from pyro_nfmala.model import model_density
+from pyro_nfmala.model.density import model_density
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_CHAINS = 4

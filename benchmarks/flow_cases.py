@@ -112,7 +112,7 @@ def run_nfmala(name: str, budget: dict, seed: int) -> dict:
     )
     result["map"] = kernel.fit_result.stage
     result["khat"] = kernel.flow_check.khat
-    result["non_centred"] = list(kernel._non_centred_sites)
+    result["non_centred"] = list(kernel.non_centred_sites)
     result["right"] = right(result)
     return result
 

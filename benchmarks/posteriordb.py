@@ -50,7 +50,7 @@ from pyro_nfmala.examples.posteriordb import (
     load_data,
     reference_names,
 )
-from pyro_nfmala.model import default_init
+from pyro_nfmala.model.density import default_init
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ESS_TARGET = 400  # bulk ESS per parameter that makes "a result"

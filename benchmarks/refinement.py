@@ -34,7 +34,7 @@ import torch
 
 from pyro_nfmala import ChainSampler, LatentFlow, PosteriorPullback, default_flow, fit_flow_to_samples
 from pyro_nfmala.examples.toys import GaussianRing
-from pyro_nfmala.flowcheck import check_flow
+from pyro_nfmala.fit.check import check_flow
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MISSING = 7  # the mode the flow is not fitted to

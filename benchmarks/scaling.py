@@ -44,8 +44,8 @@ import zuko
 from step_cost import best_time, flow_pass
 
 from pyro_nfmala import LatentFlow, TemperedFlow
-from pyro_nfmala.mala import init_state, mala_step
-from pyro_nfmala.precond import get_preconditioner
+from pyro_nfmala.engine.langevin import get_preconditioner
+from pyro_nfmala.engine.step import init_state, mala_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from dense_reference import DenseJacobianPreconditioner  # noqa: E402 - the tests' dense reference

@@ -38,12 +38,12 @@ import torch
 from pyro.infer import MCMC
 
 from pyro_nfmala import NFMALA, ChainSampler, LatentFlow, TemperedFlow, default_flow
-from pyro_nfmala.flow import latent_to_data
-from pyro_nfmala.flows import StagedFlow
-from pyro_nfmala.mala import init_state, mala_step
-from pyro_nfmala.model import model_density
-from pyro_nfmala.precond import get_preconditioner
-from pyro_nfmala.traced import TracedFunction
+from pyro_nfmala.engine.langevin import get_preconditioner
+from pyro_nfmala.engine.step import init_state, mala_step
+from pyro_nfmala.engine.traced import TracedFunction
+from pyro_nfmala.flows.latent import latent_to_data
+from pyro_nfmala.flows.staged import StagedFlow
+from pyro_nfmala.model.density import model_density
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -95,13 +95,13 @@ def regression_data(n: int = 100):
 
 #: cProfile's names of the parts of a draw: part -> (file ending, function name).
 PARTS = {
-    "model potential": ("pyro_nfmala/traced.py", "__call__"),  # the density, traced (with its gradient)
+    "model potential": ("pyro_nfmala/engine/traced.py", "__call__"),  # the density, traced, with its gradient
     "gradients (backward)": ("torch/autograd/__init__.py", "grad"),
-    "flow forward": ("pyro_nfmala/flow.py", "to_data"),
-    "step": ("pyro_nfmala/mala.py", "metropolis_hastings_step"),
-    "NFMALA driver": ("pyro_nfmala/driver.py", "step"),
-    "kernel": ("pyro_nfmala/kernel.py", "sample"),
-    "setup": ("pyro_nfmala/kernel.py", "setup"),
+    "flow forward": ("pyro_nfmala/flows/latent.py", "to_data"),
+    "step": ("pyro_nfmala/engine/step.py", "metropolis_hastings_step"),
+    "NFMALA driver": ("pyro_nfmala/engine/driver.py", "step"),
+    "kernel": ("pyro_nfmala/samplers/kernel.py", "sample"),
+    "setup": ("pyro_nfmala/samplers/kernel.py", "setup"),
     "Pyro's MCMC": ("pyro/infer/mcmc/api.py", "_gen_samples"),
 }
 

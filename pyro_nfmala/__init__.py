@@ -1,29 +1,38 @@
 r"""pyro_nfmala: Metropolis-adjusted Langevin in the latent space of a normalizing flow.
 
-A Pyro MCMC kernel (:class:`NFMALA`) and a batch sampler (:class:`ChainSampler`) run MALA on a
-latent target: the exact pull-back of a posterior through a zuko flow
-(:class:`PosteriorPullback`), or the flow's tempered measure (:class:`TemperedFlow`). The
-building blocks live in their modules, read top-down: :mod:`~pyro_nfmala.flow` (a frozen flow
-read latent-to-data), :mod:`~pyro_nfmala.target`, :mod:`~pyro_nfmala.precond`,
-:mod:`~pyro_nfmala.mala` (the pure step), :mod:`~pyro_nfmala.adaptation`,
-:mod:`~pyro_nfmala.driver` (the layer both samplers share), :mod:`~pyro_nfmala.kernel` and
-:mod:`~pyro_nfmala.chains`; around them :mod:`~pyro_nfmala.model` (Pyro models as flat
-densities), :mod:`~pyro_nfmala.fit` and :mod:`~pyro_nfmala.flows` (fitting, building, saving
-flows), :mod:`~pyro_nfmala.tempering` and :mod:`~pyro_nfmala.arviz`. The method is written out
+Give it a Pyro model: ``pyro_nfmala.MCMC(NFMALA(model), num_samples, warmup_steps, num_chains)`` fits a
+map of the posterior and runs every chain as one batch (:class:`MCMC` is Pyro's ``MCMC``; Pyro's own runs
+:class:`NFMALA` too, a chain at a time), and :func:`to_inference_data` hands ArviZ the run;
+:meth:`ChainSampler.from_model` is the same run without Pyro's interface, and :class:`ChainSampler` samples
+any latent target (the exact posterior pull-back, :class:`PosteriorPullback`, or a trained flow's tempered
+measure, :class:`TemperedFlow`) with thousands of chains.
+
+The package's folders go from leaves to front ends: :mod:`~pyro_nfmala.flows` (what a map is: a flow read
+latent to data, the staged map, saving and loading), :mod:`~pyro_nfmala.engine` (pure torch: targets, the
+Metropolis-Hastings step and its moves, warmup adaptation, the driver of a batch of chains),
+:mod:`~pyro_nfmala.model` (a Pyro model as a flat batched density, and its non-centred coordinates),
+:mod:`~pyro_nfmala.fit` (the staged map: Laplace, flow check, a flow stage adapted by chains),
+:mod:`~pyro_nfmala.samplers` (the run both front ends share, the kernel, the batch sampler, the vectorized
+``MCMC``) and :mod:`~pyro_nfmala.output` (ArviZ data and the end-of-run checks). The method is written out
 in the documentation's method page (``docs/method.md`` in the repository).
 """
 
-from .arviz import from_arrays, to_inference_data
-from .chains import ChainSampler
-from .fit import FitResult, fit_flow, fit_flow_to_model, fit_flow_to_samples
-from .flow import LatentFlow
-from .flows import default_flow, identity_flow, load_flow, save_flow
-from .kernel import NFMALA
-from .report import ChainReport, chain_reports
-from .target import LatentTarget, PosteriorPullback, TemperedFlow
-from .tempering import preview_tempering
+from .engine.targets import LatentTarget, PosteriorPullback, TemperedFlow
+from .engine.tempering import preview_tempering
+from .fit.staged import fit_flow_to_model
+from .fit.train import FitResult, fit_flow, fit_flow_to_samples
+from .flows.builders import default_flow, identity_flow
+from .flows.files import load_flow, save_flow
+from .flows.latent import LatentFlow
+from .flows.staged import StagedFlow
+from .output.arviz import from_arrays, to_inference_data
+from .output.convergence import ChainReport, chain_reports
+from .samplers.chains import ChainSampler
+from .samplers.kernel import NFMALA
+from .samplers.mcmc import MCMC
 
 __all__ = [
+    "MCMC",
     "NFMALA",
     "ChainReport",
     "ChainSampler",
@@ -31,6 +40,7 @@ __all__ = [
     "LatentFlow",
     "LatentTarget",
     "PosteriorPullback",
+    "StagedFlow",
     "TemperedFlow",
     "chain_reports",
     "default_flow",

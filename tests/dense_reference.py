@@ -8,9 +8,9 @@ import torch
 
 from torch import Tensor
 
-from pyro_nfmala.flow import LatentFlow
-from pyro_nfmala.mala import MALAState
-from pyro_nfmala.precond import _log_normalizer
+from pyro_nfmala.engine.langevin import _log_normalizer
+from pyro_nfmala.engine.step import ChainState as ChainState
+from pyro_nfmala.flows.latent import LatentFlow
 
 
 def data_log_density(target, x):
@@ -86,12 +86,12 @@ class DenseJacobianPreconditioner:
         jac = flow.jacobian_to_data(z)
         return jac, jac.transpose(-1, -2) @ jac
 
-    def _mean(self, state: MALAState, metric: Tensor, step_size: Tensor) -> Tensor:
+    def _mean(self, state: ChainState, metric: Tensor, step_size: Tensor) -> Tensor:
         eps = step_size[..., None] if step_size.dim() else step_size
         return state.z + eps * torch.linalg.solve(metric, state.grad)
 
     def propose(
-        self, flow: LatentFlow, state: MALAState, step_size: Tensor, noise: Tensor
+        self, flow: LatentFlow, state: ChainState, step_size: Tensor, noise: Tensor
     ) -> tuple[Tensor, Tensor]:
         jac, metric = self._metric(flow, state.z)
         eps = step_size[..., None] if step_size.dim() else step_size
@@ -99,12 +99,12 @@ class DenseJacobianPreconditioner:
         return z_new, self._log_density(z_new, state, metric, step_size)
 
     def log_proposal_density(
-        self, flow: LatentFlow, state_to: MALAState, state_from: MALAState, step_size: Tensor
+        self, flow: LatentFlow, state_to: ChainState, state_from: ChainState, step_size: Tensor
     ) -> Tensor:
         _, metric = self._metric(flow, state_from.z)
         return self._log_density(state_to.z, state_from, metric, step_size)
 
-    def _log_density(self, z_to: Tensor, state_from: MALAState, metric: Tensor, step_size: Tensor) -> Tensor:
+    def _log_density(self, z_to: Tensor, state_from: ChainState, metric: Tensor, step_size: Tensor) -> Tensor:
         residual = z_to - self._mean(state_from, metric, step_size)
         quadratic = (residual * (metric @ residual[..., None])[..., 0]).sum(-1)
         return (

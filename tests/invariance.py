@@ -9,9 +9,13 @@ comparison.
 
 import torch
 
-from pyro_nfmala.adaptation import find_reasonable_step_size
-from pyro_nfmala.mala import init_state, mala_step
-from pyro_nfmala.precond import DataSpacePreconditioner, IdentityPreconditioner, JacobianPreconditioner
+from pyro_nfmala.engine.adaptation import find_reasonable_step_size
+from pyro_nfmala.engine.langevin import (
+    DataSpacePreconditioner,
+    IdentityPreconditioner,
+    JacobianPreconditioner,
+)
+from pyro_nfmala.engine.step import init_state, mala_step
 
 NUM_PARTICLES = 5000  # particles, each an independent chain
 NUM_STEPS = 10

@@ -24,7 +24,7 @@ import torch
 from pyro.ops.welford import WelfordCovariance
 
 from pyro_nfmala import PosteriorPullback, identity_flow
-from pyro_nfmala.adaptation import (
+from pyro_nfmala.engine.adaptation import (
     FINAL_BUFFER,
     FIRST_WINDOW,
     INITIAL_BUFFER,
@@ -33,8 +33,8 @@ from pyro_nfmala.adaptation import (
     adaptation_windows,
     find_reasonable_step_size,
 )
-from pyro_nfmala.mala import init_state, mala_step
-from pyro_nfmala.precond import IdentityPreconditioner
+from pyro_nfmala.engine.langevin import IdentityPreconditioner
+from pyro_nfmala.engine.step import init_state, mala_step
 
 TARGET = 0.574
 DTYPE = torch.float64

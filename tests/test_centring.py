@@ -13,10 +13,10 @@ from pyro.infer import MCMC
 from pyro.ops.stats import effective_sample_size
 
 from pyro_nfmala import NFMALA, ChainSampler
-from pyro_nfmala.centring import NonCentring, hierarchical_sites
 from pyro_nfmala.examples.flow_cases import funnel
 from pyro_nfmala.examples.posteriordb import eight_schools_centered, eight_schools_data, reference_samples
-from pyro_nfmala.model import model_density
+from pyro_nfmala.model.centring import NonCentring, hierarchical_sites
+from pyro_nfmala.model.density import model_density
 
 
 def regression(x, y):
@@ -118,7 +118,7 @@ def test_nfmala_samples_a_centred_funnel_right_in_non_centred_coordinates():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mcmc.run(d=10)
-    assert kernel._non_centred_sites == ["x"]
+    assert kernel.non_centred_sites == ["x"]
     assert all(chain["non-centred sites"] == ["x"] for chain in mcmc._diagnostics)
     samples = mcmc.get_samples(group_by_chain=True)
     assert set(samples) == {"log_sigma", "x"} and samples["x"].shape == (2, 400, 10)
@@ -140,7 +140,7 @@ def test_centred_on_request_and_when_the_user_gives_initial_params():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             mcmc.run(d=3)
-        assert kernel._non_centred_sites == []
+        assert kernel.non_centred_sites == []
 
 
 def test_a_bad_parameterization_is_a_clear_error():

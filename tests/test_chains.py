@@ -8,9 +8,9 @@ import zuko
 from invariance import JacobianWithoutReverseLadj, exact_latents, max_abs_z_score, statistics
 
 from pyro_nfmala import ChainSampler, LatentTarget, PosteriorPullback, TemperedFlow
-from pyro_nfmala.adaptation import find_reasonable_step_size
-from pyro_nfmala.mala import init_state
-from pyro_nfmala.precond import JacobianPreconditioner, get_preconditioner
+from pyro_nfmala.engine.adaptation import find_reasonable_step_size
+from pyro_nfmala.engine.langevin import JacobianPreconditioner, get_preconditioner
+from pyro_nfmala.engine.step import init_state
 
 NUM_PARTICLES = 5000
 

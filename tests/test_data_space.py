@@ -11,8 +11,8 @@ from dense_reference import data_log_density, dense_log_accept_ratio
 from invariance import DataSpaceWithoutReverseLadj, JacobianWithoutReverseLadj, check_invariance
 
 from pyro_nfmala import ChainSampler, LatentFlow, PosteriorPullback, TemperedFlow, identity_flow
-from pyro_nfmala.mala import init_state, mala_step
-from pyro_nfmala.precond import DataSpacePreconditioner, JacobianPreconditioner
+from pyro_nfmala.engine.langevin import DataSpacePreconditioner, JacobianPreconditioner
+from pyro_nfmala.engine.step import init_state, mala_step
 
 INVERSE_MASS = torch.tensor([0.4, 3.0], dtype=torch.float64)
 

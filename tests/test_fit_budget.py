@@ -11,13 +11,13 @@ import torch
 
 from pyro.infer import MCMC
 
-import pyro_nfmala.fit as fit_module
+import pyro_nfmala.fit.staged as fit_module
 
 from pyro_nfmala import NFMALA
 from pyro_nfmala.examples.posteriordb import eight_schools_centered, eight_schools_data
-from pyro_nfmala.fit import fit_staged_map
-from pyro_nfmala.flowcheck import check_flow
-from pyro_nfmala.flows import StagedFlow
+from pyro_nfmala.fit.check import check_flow
+from pyro_nfmala.fit.staged import fit_staged_map
+from pyro_nfmala.flows.staged import StagedFlow
 
 
 def banana(x):

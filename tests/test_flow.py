@@ -7,8 +7,8 @@ import torch
 import zuko
 
 from pyro_nfmala import LatentFlow
-from pyro_nfmala.flow import jvp, latent_to_data, vjp
-from pyro_nfmala.flows import StagedFlow
+from pyro_nfmala.flows.latent import jvp, latent_to_data, vjp
+from pyro_nfmala.flows.staged import StagedFlow
 
 ALL_FLOWS = {
     "MAF": lambda d: zuko.flows.MAF(d),

@@ -9,7 +9,8 @@ import torch
 import zuko
 
 from pyro_nfmala import default_flow, identity_flow, load_flow, save_flow
-from pyro_nfmala.flows import FORMAT, StagedFlow
+from pyro_nfmala.flows.files import FORMAT
+from pyro_nfmala.flows.staged import StagedFlow
 
 
 def same_map(a, b, dim, dtype=torch.float32):
@@ -80,7 +81,7 @@ class Payload:
         return (open, (self.marker, "w"))
 
 
-@pytest.mark.parametrize("fmt", ["pyro_nfmala.flow/1", "pyro_nfmala.flow/2"])
+@pytest.mark.parametrize("fmt", ["pyro_nfmala.flow/1", "pyro_nfmala.flow/2", FORMAT])
 def test_a_file_with_pickled_code_is_refused_without_running_it(tmp_path, fmt):
     marker = tmp_path / "ran"
     path = tmp_path / "hostile.pt"

@@ -19,20 +19,19 @@ from pyro_nfmala import (
     PosteriorPullback,
     TemperedFlow,
     identity_flow,
-    independence,
     to_inference_data,
 )
-from pyro_nfmala.driver import Driver
-from pyro_nfmala.gaussian import gaussian_stage, with_mode_from
-from pyro_nfmala.independence import (
+from pyro_nfmala.engine import independence, step
+from pyro_nfmala.engine.driver import Driver
+from pyro_nfmala.engine.independence import (
     IndependenceProposal,
     ModeMixtureProposal,
     independence_step,
-    independence_steps,
     mode_mixture_weights,
 )
-from pyro_nfmala.mala import init_state, mala_step
-from pyro_nfmala.precond import IdentityPreconditioner
+from pyro_nfmala.engine.langevin import IdentityPreconditioner
+from pyro_nfmala.engine.step import independence_steps, init_state, mala_step
+from pyro_nfmala.fit.laplace import laplace_approximation, with_mode_from
 
 NUM_MOVES = 10
 
@@ -107,7 +106,7 @@ def test_several_tries_per_step_keep_the_exact_law_and_weighing_each_against_the
     state, accept_rate = run_tries(target, proposal, mixture, tries=4)
     assert 0.2 < accept_rate < 0.95
     assert max_abs_z_score(statistics(state.z, state.x), reference_statistics) < 4.5
-    monkeypatch.setattr(independence, "_run_tries", _tries_without_the_current_weight)
+    monkeypatch.setattr(step, "_run_tries", _tries_without_the_current_weight)
     state, _ = run_tries(target, proposal, mixture, tries=4)
     assert max_abs_z_score(statistics(state.z, state.x), reference_statistics) > 6.0
 
@@ -352,7 +351,7 @@ def test_the_mode_search_sees_separate_modes_and_no_duplicates():
         return torch.logaddexp(a, b)
 
     starts = torch.tensor([[-1.0], [1.5]], dtype=torch.float64)
-    stage = gaussian_stage(two_modes, starts)
+    stage = laplace_approximation(two_modes, starts)
     assert len(stage.others) == 1
     assert abs(float(stage.others[0].loc) + float(stage.loc)) < 1e-4 and abs(abs(float(stage.loc)) - 3) < 1e-3
     assert abs(float(stage.others[0].scale_tril) - 0.5) < 1e-3
@@ -365,7 +364,7 @@ def test_the_mode_search_sees_separate_modes_and_no_duplicates():
     def gaussian(x):
         return -0.5 * ((x @ precision) * x).sum(-1)
 
-    assert gaussian_stage(gaussian, 4 * torch.rand(4, 2, dtype=torch.float64) - 2).others == ()
+    assert laplace_approximation(gaussian, 4 * torch.rand(4, 2, dtype=torch.float64) - 2).others == ()
 
 
 def bimodal():
@@ -401,7 +400,7 @@ def test_a_bimodal_posterior_is_sampled_across_both_modes_by_the_mode_mixture(mo
     assert all(count == 2 for count in modes.values()), modes
     assert max(abs(error) for error in errors) < 4, errors
     monkeypatch.setattr(
-        "pyro_nfmala.driver.independence_proposal",
+        "pyro_nfmala.engine.driver.independence_proposal",
         lambda precond, scale=1.0, modes=(), generator=None: IndependenceProposal(precond, scale),
     )
     errors, _ = bimodal_share_errors()

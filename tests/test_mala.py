@@ -15,12 +15,9 @@ from invariance import (
 )
 
 from pyro_nfmala import PosteriorPullback, TemperedFlow, identity_flow
-from pyro_nfmala.mala import init_state, is_numerical_error, mala_step
-from pyro_nfmala.precond import (
-    IdentityPreconditioner,
-    JacobianPreconditioner,
-    get_preconditioner,
-)
+from pyro_nfmala.engine.errors import is_numerical_error
+from pyro_nfmala.engine.langevin import IdentityPreconditioner, JacobianPreconditioner, get_preconditioner
+from pyro_nfmala.engine.step import init_state, mala_step
 
 EPS = torch.tensor(0.3, dtype=torch.float64)
 

@@ -15,7 +15,7 @@ import torch
 from pyro.infer import MCMC, NUTS, Predictive
 
 from pyro_nfmala import NFMALA, to_inference_data
-from pyro_nfmala.arviz import pointwise_log_likelihood
+from pyro_nfmala.output.arviz import pointwise_log_likelihood
 
 ARVIZ_MAJOR = int(az.__version__.split(".")[0])
 

@@ -36,8 +36,8 @@ from pyro_nfmala.examples.posteriordb import (
     reference_names,
     standardized_errors,
 )
-from pyro_nfmala.flows import StagedFlow
-from pyro_nfmala.model import model_density
+from pyro_nfmala.flows.staged import StagedFlow
+from pyro_nfmala.model.density import model_density
 
 # ----------------------------------------------------------------------------------------------
 # models with closed-form posteriors (module level, so that worker processes can find them)
@@ -416,7 +416,7 @@ def test_the_reparameterized_moving_support_samples_the_right_law(monkeypatch):
     pyro.set_rng_seed(0)
     errors = below_theta_errors(lambda: below_theta(True))
     assert max(abs(error) for error in errors) < 4, errors
-    monkeypatch.setattr("pyro_nfmala.model._check_fixed_supports", lambda *args: None)
+    monkeypatch.setattr("pyro_nfmala.model.density._check_fixed_supports", lambda *args: None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wrong = below_theta_errors(below_theta)

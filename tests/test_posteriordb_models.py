@@ -22,7 +22,7 @@ from pyro_nfmala.examples.posteriordb import (
     reference_samples,
     standardized_errors,
 )
-from pyro_nfmala.model import model_density
+from pyro_nfmala.model.density import model_density
 
 NAMES = list(POSTERIORS)
 

@@ -7,8 +7,8 @@ import torch
 import zuko
 
 from pyro_nfmala import ChainSampler, LatentFlow, PosteriorPullback, TemperedFlow
-from pyro_nfmala.flows import StagedFlow
-from pyro_nfmala.refine import FlowRefiner
+from pyro_nfmala.engine.refine import FlowRefiner
+from pyro_nfmala.flows.staged import StagedFlow
 
 LOC = torch.tensor([3.0, -2.0])
 
@@ -69,6 +69,33 @@ def test_bad_refinement_options_are_clear_errors(options, match):
         ChainSampler(
             PosteriorPullback(untrained_flow(), shifted_normal), 8, refine_every=5, refine_options=options
         )
+
+
+def test_every_count_option_takes_numpy_integers_and_refuses_the_same_non_integers():
+    """One rule for every count: ``refine_options={"steps": numpy.int64(20)}`` was refused where
+    ``independence_tries=numpy.int64(8)`` was accepted (two rules in two modules)."""
+    import numpy as np
+
+    target = PosteriorPullback(untrained_flow(), shifted_normal)
+    sampler = ChainSampler(
+        target,
+        np.int64(4),
+        independence_every=np.int64(1),
+        independence_tries=np.int64(8),
+        refine_every=np.int64(5),
+        refine_options={"steps": np.int64(20), "batch_size": np.int32(64), "buffer_size": np.int64(128)},
+    )
+    assert (sampler.num_chains, sampler.independence_tries, sampler.refine_every) == (4, 8, 5)
+    assert (sampler.refiner.steps, sampler.refiner.batch_size) == (20, 64)
+    for value in (np.float64(2.5), True, 0):
+        for options in (
+            {"refine_options": {"steps": value}},
+            {"independence_tries": value},
+            {"independence_every": value},
+            {"refine_every": value},
+        ):
+            with pytest.raises(ValueError, match="must be"):
+                ChainSampler(target, 4, **{"refine_every": 5, **options})
 
 
 def test_a_flow_given_as_a_distribution_cannot_be_refined():

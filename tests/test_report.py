@@ -10,7 +10,7 @@ from pyro.infer import MCMC
 from test_independence import bimodal
 
 from pyro_nfmala import NFMALA, identity_flow, to_inference_data
-from pyro_nfmala.report import chain_reports, warn_about_chains
+from pyro_nfmala.output.convergence import chain_reports, warn_about_chains
 
 
 def autocorrelated(shape, rho=0.9, seed=0):

@@ -25,11 +25,11 @@ from pyro_nfmala import (
     load_flow,
     save_flow,
 )
-from pyro_nfmala.fit import fit_staged_map
-from pyro_nfmala.flowcheck import FlowCheck, check_flow
-from pyro_nfmala.flows import StagedFlow
-from pyro_nfmala.gaussian import gaussian_stage
-from pyro_nfmala.precond import MassMatrixPreconditioner, get_preconditioner
+from pyro_nfmala.engine.langevin import MassMatrixPreconditioner, get_preconditioner
+from pyro_nfmala.fit.check import FlowCheck, check_flow
+from pyro_nfmala.fit.laplace import laplace_approximation
+from pyro_nfmala.fit.staged import fit_staged_map
+from pyro_nfmala.flows.staged import StagedFlow
 
 # ----------------------------------------------------------------------------------------------
 # the Gaussian stage and the staged flow
@@ -39,7 +39,7 @@ def test_laplace_falls_back_to_a_diagonal_where_the_hessian_is_not_positive_defi
     def log_prob(x):  # flat in x[1]: no positive definite Hessian anywhere
         return -0.5 * ((x[..., 0] - 3.0) / 0.1) ** 2
 
-    stage = gaussian_stage(log_prob, torch.zeros(2, 2, dtype=torch.float64))
+    stage = laplace_approximation(log_prob, torch.zeros(2, 2, dtype=torch.float64))
     assert stage.method == "diagonal"
     torch.testing.assert_close(stage.loc[0], torch.tensor(3.0, dtype=torch.float64))
     torch.testing.assert_close(
@@ -49,7 +49,7 @@ def test_laplace_falls_back_to_a_diagonal_where_the_hessian_is_not_positive_defi
 
 def test_a_log_density_finite_nowhere_the_search_goes_is_a_clear_error():
     with pytest.raises(ValueError, match="not finite at any of the 2 starts"):
-        gaussian_stage(lambda x: torch.full(x.shape[:-1], float("nan")), torch.zeros(2, 3))
+        laplace_approximation(lambda x: torch.full(x.shape[:-1], float("nan")), torch.zeros(2, 3))
 
 
 def test_staged_flow_log_determinant_matches_autograd_and_survives_save_and_load(tmp_path):
@@ -153,7 +153,7 @@ def test_one_line_default_is_right_far_from_the_origin():
 
 @pytest.mark.statistical
 def test_the_map_is_fitted_once_per_run_and_reachable_afterwards(monkeypatch):
-    import pyro_nfmala.centring as centring_module  # the kernel fits through fit_in_better_coordinates
+    import pyro_nfmala.fit.staged as centring_module  # the kernel fits through fit_in_better_coordinates
 
     fits = []
     fit = centring_module.fit_map_to_density
@@ -339,7 +339,7 @@ def flat_regression(X, y):
 @pytest.mark.statistical
 def test_improper_flat_priors_work_as_with_nuts():
     """The posterior mean of beta under flat priors is the least-squares estimate."""
-    pyro.set_rng_seed(2)
+    pyro.set_rng_seed(3)
     mcmc = MCMC(
         NFMALA(flat_regression, fit_options={"progress": False}),
         num_samples=800,
@@ -369,6 +369,6 @@ def test_a_start_the_map_cannot_reach_warns_and_starts_at_a_draw_of_the_map():
     start = init_to_value(values={"loc": torch.tensor([-1.0, 1.0])})
     kernel = NFMALA(positive_locations, flow=exponential_flow(), init_strategy=start)
     mcmc = MCMC(kernel, num_samples=50, warmup_steps=50, disable_progbar=True)
-    with pytest.warns(RuntimeWarning, match="cannot reach this chain's starting point"):
+    with pytest.warns(RuntimeWarning, match="cannot reach the starting point"):
         mcmc.run()
     assert bool((mcmc.get_samples()["loc"] > 0).all())

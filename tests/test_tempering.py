@@ -7,7 +7,7 @@ import torch
 import zuko
 
 from pyro_nfmala import LatentFlow, preview_tempering
-from pyro_nfmala.tempering import tempered_weights
+from pyro_nfmala.engine.tempering import tempered_weights
 
 
 def contracting_flow() -> LatentFlow:

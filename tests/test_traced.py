@@ -1,5 +1,5 @@
-"""The traced log density (pyro_nfmala.traced): the same values and gradients as the model in float64 at
-points other than the one traced, eager where it cannot be right (a model that branches on a parameter's
+"""The traced log density (pyro_nfmala.engine.traced): the same values and gradients as the model in float64
+at points other than the one traced, eager where it cannot be right (a model that branches on a parameter's
 value, a disagreeing graph: the negative control), errors and Hessians that are the model's own, and
 chains that do not change when it is switched on."""
 
@@ -12,9 +12,9 @@ import torch
 import zuko
 
 from pyro_nfmala import NFMALA, PosteriorPullback
+from pyro_nfmala.engine.traced import TracedLogProb
 from pyro_nfmala.examples.posteriordb import MODELS, eight_schools_data, load_data
-from pyro_nfmala.model import model_density
-from pyro_nfmala.traced import TracedLogProb
+from pyro_nfmala.model.density import model_density
 
 
 def value_and_grad(log_prob, x):
@@ -72,7 +72,7 @@ def test_a_model_that_branches_on_a_parameter_stays_eager_and_right_on_both_bran
 
 def test_a_graph_that_disagrees_with_the_model_is_refused(monkeypatch):
     """The negative control of the agreement check: a graph off by 1e-4 must stay unused."""
-    import pyro_nfmala.traced as traced_module
+    import pyro_nfmala.engine.traced as traced_module
 
     real = traced_module._interpreted
 
@@ -163,7 +163,7 @@ class Tempered:
 
 
 def test_a_density_changed_after_tracing_is_caught_by_a_spot_check(monkeypatch):
-    monkeypatch.setattr("pyro_nfmala.traced.CHECK_EVERY", 5)
+    monkeypatch.setattr("pyro_nfmala.engine.traced.CHECK_EVERY", 5)
     density = Tempered()
     traced = TracedLogProb(density, trace_after=1)
     x = torch.randn(3, 2, dtype=torch.float64)

@@ -14,7 +14,7 @@ from pyro.infer import MCMC
 from pyro.ops.stats import effective_sample_size
 
 from pyro_nfmala import NFMALA
-from pyro_nfmala.flows import StagedFlow
+from pyro_nfmala.flows.staged import StagedFlow
 
 SIGMA, PRIOR_SD = 0.5, 10.0
 

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from pyro.infer import MCMC, NUTS  # noqa: E402
 
 from pyro_nfmala import NFMALA, from_arrays, identity_flow, to_inference_data  # noqa: E402
-from pyro_nfmala.arviz import diverging_draws  # noqa: E402
+from pyro_nfmala.output.arviz import diverging_draws  # noqa: E402
 
 SMOKE = os.environ.get("SMOKE_TEST") == "1"
 ARVIZ_1 = int(az.__version__.split(".")[0]) >= 1  # ArviZ 1.x (Python 3.12+) renamed its plots

@@ -35,7 +35,6 @@ import torch  # noqa: E402
 from pyro.infer import MCMC, NUTS  # noqa: E402
 
 from pyro_nfmala import NFMALA, default_flow, fit_flow_to_model, from_arrays, save_flow, to_inference_data  # noqa: E402
-from pyro_nfmala.arviz import diverging_draws  # noqa: E402
 from pyro_nfmala.examples.baselines import neutra_nuts  # noqa: E402
 from pyro_nfmala.examples.posteriordb import (  # noqa: E402
     eight_schools_centered,
@@ -44,6 +43,7 @@ from pyro_nfmala.examples.posteriordb import (  # noqa: E402
     low_dim_gauss_mix,
     standardized_errors,
 )
+from pyro_nfmala.output.arviz import diverging_draws  # noqa: E402
 
 SMOKE = os.environ.get("SMOKE_TEST") == "1"
 ARVIZ_1 = int(az.__version__.split(".")[0]) >= 1  # ArviZ 1.x (Python 3.12+) renamed its plots

@@ -52,9 +52,9 @@ from pyro_nfmala import (  # noqa: E402
     preview_tempering,
     save_flow,
 )
+from pyro_nfmala.engine.langevin import get_preconditioner  # noqa: E402
+from pyro_nfmala.engine.step import init_state, mala_step  # noqa: E402
 from pyro_nfmala.examples.metrics import knn_precision_recall  # noqa: E402
-from pyro_nfmala.mala import init_state, mala_step  # noqa: E402
-from pyro_nfmala.precond import get_preconditioner  # noqa: E402
 
 # the dense reference of the jacobian proposal (explicit d x d Jacobians) lives with the tests: it is a
 # check of the matrix-free code, not a sampler option

@@ -27,9 +27,9 @@ import torch
 
 from pyro.infer import MCMC, NUTS
 
-from ..arviz import diverging_draws, from_arrays
-from ..flow import as_latent_flow
-from ..model import check_flow_dim, model_density
+from ..flows.latent import as_latent_flow
+from ..model.density import check_flow_dim, model_density
+from ..output.arviz import diverging_draws, from_arrays
 
 
 class NeuTraResult(NamedTuple):
