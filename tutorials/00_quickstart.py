@@ -13,7 +13,7 @@
 #    the kernel reports;
 # 3. compare with Pyro's NUTS on the same budget, and with plain MALA (NFMALA on the identity map).
 #
-# Run: `python tutorials/00_quickstart.py` (about 30 seconds on 2 cores); `SMOKE_TEST=1` shrinks it
+# Run: `python tutorials/00_quickstart.py` (about 45 seconds on 2 cores); `SMOKE_TEST=1` shrinks it
 # to seconds.
 
 # %%
@@ -32,9 +32,9 @@ import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
 
-from pyro.infer import MCMC, NUTS  # noqa: E402
+from pyro.infer import NUTS  # noqa: E402
 
-from pyro_nfmala import NFMALA, from_arrays, identity_flow, to_inference_data  # noqa: E402
+from pyro_nfmala import MCMC, NFMALA, from_arrays, identity_flow, to_inference_data  # noqa: E402
 from pyro_nfmala.output.arviz import diverging_draws  # noqa: E402
 
 SMOKE = os.environ.get("SMOKE_TEST") == "1"
@@ -66,8 +66,10 @@ def model(features, labels):
 
 # %% [markdown]
 # ## 1. One line: `MCMC(NFMALA(model))`
-# Two chains, each started at its own random point (uniform in (-2, 2) of the unconstrained
-# space, as Stan starts its chains), so that R-hat compares chains that started apart.
+# `MCMC` is `pyro_nfmala.MCMC`, Pyro's `MCMC` with every chain of an NFMALA kernel as one batch (one
+# model run per move for both; NUTS below runs through it as Pyro runs it). Two chains, each started at
+# its own random point (uniform in (-2, 2) of the unconstrained space, as Stan starts its chains), so
+# that R-hat compares chains that started apart.
 
 # %%
 num_samples, warmup_steps = (30, 30) if SMOKE else (1000, 500)

@@ -96,7 +96,7 @@ class RunChains:
             )
         x = self.driver.state.x.clone()
         x[chain] = self.run.layout.pack(params).detach().to(x)
-        self.driver.state = self.driver.start_state(x, fallback=False, describe=self.run._describe_start)
+        self.driver.state = self.driver.start_state(x, fallback=False, describe=self.run.describe_start)
         self._params = None
 
     def params(self, chain: int) -> dict[str, Tensor]:

@@ -308,7 +308,7 @@ class PosteriorRun:
         driver = Driver(
             self.target, num_chains, self.options(), generator=generator, label=label, modes=self.modes
         )
-        state = driver.start_state(points, fallback=given is None, describe=self._describe_start)
+        state = driver.start_state(points, fallback=given is None, describe=self.describe_start)
         step_size = driver.options.step_size
         if step_size is None or (adapting and driver.options.adapt_step_size):
             driver.start(state, search_from=step_size or 1.0)
@@ -370,7 +370,8 @@ class PosteriorRun:
         if len(self.modes) > found and self.fit_result is not None:
             self.fit_result = self.fit_result._replace(modes=self.modes)
 
-    def _describe_start(self) -> str:
+    def describe_start(self) -> str:
+        """What an error raised at a chain's initial parameters is told about them."""
         shapes = {name: tuple(shape) for name, shape in self.layout.shapes.items()}
         return (
             f"NFMALA: raised at the initial parameters (unconstrained shapes {shapes}, one value per site "
