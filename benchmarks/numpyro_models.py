@@ -14,6 +14,7 @@ import torch
 from jax import lax, random
 from jax.scipy.special import logsumexp
 
+from pyro_nfmala.examples import inference_gym
 from pyro_nfmala.examples.flow_cases import GP_BASIS, GP_BOUNDARY, approximate_gp_data, garch_data
 from pyro_nfmala.examples.posteriordb import load_data
 
@@ -227,4 +228,128 @@ POSTERIORDB_MODELS = {
     "arma": _posteriordb(arma11, "arma"),
     "gp_pois_regr": _posteriordb(gp_pois_regr, "gp_pois_regr"),
     "hmm_example": _posteriordb(hmm_example, "hmm_example"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# inference-gym's four posteriors and the Brownian motion of ``pyro_nfmala.examples.inference_gym``,
+# transcribed site for site (names, distributions, supports and data keywords as in the Pyro models,
+# so that NUTS draws are scored by ``inference_gym.standardized_errors``)
+
+
+class AR1(dist.Distribution):
+    """A Gaussian AR(1) path of ``num_steps`` as one event: ``x_0 ~ N(loc, initial_scale)`` (default: the
+    stationary sd ``scale / sqrt(1 - persistence^2)``), ``x_t ~ N(loc + persistence (x_{t-1} - loc),
+    scale)``; the log density vectorized over time, sampling by ``lax.scan`` (as the Pyro one)."""
+
+    support = dist.constraints.real_vector
+    arg_constraints = {}
+
+    def __init__(self, loc, persistence, scale, num_steps, initial_scale=None, validate_args=None):
+        if initial_scale is None:
+            initial_scale = scale / jnp.sqrt(1 - persistence**2)
+        self.loc, self.persistence, self.scale, self.initial_scale = jnp.broadcast_arrays(
+            loc, persistence, scale, initial_scale
+        )
+        self.num_steps = num_steps
+        super().__init__(jnp.shape(self.loc), (num_steps,), validate_args=validate_args)
+
+    def sample(self, key, sample_shape=()):
+        shape = tuple(sample_shape) + self.batch_shape
+        noise = random.normal(key, (self.num_steps,) + shape)
+
+        def step(previous, innovation):
+            new = self.loc + self.persistence * (previous - self.loc) + self.scale * innovation
+            return new, new
+
+        first = self.loc + self.initial_scale * noise[0]
+        _, rest = lax.scan(step, first, noise[1:])
+        return jnp.moveaxis(jnp.concatenate([first[None], rest]), 0, -1)
+
+    def log_prob(self, value):
+        loc, persistence = self.loc[..., None], self.persistence[..., None]
+        first = dist.Normal(self.loc, self.initial_scale).log_prob(value[..., 0])
+        innovations = value[..., 1:] - loc - persistence * (value[..., :-1] - loc)
+        return first + dist.Normal(0.0, self.scale[..., None]).log_prob(innovations).sum(-1)
+
+
+def sparse_logistic_regression(features, labels=None):
+    """Sparse logistic regression: Gamma(1/2, 1/2) global and local scales on N(0, 1) weights."""
+    global_scale = numpyro.sample("global_scale", dist.Gamma(0.5, 0.5))
+    with numpyro.plate("features", features.shape[-1]):
+        local_scales = numpyro.sample("local_scales", dist.Gamma(0.5, 0.5))
+        unscaled_weights = numpyro.sample("unscaled_weights", dist.Normal(0.0, 1.0))
+    weights = unscaled_weights * local_scales * global_scale
+    with numpyro.plate("data", features.shape[0]):
+        numpyro.sample("labels", dist.Bernoulli(logits=features @ weights), obs=labels)
+
+
+def stochastic_volatility(returns):
+    """Stochastic volatility: persistence ``2u - 1``, ``u ~ Beta(20, 1.5)`` (a site on (-1, 1)), AR(1) log
+    volatility, ``r_t ~ N(0, exp(h_t / 2))``."""
+    persistence = numpyro.sample(
+        "persistence_of_volatility",
+        dist.TransformedDistribution(
+            dist.Beta(20.0, 1.5),
+            dist.transforms.AffineTransform(-1.0, 2.0, domain=dist.constraints.unit_interval),
+        ),
+    )
+    mean_log_volatility = numpyro.sample("mean_log_volatility", dist.Cauchy(0.0, 5.0))
+    shock_scale = numpyro.sample("white_noise_shock_scale", dist.HalfCauchy(2.0))
+    log_volatility = numpyro.sample(
+        "log_volatility", AR1(mean_log_volatility, persistence, shock_scale, returns.shape[-1])
+    )
+    numpyro.sample("returns", dist.Normal(0.0, jnp.exp(log_volatility / 2)).to_event(1), obs=returns)
+
+
+def item_response_theory(student_ids, question_ids, correct=None, num_students=None, num_questions=None):
+    """One-parameter item response theory: ``logit P(correct) = m + a[student] - d[question]``."""
+    num_students = int(np.max(student_ids)) + 1 if num_students is None else num_students
+    num_questions = int(np.max(question_ids)) + 1 if num_questions is None else num_questions
+    mean_ability = numpyro.sample("mean_student_ability", dist.Normal(0.75, 1.0))
+    with numpyro.plate("students", num_students):
+        ability = numpyro.sample("centered_student_ability", dist.Normal(0.0, 1.0))
+    with numpyro.plate("questions", num_questions):
+        difficulty = numpyro.sample("question_difficulty", dist.Normal(0.0, 1.0))
+    logits = mean_ability + ability[student_ids] - difficulty[question_ids]
+    with numpyro.plate("answers", len(student_ids)):
+        numpyro.sample("correct", dist.Bernoulli(logits=logits), obs=correct)
+
+
+def brownian_motion_unknown_scales(observations):
+    """A Brownian motion (Gaussian random walk from N(0, s_x)) with LogNormal(0, 2) innovation and observation
+    scales, observed where ``observations`` is not NaN (the rest masked out)."""
+    innovation_scale = numpyro.sample("innovation_scale", dist.LogNormal(0.0, 2.0))
+    observation_scale = numpyro.sample("observation_scale", dist.LogNormal(0.0, 2.0))
+    x = numpyro.sample(
+        "x", AR1(0.0, 1.0, innovation_scale, observations.shape[-1], initial_scale=innovation_scale)
+    )
+    observed = ~jnp.isnan(observations)
+    numpyro.sample(
+        "observations",
+        dist.Normal(x, observation_scale).mask(observed).to_event(1),
+        obs=jnp.where(observed, observations, 0.0),
+    )
+
+
+def _inference_gym(model, name):
+    if name == "brownian_motion_unknown_scales":
+        return lambda: (model, _numpy(inference_gym.brownian_motion_data()))
+    return lambda: (model, _numpy(inference_gym.load_data(name, dtype=torch.float64)))
+
+
+#: inference-gym's four posteriors (as ``pyro_nfmala.examples.inference_gym.MODELS``) and the Brownian motion
+#: with unknown scales: name -> () -> (model, float64 data as keyword arguments; ids int64)
+INFERENCE_GYM_MODELS = {
+    "german_credit_sparse_logistic": _inference_gym(
+        sparse_logistic_regression, "german_credit_sparse_logistic"
+    ),
+    "stochastic_volatility_sp500_small": _inference_gym(
+        stochastic_volatility, "stochastic_volatility_sp500_small"
+    ),
+    "stochastic_volatility_sp500": _inference_gym(stochastic_volatility, "stochastic_volatility_sp500"),
+    "item_response_theory": _inference_gym(item_response_theory, "item_response_theory"),
+    "brownian_motion_unknown_scales": _inference_gym(
+        brownian_motion_unknown_scales, "brownian_motion_unknown_scales"
+    ),
 }

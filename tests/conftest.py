@@ -8,22 +8,24 @@ import torch
 import zuko
 
 from pyro_nfmala import LatentFlow
-from pyro_nfmala.examples import posteriordb
+from pyro_nfmala.examples import inference_gym, posteriordb
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests marked ``posteriordb`` read posteriordb's reference data from ``$PYRO_NFMALA_POSTERIORDB``
-    (never part of the repository; ``.ci/run`` points the variable at them): where it does not name a
-    folder with the data, they skip and say why."""
-    if posteriordb.available():
-        return
-    reason = (
-        f"needs posteriordb's reference data: set {posteriordb.ENV_VAR} to a folder holding them "
-        "(benchmarks/README.md says how to make one)"
-    )
-    for item in items:
-        if "posteriordb" in item.keywords:
-            item.add_marker(pytest.mark.skip(reason=reason))
+    """Tests marked ``posteriordb`` or ``inference_gym`` read reference data from the folder that
+    ``$PYRO_NFMALA_POSTERIORDB`` or ``$PYRO_NFMALA_INFERENCE_GYM`` names (never part of the repository;
+    ``.ci/run`` points the variables at them): where it does not name a folder with the data, they skip
+    and say why."""
+    for marker, source in (("posteriordb", posteriordb), ("inference_gym", inference_gym)):
+        if source.available():
+            continue
+        reason = (
+            f"needs {marker}'s reference data: set {source.ENV_VAR} to a folder holding them "
+            "(benchmarks/README.md says how to make one)"
+        )
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(autouse=True)

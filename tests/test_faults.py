@@ -431,6 +431,26 @@ def test_nan_or_inf_in_the_data_is_a_clear_error_naming_the_argument(bad):
         MCMC(NFMALA(model), num_samples=5, warmup_steps=5, disable_progbar=True).run(y=y)
 
 
+def improper():
+    mu = pyro.sample("mu", dist.ImproperUniform(dist.constraints.real, (), ()))
+    scale = pyro.sample("scale", dist.HalfNormal(1.0))
+    pyro.sample("y", dist.Normal(0.0, scale), obs=torch.tensor(0.5))
+    return mu
+
+
+def test_an_improper_flat_posterior_is_a_clear_error_naming_the_site():
+    """A flat prior that nothing involves: torch's "element 0 of tensors does not require grad" (or "The
+    differentiated Tensor ... appears to not have been used in the graph") from inside Pyro was the answer."""
+    with pytest.raises(ValueError, match=r"does not depend on the latent site\(s\) \['mu'\].*improper"):
+        MCMC(NFMALA(improper), num_samples=5, warmup_steps=5, disable_progbar=True).run()
+
+    def flat():
+        pyro.sample("x", dist.ImproperUniform(dist.constraints.real, (), ()))
+
+    with pytest.raises(ValueError, match=r"\['x'\].*improper"):
+        ChainSampler.from_model(flat, fit_options={"progress": False})
+
+
 def test_a_potential_that_returns_a_python_float_warns_and_samples_with_a_zero_gradient():
     """torch's "element 0 of tensors does not require grad" was the answer; now a warning that says what
     happened and what to do, and the chain (a random walk then, still exact) runs."""

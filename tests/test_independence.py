@@ -32,6 +32,7 @@ from pyro_nfmala.engine.independence import (
 from pyro_nfmala.engine.langevin import IdentityPreconditioner
 from pyro_nfmala.engine.step import independence_steps, init_state, mala_step
 from pyro_nfmala.fit.laplace import laplace_approximation, with_mode_from
+from pyro_nfmala.samplers.run import PosteriorRun
 
 NUM_MOVES = 10
 
@@ -405,3 +406,39 @@ def test_a_bimodal_posterior_is_sampled_across_both_modes_by_the_mode_mixture(mo
     )
     errors, _ = bimodal_share_errors()
     assert max(abs(error) for error in errors) > 4, errors
+
+
+def modes_seen_by_one_chain(seeds):
+    """The number of modes a one-chain run of ``bimodal`` knows of when its chain starts, per seed."""
+    counts = []
+    for seed in seeds:
+        pyro.set_rng_seed(seed)
+        run = PosteriorRun(NFMALA(bimodal, fit_options={"progress": False}).spec, (), {})
+        run.start(1)
+        counts.append(len(run.modes))
+    return counts
+
+
+def test_a_run_of_one_chain_searches_as_many_starts_for_modes_as_eight_chains(monkeypatch):
+    """One chain, MCMC's default, searched the fit's four starts and its own: on the equal modes at +-3,
+    all five reached the same mode for 1 seed in 16 (seed 2), and the chain stayed there with no
+    warning. It now searches eight starts in all, draws of the init strategy added; the control (no
+    starts added) misses a mode on the same seeds."""
+    seeds = range(12)
+    assert modes_seen_by_one_chain(seeds) == [2] * len(seeds)
+    monkeypatch.setattr("pyro_nfmala.samplers.run.MODE_SEARCH_STARTS", 0)
+    assert min(modes_seen_by_one_chain(seeds)) == 1
+
+
+@pytest.mark.statistical
+def test_one_chain_gives_each_of_two_equal_modes_its_half():
+    """The hostile pass's case end to end: MCMC(NFMALA(bimodal)) with one chain, the seed whose fit saw
+    one mode: P(loc > 0) within four standard errors of 1/2."""
+    pyro.set_rng_seed(2)
+    mcmc = MCMC(NFMALA(bimodal), num_samples=600, warmup_steps=300, disable_progbar=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mcmc.run()
+    positive = (mcmc.get_samples()["loc"] > 0).double()
+    ess = max(float(effective_sample_size(positive[None] + 1e-9 * torch.randn_like(positive[None]))), 1.0)
+    assert abs(float(positive.mean()) - 0.5) / math.sqrt(0.25 / ess) < 4

@@ -40,6 +40,19 @@ def test_a_chain_stuck_elsewhere_is_named_and_chains_of_one_law_are_not():
         assert warn_about_chains(reports)
 
 
+def test_a_chain_that_never_moved_is_named_as_stuck_not_with_the_largest_double():
+    """A stuck chain's draws have no spread: its z-score is infinite, and the warning says the chain is stuck
+    (it printed z = -1797693134862315708..., the largest double, from nan_to_num)."""
+    x = autocorrelated((4, 500), seed=3)
+    x[1] = 2.0
+    reports = chain_reports({"loc": x})
+    assert reports[1].disagreements["loc"] == float("inf")
+    with pytest.warns(RuntimeWarning) as caught:
+        warn_about_chains(reports)
+    message = str(caught[0].message)
+    assert "z = +inf: its draws never changed, the chain is stuck" in message and "17976931" not in message
+
+
 def test_a_slow_chain_is_named():
     reports = chain_reports({"x": autocorrelated((4, 100))}, [0.01, 0.012, 0.011, 0.05])
     assert [report.slow for report in reports] == [False, False, False, True]

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 __all__ = [
     "BatchWelfordCovariance",
+    "TrajectoryAdapter",
     "FlowRefinement",
     "KernelParameters",
     "StepSizeAdapter",
@@ -59,7 +60,8 @@ from pyro.ops.dual_averaging import DualAveraging
 from pyro.ops.welford import WelfordCovariance
 from torch import Tensor
 
-from .step import ChainState, Move, mala_step
+from .hamiltonian import Trajectory
+from .step import ChainState, Move, StepInfo, advance
 from .targets import LatentTarget
 
 
@@ -104,7 +106,8 @@ def find_reasonable_step_size(
     r"""Doubles or halves ``step_size`` until one proposal's acceptance probability crosses 0.5.
 
     The heuristic of Hoffman & Gelman (2014, Algorithm 4), per chain, with the same noise
-    for every trial. Returns one step size per chain (shape ``state.log_density.shape``).
+    for every trial (for a trajectory move, one leapfrog step). Returns one step size per chain (shape
+    ``state.log_density.shape``).
     """
     batch_shape = state.log_density.shape
     eps = torch.full(batch_shape, float(step_size), dtype=state.z.dtype, device=state.z.device)
@@ -112,10 +115,13 @@ def find_reasonable_step_size(
     device = generator.device if generator is not None else torch.device("cpu")
     seed = int(torch.randint(2**62, (), generator=generator, device=device))
 
+    if getattr(precond, "trajectory_length", None) is not None:  # a trajectory move: one leapfrog step
+        precond = precond.with_trajectory_length(None)
+
     def accept_prob(eps: Tensor) -> Tensor:
         local = torch.Generator(device=state.z.device)
         local.manual_seed(seed)
-        return mala_step(state, target, precond, eps, generator=local)[1].accept_prob
+        return advance(state, target, precond, eps, generator=local)[1].accept_prob
 
     direction = torch.where(accept_prob(eps) > 0.5, 2.0, 0.5).to(eps.dtype)
     active = torch.ones(batch_shape, dtype=torch.bool, device=eps.device)
@@ -129,6 +135,63 @@ def find_reasonable_step_size(
         if not active.any():
             break
     return eps
+
+
+class TrajectoryAdapter:
+    r"""The trajectory length :math:`T` of a Hamiltonian move, adapted chain-parallel by the ChEES criterion
+    (Hoffman, Radul & Sountsov, AISTATS 2021).
+
+    ChEES is the expected squared change, over one trajectory, of the chains' squared distance to their
+    mean, :math:`\frac14 E[(\|z' - \bar z'\|^2 - \|z - \bar z\|^2)^2]`, weighted by the acceptance
+    probabilities; it grows with :math:`T` while longer trajectories still decorrelate the chains. Its
+    derivative in :math:`T` is estimated from one step of the chains, with
+    :math:`\partial z' / \partial T = u\, C p'` (the jitter times the velocity at the end):
+
+    .. math:: \hat g = \sum_i w_i \big(\|z'_i - \bar z'\|^2 - \|z_i - \bar z\|^2\big)
+              \,(z'_i - \bar z') \cdot u\, C p'_i, \qquad w_i \propto \alpha_i,
+
+    and :math:`\log T` takes a step of ``learning_rate`` along :math:`T \hat g`, scaled by the root of its
+    running mean square (RMSProp, ``decay``), so each step moves :math:`\log T` by about
+    ``learning_rate`` whatever the scale of the criterion.
+
+    Example:
+        >>> adapter = TrajectoryAdapter(0.1)
+        >>> z = torch.randn(64, 2)
+        >>> trajectory = Trajectory(start=z, end=2 * z, velocity=z, jitter=0.5, num_steps=3)
+        >>> adapter.update(trajectory, torch.ones(64)) > 0.1  # spreading the chains: longer is better
+        True
+    """
+
+    def __init__(self, trajectory_length: float, learning_rate: float = 0.025, decay: float = 0.5) -> None:
+        self.log_length = math.log(trajectory_length)
+        self.learning_rate, self.decay = learning_rate, decay
+        self._mean_square: float | None = None
+
+    @property
+    def trajectory_length(self) -> float:
+        return math.exp(self.log_length)
+
+    def update(self, trajectory: Trajectory, accept_prob: Tensor) -> float:
+        """Feeds one step (its :class:`~pyro_nfmala.engine.hamiltonian.Trajectory` and the chains'
+        acceptance probabilities); returns the trajectory length for the next step."""
+        weight = accept_prob.detach().double().nan_to_num(0.0).reshape(-1)
+        if not float(weight.sum()) > 0:
+            return self.trajectory_length
+        weight = weight / weight.sum()
+        start, end = trajectory.start.detach().double(), trajectory.end.detach().double()
+        start = start - start.mean(0)
+        end = end - (weight[:, None] * end).sum(0)
+        change = end.square().sum(-1) - start.square().sum(-1)
+        speed = (end * trajectory.velocity.detach().double()).sum(-1) * trajectory.jitter
+        gradient = float((weight * change * speed).nan_to_num(0.0).sum()) * self.trajectory_length
+        if not math.isfinite(gradient) or gradient == 0.0:
+            return self.trajectory_length
+        square = gradient**2
+        self._mean_square = square if self._mean_square is None else (
+            self.decay * self._mean_square + (1 - self.decay) * square
+        )  # fmt: skip
+        self.log_length += self.learning_rate * gradient / math.sqrt(self._mean_square)
+        return self.trajectory_length
 
 
 #: Stan's warmup buffers: the initial fast buffer, the first slow window, the final fast buffer.
@@ -261,6 +324,7 @@ class WarmupAdaptation:
         self.windows = adaptation_windows(self.num_steps) if mass_matrix is not None else []
         self.step = 0
         self._dual_averaging: StepSizeAdapter | None = None
+        self._trajectory: TrajectoryAdapter | None = None
         self._welford = BatchWelfordCovariance(diagonal=mass_matrix == "diagonal")
 
     @property
@@ -281,21 +345,33 @@ class WarmupAdaptation:
             self._restart_dual_averaging(parameters.step_size)
         if self.flow is not None:
             self.flow.init(self.num_steps)
+        move = parameters.move
+        if self.num_steps and hasattr(move, "with_trajectory_length"):  # a Hamiltonian move: T adapts too
+            length = move.trajectory_length or float(parameters.step_size.median())
+            self._trajectory = TrajectoryAdapter(length)
+            parameters = parameters._replace(move=move.with_trajectory_length(length))
         return parameters
 
-    def update(
-        self, parameters: KernelParameters, state: ChainState, accept_prob: Tensor
-    ) -> KernelParameters:
-        """Takes one warmup step (its state, after the Langevin move, and its acceptance probabilities);
-        returns the parameters of the next step (the fixed ones after the last warmup step)."""
+    def update(self, parameters: KernelParameters, state: ChainState, info: StepInfo) -> KernelParameters:
+        """Takes one warmup step (its state, after the local move, and its
+        :class:`~pyro_nfmala.engine.step.StepInfo`: the acceptance probabilities and, for a Hamiltonian
+        move, the trajectory); returns the parameters of the next step (the fixed ones after the last
+        warmup step)."""
         if self.done:
             return parameters
         step_size = parameters.step_size
         if self._dual_averaging is not None:
-            accept = accept_prob.double().cpu()
+            accept = info.accept_prob.double().cpu()
             new = self._dual_averaging.update(accept if self.per_chain else accept.mean())
             step_size = self._expand(new, step_size)
         parameters = parameters._replace(step_size=step_size)
+        if self._trajectory is not None and info.trajectory is not None:
+            move = parameters.move
+            length = self._trajectory.update(info.trajectory, info.accept_prob)
+            longest = move.max_steps * float(step_size.median())  # at most max_steps leapfrog steps
+            if length > longest:
+                self._trajectory.log_length, length = math.log(longest), longest
+            parameters = parameters._replace(move=move.with_trajectory_length(length))
         if self.mass_matrix is not None:
             parameters = self._adapt_mass_matrix(parameters, state)
         self.step += 1

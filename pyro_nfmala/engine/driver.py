@@ -9,9 +9,10 @@ batch of states and owns, once for both:
   map can reach, else an overdispersed draw of the map; or draws of the map), the target's batch
   check, finiteness, a first step size
   (:func:`~pyro_nfmala.engine.adaptation.find_reasonable_step_size`);
-- the schedule of moves: every step is one Langevin move (the preconditioner of
-  :mod:`pyro_nfmala.engine.langevin`), and with ``independence_every=k`` every ``k``-th is followed by an
-  independence step (:mod:`pyro_nfmala.engine.independence`: ``independence_tries`` moves in a row, their
+- the schedule of moves: every step is one local move (a Langevin move, the preconditioner of
+  :mod:`pyro_nfmala.engine.langevin`, or a Hamiltonian one, :mod:`pyro_nfmala.engine.hamiltonian`:
+  :func:`~pyro_nfmala.engine.step.advance`), and with ``independence_every=k`` every ``k``-th is followed by
+  an independence step (:mod:`pyro_nfmala.engine.independence`: ``independence_tries`` moves in a row, their
   proposals evaluated as one batch); each move is the generic Metropolis-Hastings step
   (:func:`~pyro_nfmala.engine.step.metropolis_hastings_step`) or its batched form for independence moves
   (:func:`~pyro_nfmala.engine.step.independence_steps`);
@@ -21,8 +22,9 @@ batch of states and owns, once for both:
 - the ledger: per move and per phase (warmup, sampling) the proposals, acceptances and divergent
   proposals, and per sampling draw the statistics (``accept_prob``, ``step_size``, ``diverging``,
   ``lp``: the log density of :math:`x` under the target's push-forward up to a constant,
-  :math:`\log \pi(z) - \mathrm{ladj}(z)`; with independence moves ``independence_accept_prob``,
-  the mean over the step's ``independence_tries``, NaN on a draw without one);
+  :math:`\log \pi(z) - \mathrm{ladj}(z)`; with a Hamiltonian move ``n_steps``, its leapfrog steps; with
+  independence moves ``independence_accept_prob``, the mean over the step's ``independence_tries``, NaN on
+  a draw without one);
 - the warnings: the first numerical error of each kind, with its message, and at the end of a
   run the divergences of warmup and sampling and any chain that never moved.
 
@@ -51,7 +53,7 @@ from .adaptation import FlowRefinement, KernelParameters, WarmupAdaptation, find
 from .independence import auto_tries, independence_proposal
 from .options import SamplerOptions
 from .refine import FlowRefiner
-from .step import ChainState, StepInfo, finite_chains, independence_steps, init_state, mala_step
+from .step import ChainState, StepInfo, advance, finite_chains, independence_steps, init_state
 from .targets import LatentTarget, PosteriorPullback
 from .validation import check_count
 
@@ -196,9 +198,10 @@ class Driver:
             options = SamplerOptions(**option_values)
         elif option_values:
             raise TypeError("give the options either as a SamplerOptions or as keywords, not both")
-        if options.independence_every == "auto":
+        if options.independence_every == "auto" or options.local_move == "auto":
             raise ValueError(
-                "independence_every='auto' is resolved by NFMALA from its flow check: give None or k"
+                "independence_every='auto' and local_move='auto' are resolved by NFMALA's run from its flow "
+                "check: give None or k, and 'mala' or 'hmc'"
             )
         if options.refine_every is not None and not isinstance(target, PosteriorPullback):
             raise ValueError(
@@ -210,7 +213,7 @@ class Driver:
         self.num_chains = check_count("num_chains", num_chains)
         self.generator = generator
         self.label = label
-        self.move = options.preconditioner  # the Langevin move; adaptation replaces it by new ones
+        self.move = options.move  # the local move; adaptation replaces it by new ones
         if options.mass_matrix is not None:  # a move of this driver's own, with M = I until adapted
             unit = {"dtype": self.flow.dtype, "device": self.flow.device}
             dim = self.flow.dim
@@ -388,7 +391,7 @@ class Driver:
             num_steps,
             adapt_step_size=options.adapt_step_size if adapt_step_size is None else adapt_step_size,
             mass_matrix=options.mass_matrix,
-            target_accept_prob=options.target_accept_prob,
+            target_accept_prob=options.accept_target,
             per_chain=options.adapt == "per_chain",
             find_step_size=self._find_step_size,
             flow=flow,
@@ -432,17 +435,17 @@ class Driver:
             self._apply(self.adaptation.final(self.parameters))
 
     def step(self) -> StepInfo:
-        """One Langevin move of every chain (then, on schedule, an independence move); adapts and records
+        """One local move of every chain (then, on schedule, an independence move); adapts and records
         as the schedule says."""
         warmup = self.warming_up
         phase = "warmup" if warmup else "sampling"
         step_size = self.step_size
-        self.state, info = mala_step(self.state, self.target, self.move, step_size, generator=self.generator)
+        self.state, info = advance(self.state, self.target, self.move, step_size, generator=self.generator)
         self.steps += 1
         self._note_errors(info.errors)
         self.ledgers["langevin"].add(phase, info)
         if warmup:
-            self._apply(self.adaptation.update(self.parameters, self.state, info.accept_prob))
+            self._apply(self.adaptation.update(self.parameters, self.state, info))
         else:
             self.sampling_steps += 1
         self._last_step_size = step_size
@@ -508,7 +511,8 @@ class Driver:
     @property
     def stat_names(self) -> tuple[str, ...]:
         """The names of :meth:`stats`, in order."""
-        extra = ("independence_accept_prob",) if self.independence_every is not None else ()
+        extra = ("n_steps",) if hasattr(self.move, "with_trajectory_length") else ()
+        extra += ("independence_accept_prob",) if self.independence_every is not None else ()
         return SAMPLE_STATS + extra
 
     @property
@@ -525,6 +529,8 @@ class Driver:
             "diverging": info.diverging,
             "lp": self.state.log_density - self.state.ladj,
         }
+        if info.trajectory is not None:  # a Hamiltonian step: its leapfrog steps (ArviZ's n_steps)
+            stats["n_steps"] = torch.full_like(info.accept_prob, float(info.trajectory.num_steps))
         if self.independence_every is not None:
             stats["independence_accept_prob"] = (
                 self._last_independence

@@ -127,6 +127,20 @@ class ConstantMetric:
             return v / self.root
         return torch.linalg.solve_triangular(self.root, v.unsqueeze(-1), upper=False).squeeze(-1)
 
+    def momentum(self, noise: Tensor) -> Tensor:
+        r""":math:`R^{-T} \xi`: a momentum :math:`p \sim N(0, M)` of standard normal noise :math:`\xi`."""
+        if self.root is None:
+            return noise
+        if not self.dense:
+            return noise / self.root
+        return torch.linalg.solve_triangular(self.root.T, noise.unsqueeze(-1), upper=True).squeeze(-1)
+
+    def kinetic_energy(self, p: Tensor) -> Tensor:
+        r""":math:`\frac12 p^T C p = \frac12 |R^T p|^2`, shape ``p.shape[:-1]``."""
+        if self.root is None:
+            return 0.5 * p.square().sum(-1)
+        return 0.5 * (p @ self.root if self.dense else p * self.root).square().sum(-1)
+
 
 class _LangevinMove:
     """What the Langevin moves share: a constant mass matrix (:class:`ConstantMetric`), replaced only by

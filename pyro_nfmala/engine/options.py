@@ -17,17 +17,30 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_PRECONDITIONER", "SamplerOptions", "check_independence", "check_tries"]
+__all__ = [
+    "DEFAULT_PRECONDITIONER",
+    "LOCAL_MOVES",
+    "MALA_ACCEPT_TARGET",
+    "SamplerOptions",
+    "check_independence",
+    "check_tries",
+]
 
 from collections.abc import Mapping
 from typing import Any
 
+from .hamiltonian import HamiltonianMove
 from .langevin import get_preconditioner
 from .step import Move
 from .validation import check_count, check_positive, check_probability
 
 #: The preconditioner of both samplers unless told otherwise (plain MALA on the latent target).
 DEFAULT_PRECONDITIONER = "identity"
+#: The local moves, MALA (one Langevin step, with the preconditioner), HMC (many leapfrog steps), or
+#: ``"auto"``, resolved by a run from its map's flow check.
+LOCAL_MOVES = ("mala", "hmc", "auto")
+#: The acceptance probability optimal for MALA (Roberts & Rosenthal, 1998), aimed at by default.
+MALA_ACCEPT_TARGET = 0.574
 
 
 def _check_mass_matrix(mass_matrix: object, move: Move) -> str | None:
@@ -73,6 +86,13 @@ class SamplerOptions:
     r"""The options of both samplers, checked.
 
     Arguments:
+        local_move: ``"mala"`` (default here): one Langevin step with the ``preconditioner`` per step, the
+            cheapest, right where the map is good (the latent target near :math:`N(0, I)`). ``"hmc"``:
+            jittered Hamiltonian Monte Carlo, many leapfrog steps with the latent mass matrix and a
+            trajectory length adapted in warmup (:mod:`pyro_nfmala.engine.hamiltonian`): several
+            evaluations a step, and the chains still mix where the map is only fair. ``"auto"``
+            (:class:`~pyro_nfmala.NFMALA`'s default): MALA where the map is serviceable by the flow check,
+            HMC where it is not.
         preconditioner: The Langevin move (:mod:`pyro_nfmala.engine.langevin`). ``"identity"`` (default):
             plain MALA on the latent target, the cheapest, right when the map is fitted to the
             posterior so that :math:`\pi \approx N(0, I)`. ``"jacobian"``: :math:`A = J_f^T J_f`, a
@@ -89,7 +109,8 @@ class SamplerOptions:
         step_size: The initial step size :math:`\epsilon > 0`; ``None``: found by doubling or
             halving from 1 at the start (per chain, or their median when adaptation is shared).
         adapt_step_size: Adapt :math:`\epsilon` by dual averaging during warmup, then fix it.
-        target_accept_prob: The acceptance probability adaptation aims at (0.574, optimal for MALA).
+        target_accept_prob: The acceptance probability adaptation aims at; ``None`` (default): the local
+            move's own, 0.574 for MALA (optimal for it), 0.8 for HMC (Stan's).
         adapt: ``"shared"`` (one step size for all chains of a batch, fed their mean acceptance
             probability) or ``"per_chain"``.
         independence_every: ``None``: Langevin moves only. ``k``: every ``k``-th Langevin step is
@@ -123,11 +144,12 @@ class SamplerOptions:
     def __init__(
         self,
         *,
+        local_move: str = "mala",
         preconditioner: str | Move = DEFAULT_PRECONDITIONER,
         mass_matrix: str | None = "auto",
         step_size: float | None = None,
         adapt_step_size: bool = True,
-        target_accept_prob: float = 0.574,
+        target_accept_prob: float | None = None,
         adapt: str = "shared",
         independence_every: int | str | None = None,
         independence_scale: float = 1.0,
@@ -135,11 +157,23 @@ class SamplerOptions:
         refine_every: int | None = None,
         refine_options: dict | None = None,
     ) -> None:
+        if local_move not in LOCAL_MOVES:
+            raise ValueError(f"local_move must be one of {LOCAL_MOVES}, got {local_move!r}")
+        self.local_move = local_move
         self.preconditioner = get_preconditioner(preconditioner)
-        self.mass_matrix = _check_mass_matrix(mass_matrix, self.preconditioner)
+        if local_move == "hmc" and getattr(self.preconditioner, "name", None) != "identity":
+            raise ValueError(
+                f"local_move='hmc' moves with the latent mass matrix; the {self.preconditioner.name!r} "
+                "preconditioner is a Langevin move's: give local_move='mala' with it, or no preconditioner"
+            )
+        self.mass_matrix = _check_mass_matrix(mass_matrix, self.move)
         self.step_size = check_positive("step_size", step_size, allow_none=True)
         self.adapt_step_size = bool(adapt_step_size)
-        self.target_accept_prob = check_probability("target_accept_prob", target_accept_prob)
+        self.target_accept_prob = (
+            None
+            if target_accept_prob is None
+            else check_probability("target_accept_prob", target_accept_prob)
+        )
         if adapt not in ("shared", "per_chain"):
             raise ValueError(f"adapt must be 'shared' or 'per_chain', got {adapt!r}")
         self.adapt = adapt
@@ -149,6 +183,21 @@ class SamplerOptions:
         self.independence_tries = check_tries(independence_tries)
         self.refine_every = check_count("refine_every", refine_every, allow_none=True)
         self.refine_options = dict(refine_options or {})
+
+    @property
+    def move(self) -> Move:
+        """The local move, a :class:`~pyro_nfmala.engine.hamiltonian.HamiltonianMove` for
+        ``local_move="hmc"``, else the preconditioner's Langevin move (also while ``"auto"`` is
+        unresolved)."""
+        return HamiltonianMove() if self.local_move == "hmc" else self.preconditioner
+
+    @property
+    def accept_target(self) -> float:
+        """The acceptance probability step-size adaptation aims at, ``target_accept_prob`` if given, else
+        the local move's own (0.574 for MALA, optimal for it; 0.8 for HMC, Stan's)."""
+        if self.target_accept_prob is not None:
+            return self.target_accept_prob
+        return getattr(self.move, "target_accept_prob", MALA_ACCEPT_TARGET)
 
     @classmethod
     def from_arguments(cls, arguments: Mapping[str, Any]) -> SamplerOptions:
@@ -168,6 +217,7 @@ class SamplerOptions:
 
 
 _OPTION_NAMES = (
+    "local_move",
     "preconditioner",
     "mass_matrix",
     "step_size",

@@ -50,6 +50,7 @@ __all__ = [
     "ChainState",
     "Move",
     "StepInfo",
+    "advance",
     "evaluate",
     "finite_chains",
     "independence_steps",
@@ -94,6 +95,9 @@ class StepInfo(NamedTuple):
     diverging: Tensor  #: whether the proposal was non-finite or raised a numerical error
     log_accept_ratio: Tensor  #: the log Metropolis-Hastings ratio before the min with 0; -inf if divergent
     errors: tuple[BaseException, ...] = ()  #: the numerical errors turned into rejections
+    #: what a trajectory move tells its adaptation (:class:`~pyro_nfmala.engine.hamiltonian.Trajectory`), or
+    #: ``None``
+    trajectory: Any = None
 
 
 @runtime_checkable
@@ -217,11 +221,21 @@ def _unflatten(state: ChainState, like: ChainState) -> ChainState:
 
 
 def _evaluate_isolating_failures(
-    target, move, state: ChainState, z_new: Tensor, step_size: Tensor, errors: list[BaseException]
+    target,
+    move,
+    state: ChainState,
+    z_new: Tensor,
+    step_size: Tensor,
+    errors: list[BaseException],
+    proposal_density: bool = True,
 ) -> tuple[ChainState, Tensor]:
-    """Evaluates the proposals; where that raises a numerical error, splits the batch in halves
-    until the failing chains are found, and gives those a NaN log density (a rejection)."""
+    """Evaluates the proposals (and, with ``proposal_density``, the move's reverse proposal density, else
+    zeros); where that raises a numerical error, splits the batch in halves until the failing chains are
+    found, and gives those a NaN log density (a rejection)."""
     try:
+        if not proposal_density:
+            new = evaluate(target, move, z_new)
+            return new, torch.zeros_like(new.log_density)
         return _evaluate_proposal(target, move, state, z_new, step_size)
     except Exception as error:
         if not is_numerical_error(error):
@@ -239,8 +253,9 @@ def _evaluate_isolating_failures(
     halves = []
     for index in (slice(0, n // 2), slice(n // 2, n)):
         step = flat_step[index] if flat_step.dim() else flat_step
+        rows = _rows(flat_state, index)
         halves.append(
-            _evaluate_isolating_failures(target, move, _rows(flat_state, index), flat_z[index], step, errors)
+            _evaluate_isolating_failures(target, move, rows, flat_z[index], step, errors, proposal_density)
         )
     (first, log_q_first), (second, log_q_second) = halves
     joined = ChainState(
@@ -324,6 +339,23 @@ def metropolis_hastings_step(
 
 #: One Metropolis-adjusted Langevin step: :func:`metropolis_hastings_step` with a Langevin move.
 mala_step = metropolis_hastings_step
+
+
+def advance(
+    state: ChainState,
+    target: LatentTarget,
+    move: Move,
+    step_size: float | Tensor,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[ChainState, StepInfo]:
+    """One step of ``move`` for every chain: the move's own ``step`` where it has one (a trajectory move,
+    :class:`~pyro_nfmala.engine.hamiltonian.HamiltonianMove`, which evaluates the target along its
+    way), else :func:`metropolis_hastings_step` on its proposal."""
+    own = getattr(move, "step", None)
+    if own is not None:
+        return own(state, target, step_size, generator=generator)
+    return metropolis_hastings_step(state, target, move, step_size, generator=generator)
 
 
 def _run_tries(

@@ -9,6 +9,10 @@ Nothing here is imported by ``import pyro_nfmala``; import the submodules themse
 - :mod:`pyro_nfmala.examples.posteriordb`: reference posteriors from posteriordb (models in
   Pyro; their data and gold-standard draws read from the folder that ``$PYRO_NFMALA_POSTERIORDB``
   names, never shipped) and standardized errors;
+- :mod:`pyro_nfmala.examples.inference_gym`: four harder reference posteriors from inference-gym (a sparse
+  logistic regression with heavy-tailed scales, stochastic volatility on 100 and 2,516 returns, an item
+  response model; their data and truths read from ``$PYRO_NFMALA_INFERENCE_GYM``) and a Brownian motion
+  with unknown scales whose data are generated here;
 - :mod:`pyro_nfmala.examples.flow_cases`: posteriors a Gaussian map does not serve (a centred funnel
   in 100 dimensions, a GARCH(1, 1), an approximate GP), data generated with fixed seeds;
 - :mod:`pyro_nfmala.examples.baselines`: NeuTra-NUTS on the same flow, the comparator.

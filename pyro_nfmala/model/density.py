@@ -495,7 +495,15 @@ def model_density(
             max_plate_nesting=max_plate_nesting,
             **initialize_kwargs,
         )
-    except (RuntimeError, ValueError) as error:  # Pyro's "cannot find valid initial params"
+    except (RuntimeError, ValueError) as error:  # Pyro's "cannot find valid initial params", or autograd's
+        flat = _sites_the_density_ignores(model, model_args, model_kwargs, first)
+        if flat:  # autograd: "element 0 of tensors does not require grad", "... not used in the graph"
+            raise ValueError(
+                f"the model's log density does not depend on the latent site(s) {flat} (a flat prior, "
+                "such as ImproperUniform, that no data and no other site involve): the posterior is "
+                "improper in them and cannot be sampled. Give them a proper prior, or data that "
+                "constrain them."
+            ) from error
         nonfinite = _nonfinite_arguments(model_args, model_kwargs)
         if not nonfinite or "valid initial params" not in str(error):
             raise
@@ -518,6 +526,28 @@ def model_density(
     if vectorize and layout.dim > 0 and not discrete:
         density.particles = _checked_particle_model(density, model, model_args, model_kwargs, trace)
     return density
+
+
+def _sites_the_density_ignores(model, model_args: tuple, model_kwargs: dict, trace) -> list[str]:
+    """The continuous latent sites of the run ``trace`` that the log joint does not depend on at all (no path
+    in autograd's graph from the site's value to any log density), found by running the model again with
+    those values requiring gradients."""
+    values = {
+        name: site["value"].detach().clone().requires_grad_(True)
+        for name, site in _latent_sites(trace).items()
+        if not site["fn"].support.is_discrete
+    }
+    if not values:
+        return []
+    with torch.enable_grad():
+        run = pyro.poutine.trace(pyro.poutine.condition(model, data=values)).get_trace(
+            *model_args, **model_kwargs
+        )
+        total = run.log_prob_sum()
+        if not total.requires_grad:
+            return sorted(values)
+        grads = torch.autograd.grad(total, list(values.values()), allow_unused=True)
+    return [name for name, grad in zip(values, grads) if grad is None]
 
 
 def _nonfinite_arguments(model_args: tuple, model_kwargs: dict) -> list[str]:

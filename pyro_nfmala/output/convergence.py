@@ -122,7 +122,8 @@ def chain_reports(
             spread = (error.square() + other_error.square()).sqrt()
             with torch.no_grad():
                 z = torch.where(spread > 0, (mean - other_mean) / spread, (mean - other_mean) * math.inf)
-            z = torch.nan_to_num(z, nan=0.0)
+            # a chain that never moved keeps its infinite z
+            z = torch.nan_to_num(z, nan=0.0, posinf=math.inf, neginf=-math.inf)
             for j in torch.argsort(z.abs(), descending=True).tolist():
                 if not abs(float(z[j])) > DISAGREEMENT_Z:
                     break
@@ -132,6 +133,12 @@ def chain_reports(
     return reports
 
 
+def _described(name: str, z: float) -> str:
+    if math.isinf(z):  # no spread at all: the chain's draws of it never changed
+        return f"{name!r} (z = {z:+}: its draws never changed, the chain is stuck)"
+    return f"{name!r} (z = {z:+.1f})"
+
+
 def warn_about_chains(reports: Sequence[ChainReport], stacklevel: int = 3, what: str = "this run") -> bool:
     """Warns once for the chains of ``reports`` that disagree with the others or are slow, naming each
     chain and its worst coordinates; returns whether it warned."""
@@ -139,9 +146,7 @@ def warn_about_chains(reports: Sequence[ChainReport], stacklevel: int = 3, what:
     median = float(torch.tensor([r.seconds_per_draw for r in reports]).nanmedian()) if reports else math.nan
     for report in reports:
         if report.disagrees:
-            worst = ", ".join(
-                f"{name!r} (z = {z:+.1f})" for name, z in list(report.disagreements.items())[:3]
-            )
+            worst = ", ".join(_described(name, z) for name, z in list(report.disagreements.items())[:3])
             parts.append(f"chain {report.chain} disagrees with the other chains on {worst}")
         if report.slow:
             parts.append(

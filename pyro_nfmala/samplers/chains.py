@@ -73,7 +73,7 @@ class ChainSampler:
         seed: Seed of the sampler's own random generator; the same seed gives the same chains
             (on the same machine and device).
 
-    The sampler's options, ``preconditioner``, ``mass_matrix``, ``step_size``,
+    The sampler's options, ``local_move``, ``preconditioner``, ``mass_matrix``, ``step_size``,
     ``target_accept_prob``, ``adapt``, ``independence_every``, ``independence_scale``,
     ``independence_tries``, ``refine_every`` and ``refine_options``, are passed to
     :class:`~pyro_nfmala.engine.options.SamplerOptions` (documented there; ``independence_every`` is
@@ -90,10 +90,11 @@ class ChainSampler:
         target: LatentTarget,
         num_chains: int,
         *,
+        local_move: str = "mala",
         preconditioner: str | Move = DEFAULT_PRECONDITIONER,
         mass_matrix: str | None = "auto",
         step_size: float | None = None,
-        target_accept_prob: float = 0.574,
+        target_accept_prob: float | None = None,
         adapt: str = "shared",
         independence_every: int | None = None,
         independence_scale: float = 1.0,
@@ -105,10 +106,11 @@ class ChainSampler:
         modes: tuple = (),
     ) -> None:
         options = SamplerOptions.from_arguments({k: v for k, v in locals().items() if k != "modes"})
-        if options.independence_every == "auto":
+        if options.independence_every == "auto" or options.local_move == "auto":
             raise ValueError(
-                "independence_every must be None or an integer >= 1 for ChainSampler ('auto' needs the "
-                "flow check of NFMALA's own map)"
+                "independence_every must be None or an integer >= 1, and local_move 'mala' or 'hmc', for "
+                "ChainSampler on a target ('auto' needs the flow check of a model's run: "
+                "ChainSampler.from_model)"
             )
         if not isinstance(target, LatentTarget):
             raise TypeError(

@@ -122,17 +122,16 @@ class NFMALA(MCMCKernel):
             model at the point traced, 2-6x faster on small models; a model whose Python branches on
             its parameters' values stays eager. ``False`` runs the model eagerly at every step.
 
-    The sampler's options, ``step_size``, ``adapt_step_size``, ``target_accept_prob``, ``adapt``,
-    ``preconditioner``, ``mass_matrix``, ``independence_every``, ``independence_scale``,
+    The sampler's options, ``local_move``, ``step_size``, ``adapt_step_size``, ``target_accept_prob``,
+    ``adapt``, ``preconditioner``, ``mass_matrix``, ``independence_every``, ``independence_scale``,
     ``independence_tries``, ``refine_every`` and ``refine_options``, are passed to
-    :class:`~pyro_nfmala.engine.options.SamplerOptions` (documented there; ``independence_tries="auto"``
-    is one try for a ``potential_fn`` or a model that does not vectorize, whose tries would each cost a
-    run). Here
-    ``independence_every="auto"`` (the default) puts an independence move after every step on a
-    posterior whose map passes the flow check's reliability bar (Pareto k-hat <= 0.7), none otherwise
-    (and none on the tempered target); its acceptance rate is in the diagnostics and in
-    ``sample_stats.independence_accept_prob``. A ``step_size`` given is where the search starts when
-    warmup adapts it; after a run, ``kernel.step_size`` is the adapted value.
+    :class:`~pyro_nfmala.engine.options.SamplerOptions` (documented there; ``independence_tries="auto"`` is
+    one try for a ``potential_fn`` or a model that does not vectorize, whose tries would each cost a run).
+    Here ``independence_every="auto"`` (the default) puts an independence move after every step on a posterior
+    whose map passes the flow check's reliability bar (Pareto k-hat <= 0.7), none otherwise (and none on the
+    tempered target); its acceptance rate is in the diagnostics and in
+    ``sample_stats.independence_accept_prob``. A ``step_size`` given is where the search starts when warmup
+    adapts it; after a run, ``kernel.step_size`` is the adapted value.
 
     A model with no latent sites (all observed or collapsed) has nothing to sample: each draw
     is an empty dict, as with Pyro's HMC.
@@ -146,9 +145,10 @@ class NFMALA(MCMCKernel):
         flow=None,
         fit_options: Mapping | None = None,
         parameterization: str = "auto",
+        local_move: str = "auto",
         step_size: float | None = None,
         adapt_step_size: bool = True,
-        target_accept_prob: float = 0.574,
+        target_accept_prob: float | None = None,
         adapt: str = "shared",
         preconditioner: str | Move = DEFAULT_PRECONDITIONER,
         mass_matrix: str | None = "auto",

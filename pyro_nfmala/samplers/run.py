@@ -42,6 +42,8 @@ from __future__ import annotations
 __all__ = ["MODE_SEARCH_CHAINS", "PosteriorRun", "RunSpec"]
 
 import logging
+import math
+import time
 import warnings
 
 from collections.abc import Callable, Mapping
@@ -69,6 +71,12 @@ logger = logging.getLogger(__name__)
 
 #: The chains of a run whose starts are searched for a mode the fit missed (an L-BFGS ascent each).
 MODE_SEARCH_CHAINS = 8
+#: A run with fewer chains searches draws of the init strategy too, until this many starts were searched
+#: (a run of one chain, MCMC's default, sees the modes that eight would) ...
+MODE_SEARCH_STARTS = 8
+#: ... for at most this fraction of the fit's time (and at least ``MODE_SEARCH_MIN_SECONDS``).
+MODE_SEARCH_TIME_FRACTION = 0.1
+MODE_SEARCH_MIN_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -159,6 +167,7 @@ class PosteriorRun:
         self.check: FlowCheck | None = None
         self.target: LatentTarget | None = None
         self.modes: tuple = ()
+        self._starts_searched = 0
         self._said_point_by_point = False
         rng_state = pyro.util.get_rng_state()  # once per run: each chain's draws must not depend on it
         try:
@@ -271,14 +280,20 @@ class PosteriorRun:
         independence move after every step where the map passes the flow check's reliability bar (Pareto
         k-hat <= 0.7) or the fit found several modes (the mode mixture then jumps between them), none
         otherwise and none on the tempered target; ``independence_tries="auto"`` is one try where the
-        density is evaluated point by point."""
+        density is evaluated point by point; ``local_move="auto"`` is MALA where the map is serviceable by
+        the flow check (or the preconditioner is not the identity, or there is no check: the tempered
+        target), HMC where it is not."""
         options = self.spec.options
         every = options.independence_every
         if every == "auto":
             reliable = self.check is not None and self.check.reliable
             every = 1 if self.spec.beta is None and (len(self.modes) > 1 or reliable) else None
         tries = tries_for_density(options.independence_tries, self.vectorized)
-        return options.replace(independence_every=every, independence_tries=tries)
+        local_move = options.local_move
+        if local_move == "auto":
+            serviceable = self.check is None or self.check.serviceable
+            local_move = "mala" if serviceable or options.preconditioner.name != "identity" else "hmc"
+        return options.replace(independence_every=every, independence_tries=tries, local_move=local_move)
 
     # ------------------------------------------------------------------------------------------
     # chains
@@ -361,12 +376,24 @@ class PosteriorRun:
 
     def _search_modes_from(self, points: Tensor | None) -> None:
         """Adds the modes that ascents from the first chains' starts reach, where a barrier separates them
-        from the modes found (the fit's search may have missed one)."""
+        from the modes found (the fit's search may have missed one); a run of fewer chains than
+        ``MODE_SEARCH_STARTS`` searches from draws of the init strategy too, within a time budget."""
         if points is None or not self.modes:
             return
         found = len(self.modes)
         for point in points[:MODE_SEARCH_CHAINS]:
             self.modes = with_mode_from(self.sampled.log_prob, self.modes, point)
+        self._starts_searched += len(points[:MODE_SEARCH_CHAINS])
+        missing = MODE_SEARCH_STARTS - self._starts_searched
+        if missing > 0 and self.sampled.initializer is not None:
+            fit_seconds = self.fit_result.seconds if self.fit_result is not None else math.nan
+            budget = MODE_SEARCH_TIME_FRACTION * fit_seconds if math.isfinite(fit_seconds) else 0.0
+            deadline = time.perf_counter() + max(MODE_SEARCH_MIN_SECONDS, budget)
+            self._starts_searched = MODE_SEARCH_STARTS
+            for point in self.sampled.initial_points(missing):
+                if time.perf_counter() > deadline:
+                    break
+                self.modes = with_mode_from(self.sampled.log_prob, self.modes, point)
         if len(self.modes) > found and self.fit_result is not None:
             self.fit_result = self.fit_result._replace(modes=self.modes)
 
