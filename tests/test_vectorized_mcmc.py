@@ -132,7 +132,8 @@ def test_the_same_seed_gives_the_same_chains():
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
 
 
-def test_one_progress_bar_follows_the_batch(capsys):
+def test_one_progress_bar_follows_the_batch(capsys, monkeypatch):
+    monkeypatch.delenv("CI", raising=False)  # Pyro's ProgressBar hides itself where CI is set
     run(2, num_samples=10, warmup_steps=10, disable_progbar=False)
     shown = capsys.readouterr().err
     assert "Sample [2 chains]" in shown and "acc. prob" in shown
