@@ -98,37 +98,44 @@ def problem(name: str):
     return regression, regression_data()
 
 
-def run_door(model_name: str, door: str, seed: int) -> dict:
-    """One door on one model in this (fresh) process; the wall time from building to draws in hand."""
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float64)
+def sample_by_door(model, data: dict, door: str, seed: int, budget: dict = BUDGET):
+    """``budget``'s chains of ``model`` on ``data`` by one door (``DOORS``) in this process: the draws
+    ``{site: (chains, draws, ...)}``, the wall time from building the sampler to draws in hand, the run
+    (:class:`~pyro_nfmala.samplers.run.PosteriorRun`: its fit, flow check and options) and the number
+    of divergent draws."""
     import pyro.infer
 
     from pyro_nfmala import MCMC, NFMALA, ChainSampler
 
-    model, data = problem(model_name)
-    chains, warmup, samples = BUDGET["chains"], BUDGET["warmup"], BUDGET["samples"]
+    chains, warmup, samples = budget["chains"], budget["warmup"], budget["samples"]
     pyro.set_rng_seed(seed)
+    start = time.perf_counter()
+    if door == "ChainSampler.from_model":
+        sampler = ChainSampler.from_model(
+            model, model_kwargs=data, num_chains=chains, seed=seed, fit_options={"progress": False}
+        )
+        idata = sampler.run(samples, warmup, progress=False, log_likelihood=False)
+        draws = {site: idata.posterior[site].values for site in idata.posterior.data_vars}
+        return draws, time.perf_counter() - start, sampler.model_run, int(sampler.num_divergent)
+    runner = MCMC if door == "pyro_nfmala.MCMC" else pyro.infer.MCMC
+    kernel = NFMALA(model, fit_options={"progress": False})
+    mcmc = runner(kernel, num_samples=samples, warmup_steps=warmup, num_chains=chains, disable_progbar=True)
+    mcmc.run(**data)
+    draws = {site: value.numpy() for site, value in mcmc.get_samples(group_by_chain=True).items()}
+    seconds = time.perf_counter() - start
+    divergences = int(sum(len(d) for d in mcmc.diagnostics()["divergences"].values()))
+    return draws, seconds, kernel.prepare(**data), divergences
+
+
+def run_door(model_name: str, door: str, seed: int) -> dict:
+    """One door on one model in this (fresh) process; the wall time from building to draws in hand."""
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    model, data = problem(model_name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        start = time.perf_counter()
-        if door == "ChainSampler.from_model":
-            sampler = ChainSampler.from_model(
-                model, model_kwargs=data, num_chains=chains, seed=seed, fit_options={"progress": False}
-            )
-            idata = sampler.run(samples, warmup, progress=False, log_likelihood=False)
-            draws = {site: idata.posterior[site].values for site in idata.posterior.data_vars}
-            fit = sampler.fit_result
-        else:
-            runner = MCMC if door == "pyro_nfmala.MCMC" else pyro.infer.MCMC
-            kernel = NFMALA(model, fit_options={"progress": False})
-            mcmc = runner(
-                kernel, num_samples=samples, warmup_steps=warmup, num_chains=chains, disable_progbar=True
-            )
-            mcmc.run(**data)
-            draws = {site: value.numpy() for site, value in mcmc.get_samples(group_by_chain=True).items()}
-            fit = kernel.fit_result
-        seconds = time.perf_counter() - start
+        draws, seconds, run, _ = sample_by_door(model, data, door, seed)
+    fit = run.fit_result
     result = score(model_name, draws, seconds, fit.seconds)
     result["map"] = fit.stage
     result["warned"] = sorted(

@@ -33,6 +33,13 @@ def eight_schools_centered(J, sigma, y=None):
         numpyro.sample("y", dist.Normal(theta, sigma), obs=y)
 
 
+def eight_schools_centered_vector(J, sigma, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = numpyro.sample("tau", dist.HalfCauchy(5.0))
+    theta = numpyro.sample("theta", dist.Normal(mu, tau).expand([J]).to_event(1))
+    numpyro.sample("y", dist.Normal(theta, sigma).to_event(1), obs=y)
+
+
 def garch11(T, y, sigma1):
     mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
     alpha0 = numpyro.sample("alpha0", dist.HalfNormal(10.0))

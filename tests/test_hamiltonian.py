@@ -91,17 +91,21 @@ def test_a_trajectory_into_a_nan_region_is_rejected_and_counted():
 
 
 def test_the_trajectory_length_adapts_to_the_scale_and_the_draws_are_right():
-    """A Gaussian with scales 0.1 to 10 and no mass matrix: MALA's one step is bound by the narrowest
-    scale; HMC's trajectory grows to the widest (ChEES), and its draws have the right sds."""
+    """A Gaussian with scales 0.1 to 10 and no mass matrix, four chains: MALA's one step is bound by the
+    narrowest scale; HMC's trajectories run to their U-turns in warmup, whose times (about half the
+    widest scale's period) it draws its lengths from, and its draws have the right sds. (Adapted by ChEES
+    across four chains, the length stayed near 1.7 where NUTS's trajectories ran 4.4: ESS 8 on the
+    sparse logistic regression.)"""
     scales = torch.logspace(-1, 1, 6, dtype=torch.float64)
     target = PosteriorPullback(identity_flow(6).double(), lambda x: -0.5 * (x / scales).square().sum(-1))
-    sampler = ChainSampler(target, 32, local_move="hmc", mass_matrix=None, seed=0)
-    idata = sampler.run(400, 300, progress=False)
-    length = sampler.preconditioner.trajectory_length
-    assert 3.0 < length < 60.0, length  # from one leapfrog step (~0.1) to about the widest scale's period
+    sampler = ChainSampler(target, 4, local_move="hmc", mass_matrix=None, seed=0)
+    idata = sampler.run(1000, 300, progress=False)
+    lengths = sampler.preconditioner.trajectory_lengths
+    assert lengths is not None and len(lengths) >= 100
+    assert 5.0 < float(lengths.median()) < 40.0, lengths.median()  # widest scale 10: half a period 31
     x = torch.as_tensor(idata.posterior["x"].values).reshape(-1, 6)
     ess = float(pyro.ops.stats.effective_sample_size(torch.as_tensor(idata.posterior["x"].values)).min())
-    assert ess > 1000
+    assert ess > 500  # MALA: about 70
     assert float((x.std(0) / scales - 1).abs().max()) < 4.5 * math.sqrt(0.5 / ess) + 0.02
     assert "n_steps" in idata.sample_stats and float(idata.sample_stats["n_steps"].max()) >= 2
 

@@ -18,8 +18,10 @@ buffer (75 steps) adapts only the step size; then slow windows of 25, 50, 100, .
 estimate the covariance of the chains' latent states (Welford's scheme,
 :class:`BatchWelfordCovariance`, with Stan's regularization toward the identity), set
 :math:`M^{-1}` to it at their end, and restart the step-size search and dual averaging; a final
-fast buffer (50 steps) adapts the step size alone.
-After warmup both are fixed: sampling is one fixed kernel.
+fast buffer (50 steps) adapts the step size alone. A Hamiltonian move
+(:class:`~pyro_nfmala.engine.hamiltonian.HamiltonianMove`) runs to each chain's U-turn in warmup, and the
+times it took since the last change of the mass matrix become the lengths it draws from in sampling.
+After warmup all are fixed: sampling is one fixed kernel.
 
 :class:`WarmupAdaptation` runs that schedule: ``init`` starts it from the kernel's parameters
 (:class:`KernelParameters`: the step size and the Langevin move with its mass matrix, and the
@@ -40,7 +42,6 @@ from __future__ import annotations
 
 __all__ = [
     "BatchWelfordCovariance",
-    "TrajectoryAdapter",
     "FlowRefinement",
     "KernelParameters",
     "StepSizeAdapter",
@@ -60,7 +61,6 @@ from pyro.ops.dual_averaging import DualAveraging
 from pyro.ops.welford import WelfordCovariance
 from torch import Tensor
 
-from .hamiltonian import Trajectory
 from .step import ChainState, Move, StepInfo, advance
 from .targets import LatentTarget
 
@@ -115,7 +115,7 @@ def find_reasonable_step_size(
     device = generator.device if generator is not None else torch.device("cpu")
     seed = int(torch.randint(2**62, (), generator=generator, device=device))
 
-    if getattr(precond, "trajectory_length", None) is not None:  # a trajectory move: one leapfrog step
+    if hasattr(precond, "with_trajectory_length"):  # a trajectory move: one leapfrog step
         precond = precond.with_trajectory_length(None)
 
     def accept_prob(eps: Tensor) -> Tensor:
@@ -137,62 +137,9 @@ def find_reasonable_step_size(
     return eps
 
 
-class TrajectoryAdapter:
-    r"""The trajectory length :math:`T` of a Hamiltonian move, adapted chain-parallel by the ChEES criterion
-    (Hoffman, Radul & Sountsov, AISTATS 2021).
-
-    ChEES is the expected squared change, over one trajectory, of the chains' squared distance to their
-    mean, :math:`\frac14 E[(\|z' - \bar z'\|^2 - \|z - \bar z\|^2)^2]`, weighted by the acceptance
-    probabilities; it grows with :math:`T` while longer trajectories still decorrelate the chains. Its
-    derivative in :math:`T` is estimated from one step of the chains, with
-    :math:`\partial z' / \partial T = u\, C p'` (the jitter times the velocity at the end):
-
-    .. math:: \hat g = \sum_i w_i \big(\|z'_i - \bar z'\|^2 - \|z_i - \bar z\|^2\big)
-              \,(z'_i - \bar z') \cdot u\, C p'_i, \qquad w_i \propto \alpha_i,
-
-    and :math:`\log T` takes a step of ``learning_rate`` along :math:`T \hat g`, scaled by the root of its
-    running mean square (RMSProp, ``decay``), so each step moves :math:`\log T` by about
-    ``learning_rate`` whatever the scale of the criterion.
-
-    Example:
-        >>> adapter = TrajectoryAdapter(0.1)
-        >>> z = torch.randn(64, 2)
-        >>> trajectory = Trajectory(start=z, end=2 * z, velocity=z, jitter=0.5, num_steps=3)
-        >>> adapter.update(trajectory, torch.ones(64)) > 0.1  # spreading the chains: longer is better
-        True
-    """
-
-    def __init__(self, trajectory_length: float, learning_rate: float = 0.025, decay: float = 0.5) -> None:
-        self.log_length = math.log(trajectory_length)
-        self.learning_rate, self.decay = learning_rate, decay
-        self._mean_square: float | None = None
-
-    @property
-    def trajectory_length(self) -> float:
-        return math.exp(self.log_length)
-
-    def update(self, trajectory: Trajectory, accept_prob: Tensor) -> float:
-        """Feeds one step (its :class:`~pyro_nfmala.engine.hamiltonian.Trajectory` and the chains'
-        acceptance probabilities); returns the trajectory length for the next step."""
-        weight = accept_prob.detach().double().nan_to_num(0.0).reshape(-1)
-        if not float(weight.sum()) > 0:
-            return self.trajectory_length
-        weight = weight / weight.sum()
-        start, end = trajectory.start.detach().double(), trajectory.end.detach().double()
-        start = start - start.mean(0)
-        end = end - (weight[:, None] * end).sum(0)
-        change = end.square().sum(-1) - start.square().sum(-1)
-        speed = (end * trajectory.velocity.detach().double()).sum(-1) * trajectory.jitter
-        gradient = float((weight * change * speed).nan_to_num(0.0).sum()) * self.trajectory_length
-        if not math.isfinite(gradient) or gradient == 0.0:
-            return self.trajectory_length
-        square = gradient**2
-        self._mean_square = square if self._mean_square is None else (
-            self.decay * self._mean_square + (1 - self.decay) * square
-        )  # fmt: skip
-        self.log_length += self.learning_rate * gradient / math.sqrt(self._mean_square)
-        return self.trajectory_length
-
+#: With fewer U-turn times than this from warmup, a Hamiltonian move samples with a jittered length of this
+#: many of its steps.
+MIN_U_TURNS = 10
 
 #: Stan's warmup buffers: the initial fast buffer, the first slow window, the final fast buffer.
 INITIAL_BUFFER, FIRST_WINDOW, FINAL_BUFFER = 75, 25, 50
@@ -324,7 +271,7 @@ class WarmupAdaptation:
         self.windows = adaptation_windows(self.num_steps) if mass_matrix is not None else []
         self.step = 0
         self._dual_averaging: StepSizeAdapter | None = None
-        self._trajectory: TrajectoryAdapter | None = None
+        self._u_turns: list[Tensor] | None = None  # a Hamiltonian move's U-turn times since the last mass
         self._welford = BatchWelfordCovariance(diagonal=mass_matrix == "diagonal")
 
     @property
@@ -346,10 +293,9 @@ class WarmupAdaptation:
         if self.flow is not None:
             self.flow.init(self.num_steps)
         move = parameters.move
-        if self.num_steps and hasattr(move, "with_trajectory_length"):  # a Hamiltonian move: T adapts too
-            length = move.trajectory_length or float(parameters.step_size.median())
-            self._trajectory = TrajectoryAdapter(length)
-            parameters = parameters._replace(move=move.with_trajectory_length(length))
+        if self.num_steps and hasattr(move, "with_u_turns"):  # a Hamiltonian move: its lengths adapt too
+            self._u_turns = []
+            parameters = parameters._replace(move=move.with_u_turns())
         return parameters
 
     def update(self, parameters: KernelParameters, state: ChainState, info: StepInfo) -> KernelParameters:
@@ -365,13 +311,9 @@ class WarmupAdaptation:
             new = self._dual_averaging.update(accept if self.per_chain else accept.mean())
             step_size = self._expand(new, step_size)
         parameters = parameters._replace(step_size=step_size)
-        if self._trajectory is not None and info.trajectory is not None:
-            move = parameters.move
-            length = self._trajectory.update(info.trajectory, info.accept_prob)
-            longest = move.max_steps * float(step_size.median())  # at most max_steps leapfrog steps
-            if length > longest:
-                self._trajectory.log_length, length = math.log(longest), longest
-            parameters = parameters._replace(move=move.with_trajectory_length(length))
+        u_turns = None if info.trajectory is None else info.trajectory.u_turn_lengths
+        if self._u_turns is not None and u_turns is not None:
+            self._u_turns.append(u_turns.detach().reshape(-1).double().cpu())
         if self.mass_matrix is not None:
             parameters = self._adapt_mass_matrix(parameters, state)
         self.step += 1
@@ -400,6 +342,8 @@ class WarmupAdaptation:
             return parameters
         covariance = self._welford.get_covariance(regularize=True).to(points.dtype).to(points.device)
         self._welford.reset()
+        if self._u_turns is not None:  # lengths measured under the old mass matrix no longer hold
+            self._u_turns = []
         parameters = parameters._replace(move=move.with_inverse_mass(covariance))
         found = self.find_step_size(parameters, float(parameters.step_size.median()))
         found = found if self.per_chain else found.median().expand(found.shape)
@@ -408,6 +352,16 @@ class WarmupAdaptation:
             self._restart_dual_averaging(parameters.step_size)
         return parameters
 
+    def _fixed_lengths(self, parameters: KernelParameters):
+        """The Hamiltonian move of sampling: its lengths drawn from warmup's U-turn times since the last
+        mass matrix (a fixed kernel); with none measured, ``MIN_U_TURNS`` steps of the final step size."""
+        move = parameters.move
+        measured = torch.cat(self._u_turns) if self._u_turns else torch.zeros(0, dtype=torch.float64)
+        measured = measured[torch.isfinite(measured) & (measured > 0)]
+        if len(measured) < MIN_U_TURNS:
+            return move.with_trajectory_length(MIN_U_TURNS * float(parameters.step_size.median()))
+        return move.with_trajectory_lengths(measured)
+
     def final(self, parameters: KernelParameters) -> KernelParameters:
         """Ends warmup now (also when interrupted): the step size is dual averaging's final value, and
         everything is fixed from here on."""
@@ -415,5 +369,8 @@ class WarmupAdaptation:
             final = self._dual_averaging.final()
             parameters = parameters._replace(step_size=self._expand(final, parameters.step_size))
         self._dual_averaging = None
+        if self._u_turns is not None:
+            parameters = parameters._replace(move=self._fixed_lengths(parameters))
+            self._u_turns = None
         self.step = max(self.step, self.num_steps)
         return parameters

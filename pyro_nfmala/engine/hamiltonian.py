@@ -16,14 +16,15 @@ keeps volume, so the move leaves :math:`\pi` invariant, for any flow. One leapfr
 gradient, where MALA's random walk goes :math:`\sqrt L` times as far: what a map that is only fair (the
 flow check's k-hat above 0.5) needs to mix.
 
-**Trajectory length.** Each step draws :math:`u \sim \mathcal{U}(0, 1)` (one for all chains, independent
-of the state, so that the kernel is a mixture of exact kernels) and takes
-:math:`L = \lceil u T / \epsilon \rceil` leapfrog steps (at most ``max_steps``): the trajectory length
-:math:`T` is jittered, which keeps a fixed :math:`T` from resonating with a period of the target. In
-warmup :math:`T` is adapted, chain-parallel, by the ChEES criterion (Hoffman, Radul & Sountsov, AISTATS
-2021: the change of the chains' squared distance to their mean over a trajectory, whose expected square
-grows while longer trajectories still decorrelate; :class:`~pyro_nfmala.engine.adaptation.TrajectoryAdapter`),
-and fixed after.
+**Trajectory length** (empirical HMC, Wu, Stoehr & Robert 2018). In warmup each chain runs until its
+trajectory makes a U-turn (NUTS's criterion: the displacement from the start points against the velocity
+at either end) and the times :math:`\tau = \epsilon L` it took are collected, anew after each change of
+the mass matrix (:class:`~pyro_nfmala.engine.adaptation.WarmupAdaptation`). In sampling, each step draws
+one :math:`u \sim \mathcal{U}(0, 1)` for all chains, independent of the state, takes the :math:`u`-quantile
+:math:`\tau` of those times and runs :math:`L = \lceil \tau / \epsilon \rceil` leapfrog steps (at
+most ``max_steps``): a mixture of fixed, exact kernels, whose lengths follow the target's own scales,
+long where it is wide, as NUTS's do, with no tree to build. A fixed :math:`T` can be given instead,
+jittered uniformly in :math:`(0, T]`.
 
 A chain whose trajectory reaches a point where the target or its gradient is not finite, or where an
 evaluation raises a numerical error, stops there and is rejected (divergent); so is one whose energy
@@ -75,24 +76,32 @@ MAX_LEAPFROG_STEPS = 256
 
 
 class Trajectory(NamedTuple):
-    """What a Hamiltonian step tells the adaptation of its trajectory length."""
+    """What a Hamiltonian step tells warmup."""
 
     start: Tensor  #: the chains' positions before the step, ``(chains, d)``
     end: Tensor  #: where their trajectories ended (the proposals, before acceptance), ``(chains, d)``
-    velocity: Tensor  #: :math:`C p'` at the end, ``(chains, d)``
-    jitter: float  #: the step's :math:`u`
-    num_steps: int  #: the leapfrog steps taken
+    num_steps: int  #: the leapfrog steps taken (the most any chain took)
+    #: in a step until the U-turn, the time :math:`\epsilon L_c` each chain ran before its trajectory turned
+    #: back (or hit ``max_steps``), ``(chains,)``; ``None`` otherwise
+    u_turn_lengths: Tensor | None = None
 
 
 class HamiltonianMove:
-    r"""Jittered Hamiltonian Monte Carlo in the latent space, with a constant mass matrix (see the module).
+    r"""Hamiltonian Monte Carlo in the latent space, with a constant mass matrix (see the module).
+
+    The number of leapfrog steps of a step is, in order of precedence: until each chain's U-turn
+    (``until_u_turn``, warmup only: not a fixed kernel); :math:`\lceil \tau / \epsilon \rceil` for
+    :math:`\tau` drawn from the empirical ``trajectory_lengths`` (eHMC); :math:`\lceil u T / \epsilon
+    \rceil` for a jittered ``trajectory_length`` :math:`T`; else one step.
 
     Arguments:
         inverse_mass: :math:`C = M^{-1}`, a vector ``(d,)`` (diagonal) or a matrix ``(d, d)``; ``None``:
             the identity.
-        trajectory_length: :math:`T`; ``None`` until it is set (the samplers start it at the first step
-            size and adapt it in warmup).
+        trajectory_length: :math:`T`, jittered uniformly in :math:`(0, T]`.
         max_steps: The most leapfrog steps a step takes.
+        trajectory_lengths: The lengths (times) :math:`\tau` are drawn from, a tensor ``(n,)``; the
+            samplers take them from warmup's U-turns.
+        until_u_turn: Run each chain until its trajectory turns back (warmup).
     """
 
     name = "hmc"
@@ -105,10 +114,14 @@ class HamiltonianMove:
         inverse_mass: Tensor | None = None,
         trajectory_length: float | None = None,
         max_steps: int = MAX_LEAPFROG_STEPS,
+        trajectory_lengths: Tensor | None = None,
+        until_u_turn: bool = False,
     ) -> None:
         self.metric = ConstantMetric(inverse_mass)
         self.trajectory_length = check_positive("trajectory_length", trajectory_length, allow_none=True)
         self.max_steps = check_count("max_steps", max_steps)
+        self.trajectory_lengths = _checked_lengths(trajectory_lengths)
+        self.until_u_turn = bool(until_u_turn)
 
     @property
     def inverse_mass(self) -> Tensor | None:
@@ -122,22 +135,42 @@ class HamiltonianMove:
         return move
 
     def with_trajectory_length(self, trajectory_length: float | None) -> HamiltonianMove:
-        """The same move with trajectory length :math:`T` (``None``: one leapfrog step); this one is
-        unchanged."""
+        """The same move with a jittered trajectory length :math:`T` (``None``: one leapfrog step), no
+        empirical lengths and no U-turns; this one is unchanged."""
         move = copy.copy(self)
         move.trajectory_length = check_positive("trajectory_length", trajectory_length, allow_none=True)
+        move.trajectory_lengths, move.until_u_turn = None, False
+        return move
+
+    def with_trajectory_lengths(self, lengths: Tensor) -> HamiltonianMove:
+        """The same move drawing its lengths from ``lengths`` ``(n,)`` (a fixed kernel); this one is
+        unchanged."""
+        move = copy.copy(self)
+        move.trajectory_lengths, move.until_u_turn = _checked_lengths(lengths), False
+        return move
+
+    def with_u_turns(self) -> HamiltonianMove:
+        """The same move run until each chain's U-turn (warmup); this one is unchanged."""
+        move = copy.copy(self)
+        move.until_u_turn = True
         return move
 
     def prepare(self, flow: LatentFlow, state: ChainState) -> None:
         return None
 
     def num_steps(self, step_size: Tensor, jitter: float) -> int:
-        """:math:`L = \\lceil u T / \\epsilon \\rceil`, between 1 and ``max_steps`` (one step while
-        :math:`T` is unset); ``step_size`` the chains' (their median decides)."""
-        if self.trajectory_length is None:
+        """The leapfrog steps of a step whose uniform draw is ``jitter`` (see the class), between 1 and
+        ``max_steps``; ``step_size`` the chains' (their median decides)."""
+        if self.until_u_turn:
+            return self.max_steps
+        if self.trajectory_lengths is not None:
+            lengths = self.trajectory_lengths
+            length = float(lengths[min(int(jitter * len(lengths)), len(lengths) - 1)])
+        elif self.trajectory_length is not None:
+            length = jitter * self.trajectory_length
+        else:
             return 1
-        steps = math.ceil(jitter * self.trajectory_length / float(step_size.median()))
-        return min(max(steps, 1), self.max_steps)
+        return min(max(math.ceil(length / float(step_size.median())), 1), self.max_steps)
 
     def step(
         self,
@@ -148,7 +181,7 @@ class HamiltonianMove:
         generator: torch.Generator | None = None,
     ) -> tuple[ChainState, StepInfo]:
         """One Hamiltonian step of every chain of ``state`` ``(chains, d)``: the noise of the momenta, then
-        the jitter, then one uniform per chain are drawn from ``generator``."""
+        the draw that sets the length, then one uniform per chain are drawn from ``generator``."""
         unit = {"dtype": state.z.dtype, "device": state.z.device}
         step_size = torch.as_tensor(step_size, **unit)
         batch_shape = state.log_density.shape
@@ -158,28 +191,64 @@ class HamiltonianMove:
         num_steps = self.num_steps(step_size.reshape(-1), jitter)
         eps = step_size[..., None] if step_size.dim() else step_size
         start_energy = -state.log_density + self.metric.kinetic_energy(p)
+        start_velocity = self.metric.times_inverse_mass(p)
 
         errors: list[BaseException] = []
-        current, alive = state, torch.ones(batch_shape, dtype=torch.bool, device=state.z.device)
-        p = p + 0.5 * eps * current.grad
-        for i in range(num_steps):
-            z = torch.where(alive[..., None], current.z + eps * self.metric.times_inverse_mass(p), current.z)
+        current = state
+        alive = torch.ones(batch_shape, dtype=torch.bool, device=state.z.device)  # no failure so far
+        moving = alive.clone()  # alive and, until the U-turn, not turned back
+        steps = torch.zeros(batch_shape, **unit)
+        taken = 0
+        for _ in range(num_steps):
+            half = p + 0.5 * eps * current.grad
+            ahead = current.z + eps * self.metric.times_inverse_mass(half)
+            z = torch.where(moving[..., None], ahead, current.z)
             new, _ = _evaluate_isolating_failures(
                 target, self, current, z, step_size, errors, proposal_density=False
             )
-            alive = alive & finite_chains(new)
-            current = _select(alive, new, current)
-            last = i == num_steps - 1
-            p = torch.where(alive[..., None], p + (0.5 if last else 1.0) * eps * current.grad, p)
+            alive = alive & (~moving | finite_chains(new))
+            moving = moving & alive
+            current = _select(moving, new, current)
+            p = torch.where(moving[..., None], half + 0.5 * eps * current.grad, p)
+            steps = steps + moving.to(steps.dtype)
+            taken += 1
+            if self.until_u_turn:
+                velocity = self.metric.times_inverse_mass(p)
+                moving = moving & ~_turned(current.z - state.z, velocity, start_velocity)
+            if not bool(moving.any()):
+                break
         end_energy = -current.log_density + self.metric.kinetic_energy(p)
         log_ratio = start_energy - end_energy
         finite = alive & torch.isfinite(log_ratio) & (log_ratio > -MAX_ENERGY_ERROR)
         log_ratio = _rejecting(log_ratio, finite)
         accept = _accepts(log_ratio, uniform)
-        trajectory = Trajectory(state.z, current.z, self.metric.times_inverse_mass(p), jitter, num_steps)
+        u_turns = steps * step_size.expand(batch_shape) if self.until_u_turn else None
+        trajectory = Trajectory(state.z, current.z, taken, u_turns)
         info = _step_info(log_ratio, finite, accept, errors)._replace(trajectory=trajectory)
         return _select(accept, current, state), info
 
     def __repr__(self) -> str:
         mass = "identity" if self.inverse_mass is None else ("dense" if self.metric.dense else "diagonal")
-        return f"HamiltonianMove(mass={mass}, trajectory_length={self.trajectory_length})"
+        if self.until_u_turn:
+            length = "until the U-turn"
+        elif self.trajectory_lengths is not None:
+            lengths = self.trajectory_lengths
+            length = f"{len(lengths)} empirical, median {float(lengths.median()):.3g}"
+        else:
+            length = f"{self.trajectory_length}"
+        return f"HamiltonianMove(mass={mass}, trajectory_length={length})"
+
+
+def _turned(displacement: Tensor, velocity: Tensor, start_velocity: Tensor) -> Tensor:
+    """NUTS's U-turn criterion on a trajectory from its start: the displacement from the start points
+    against the velocity at either end."""
+    return ((displacement * velocity).sum(-1) < 0) | ((displacement * start_velocity).sum(-1) < 0)
+
+
+def _checked_lengths(lengths: Tensor | None) -> Tensor | None:
+    if lengths is None:
+        return None
+    lengths = torch.as_tensor(lengths).detach().reshape(-1)
+    if not len(lengths) or not bool(torch.isfinite(lengths).all() & (lengths > 0).all()):
+        raise ValueError("trajectory_lengths must be a non-empty set of positive finite lengths")
+    return lengths.sort().values

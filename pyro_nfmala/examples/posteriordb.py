@@ -59,6 +59,7 @@ __all__ = [
     "data_dir",
     "derived",
     "eight_schools_centered",
+    "eight_schools_centered_vector",
     "eight_schools_data",
     "eight_schools_noncentered",
     "gp_pois_regr",
@@ -305,6 +306,17 @@ def eight_schools_centered(J: int, sigma: torch.Tensor, y: torch.Tensor | None =
     with pyro.plate("schools", J):
         theta = pyro.sample("theta", dist.Normal(mu, tau))
         pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+
+def eight_schools_centered_vector(J: int, sigma: torch.Tensor, y: torch.Tensor | None = None) -> None:
+    r"""The centred eight-schools model of :func:`eight_schools_centered` written without a plate, as
+    many users write it: ``theta`` one vector site, ``dist.Normal(mu, tau).expand([J]).to_event(1)``.
+    The same posterior and the same funnel; Pyro sees one site of event shape ``(J,)``.
+    """
+    mu = pyro.sample("mu", dist.Normal(sigma.new_tensor(0.0), 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(sigma.new_tensor(5.0)))
+    theta = pyro.sample("theta", dist.Normal(mu, tau).expand([J]).to_event(1))
+    pyro.sample("y", dist.Normal(theta, sigma).to_event(1), obs=y)
 
 
 def eight_schools_noncentered(J: int, sigma: torch.Tensor, y: torch.Tensor | None = None) -> None:

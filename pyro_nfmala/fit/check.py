@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 import math
+import time
 import warnings
 
 from collections.abc import Callable
@@ -156,9 +157,13 @@ def check_flow(
     *,
     batch_size: int = 256,
     generator: torch.Generator | None = None,
+    deadline: float = math.inf,
 ) -> FlowCheck:
     r"""The flow check of ``flow`` (a zuko flow or :class:`~pyro_nfmala.LatentFlow`) against the
     unnormalized log density ``log_prob`` of a batch ``(n, d)`` (see the module).
+
+    The draws are evaluated ``batch_size`` at a time; past ``deadline`` (a ``time.perf_counter()``) no
+    further batch is, once one has been (the check then holds fewer draws: its ``draws`` says how many).
 
     A draw where ``log_prob`` is not finite, or raises, has weight 0 (the map puts mass where the
     target has none, or cannot be evaluated), which counts against the map through the ESS. The
@@ -172,6 +177,9 @@ def check_flow(
     log_weights = []
     with torch.no_grad():
         for chunk in z.split(batch_size):
+            if log_weights and time.perf_counter() > deadline:
+                z = z[: sum(len(done) for done in log_weights)]
+                break
             x, ladj = flow.to_data(chunk)
             log_weights.append(
                 _log_prob_or_minus_inf(log_prob, x).to(ladj.dtype) + ladj - flow.base_log_prob(chunk)

@@ -185,7 +185,7 @@ def laplace_approximation(
     stage = LaplaceApproximation(loc, scale_tril, method, value)
     if method != "laplace" or len(found) < 2:
         return stage
-    return stage._replace(others=_other_modes(log_prob, stage, found))
+    return stage._replace(others=_other_modes(log_prob, stage, found, deadline))
 
 
 def _laplace(log_prob: Callable[[Tensor], Tensor], loc: Tensor) -> tuple[Tensor, str]:
@@ -195,12 +195,18 @@ def _laplace(log_prob: Callable[[Tensor], Tensor], loc: Tensor) -> tuple[Tensor,
 
 
 def _other_modes(
-    log_prob: Callable[[Tensor], Tensor], stage: LaplaceApproximation, found: list[tuple[Tensor, float]]
+    log_prob: Callable[[Tensor], Tensor],
+    stage: LaplaceApproximation,
+    found: list[tuple[Tensor, float]],
+    deadline: float = math.inf,
 ) -> tuple[Mode, ...]:
     """The maxima of ``found`` that a barrier separates from the best mode and from each other, with a
-    positive definite Hessian and a Laplace mass of at least ``MIN_MODE_MASS`` of the best one's."""
+    positive definite Hessian and a Laplace mass of at least ``MIN_MODE_MASS`` of the best one's (those
+    looked at before ``deadline``)."""
     kept = [stage.mode]
     for x, value in sorted(found, key=lambda item: -item[1]):
+        if time.perf_counter() > deadline:
+            break
         if not all(_separated(log_prob, mode, x, value) for mode in kept):
             continue
         mode = _mode_at(log_prob, x, value, kept[0].log_mass)
@@ -210,17 +216,23 @@ def _other_modes(
 
 
 def with_mode_from(
-    log_prob: Callable[[Tensor], Tensor], modes: tuple[Mode, ...], start: Tensor, max_iter: int = 200
+    log_prob: Callable[[Tensor], Tensor],
+    modes: tuple[Mode, ...],
+    start: Tensor,
+    max_iter: int = 200,
+    deadline: float = math.inf,
 ) -> tuple[Mode, ...]:
     """``modes`` and, if an ascent from ``start`` reaches a maximum separated from all of them by a
     barrier, with a positive definite Hessian and at least ``MIN_MODE_MASS`` of the best one's mass,
-    that mode too: a chain's own start checked for a mode the fit's search missed."""
-    if not modes:
+    that mode too: a chain's own start checked for a mode the fit's search missed. An ascent that
+    ``deadline`` (a ``time.perf_counter()``) stops adds nothing."""
+    if not modes or time.perf_counter() > deadline:
         return modes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        x, value = _maximize(log_prob, start.to(modes[0].loc), max_iter)
-    if not math.isfinite(value) or not all(_separated(log_prob, mode, x, value) for mode in modes):
+        x, value = _maximize(log_prob, start.to(modes[0].loc), max_iter, deadline)
+    stopped = time.perf_counter() > deadline  # an ascent cut short: not a maximum
+    if stopped or not math.isfinite(value) or not all(_separated(log_prob, mode, x, value) for mode in modes):
         return modes
     mode = _mode_at(log_prob, x, value, max(m.log_mass for m in modes))
     return modes if mode is None else (*modes, mode)

@@ -179,13 +179,15 @@ def posterior_inference_data(
     coords=None,
     dims=None,
     stacklevel: int = 2,
+    advice=None,
 ):
     """The ArviZ data of a run of a posterior, as both front ends give it: ``posterior`` ``{site: (chains,
     draws, ...)}`` (constrained) and ``sample_stats``, after the end-of-run checks on the draws
-    (:func:`~pyro_nfmala.output.convergence.warn_about_draws`, which warn, naming ``what``); with a
+    (:func:`~pyro_nfmala.output.convergence.warn_about_draws`, which warn, naming ``what``, with
+    ``advice``); with a
     ``model``, its ``log_likelihood`` and ``observed_data`` groups (:func:`pointwise_log_likelihood`, what
     ``az.loo`` reads); and any other ``groups``."""
-    warn_about_draws(posterior, seconds_per_draw, stacklevel=stacklevel + 1, what=what)
+    warn_about_draws(posterior, seconds_per_draw, stacklevel=stacklevel + 1, what=what, advice=advice)
     groups = dict(groups or {})
     if model is not None and posterior:
         pointwise, observed = pointwise_log_likelihood(model, posterior, model_args, model_kwargs)

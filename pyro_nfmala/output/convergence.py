@@ -44,7 +44,7 @@ __all__ = [
 import math
 import warnings
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -172,39 +172,49 @@ RHAT_LIMIT = 1.01
 
 #: Below this bulk ESS, estimates (and R-hat itself) are unreliable.
 MIN_ESS = 100
+#: The most failing sites a warning names.
+MAX_NAMED = 5
 
 
-def warn_if_unconverged(samples: Mapping[str, Any], stacklevel: int = 3, what: str = "this run") -> bool:
+def warn_if_unconverged(
+    samples: Mapping[str, Any],
+    stacklevel: int = 3,
+    what: str = "this run",
+    advice: Callable[[list[str]], str] | None = None,
+) -> bool:
     """Warns when ``samples`` ``{site: (chains, draws, ...)}`` have a split R-hat above 1.01 or a bulk
-    ESS below 100 for some coordinate (Pyro's diagnostics); ``what`` names the draws in the message.
-    Returns whether it warned."""
-    worst_rhat, worst_ess = (None, 1.0), (None, float("inf"))
+    ESS below 100 for some coordinate (Pyro's diagnostics), naming every site that fails with its worst
+    values; ``what`` names the draws in the message, and ``advice(failing sites)``, where given, says
+    what most likely went wrong and what to do. Returns whether it warned."""
+    failing: dict[str, tuple[float, float]] = {}
     for name, value in samples.items():
         value = torch.as_tensor(value).double()
         if value.dim() < 2 or value.shape[1] < 4 or not bool(torch.isfinite(value).all()):
             continue
         ess = effective_sample_size(value).min().item()
-        if ess < worst_ess[1]:
-            worst_ess = (name, ess)
         rhat = split_gelman_rubin(value).max().item()
-        if rhat > worst_rhat[1]:
-            worst_rhat = (name, rhat)
-    problems = []
-    if worst_rhat[1] > RHAT_LIMIT:
-        problems.append(
-            f"split R-hat {worst_rhat[1]:.3f} > {RHAT_LIMIT} for {worst_rhat[0]!r} (the chains disagree)"
-        )
-    if worst_ess[1] < MIN_ESS:
-        problems.append(f"an effective sample size of {worst_ess[1]:.0f} < {MIN_ESS} for {worst_ess[0]!r}")
-    if problems:
-        warnings.warn(
-            f"{what} may not have converged: {'; '.join(problems)}. Its estimates can be wrong: run longer "
-            "chains (more warmup too), several chains started apart, and check the flow check and the "
-            "divergences in mcmc.diagnostics().",
-            RuntimeWarning,
-            stacklevel=stacklevel,
-        )
-    return bool(problems)
+        if rhat > RHAT_LIMIT or ess < MIN_ESS:
+            failing[name] = (rhat, ess)
+    if not failing:
+        return False
+    ranked = sorted(failing, key=lambda name: (-failing[name][0], failing[name][1]))
+    named = ", ".join(
+        f"{name!r} (R-hat {failing[name][0]:.3f}, ESS {failing[name][1]:.0f})" for name in ranked[:MAX_NAMED]
+    )
+    more = f" and {len(ranked) - MAX_NAMED} more" if len(ranked) > MAX_NAMED else ""
+    told = advice(ranked) if advice is not None else ""
+    warnings.warn(
+        f"{what} may not have converged: split R-hat above {RHAT_LIMIT} (the chains disagree) or a bulk "
+        f"effective sample size under {MIN_ESS} for {named}{more}. Its estimates of them can be wrong. "
+        + (
+            told
+            or "Run longer chains (more warmup too), several chains started apart, and check the flow "
+            "check and the divergences in mcmc.diagnostics()."
+        ),
+        RuntimeWarning,
+        stacklevel=stacklevel,
+    )
+    return True
 
 
 def warn_about_draws(
@@ -212,11 +222,13 @@ def warn_about_draws(
     seconds_per_draw: Sequence[float] | None = None,
     stacklevel: int = 3,
     what: str = "this run",
+    advice: Callable[[list[str]], str] | None = None,
 ) -> bool:
     """The end-of-run checks of ``samples`` ``{site: (chains, draws, ...)}``: the pooled one
     (:func:`warn_if_unconverged`) and the per-chain one
     (:func:`~pyro_nfmala.output.convergence.chain_reports`,
-    with each chain's time per draw if given), each warning once; returns whether either warned."""
-    pooled = warn_if_unconverged(samples, stacklevel=stacklevel + 1, what=what)
+    with each chain's time per draw if given), each warning once, the pooled one with ``advice``;
+    returns whether either warned."""
+    pooled = warn_if_unconverged(samples, stacklevel=stacklevel + 1, what=what, advice=advice)
     reports = chain_reports(samples, seconds_per_draw)
     return warn_about_chains(reports, stacklevel=stacklevel + 1, what=what) or pooled

@@ -358,7 +358,8 @@ class ChainSampler:
         dims = {"x": ["x_dim"], "z": ["z_dim"]}
         if self.model_run is None:
             return from_arrays({"x": x}, draws, groups={"latent": latent} if latent else None, dims=dims)
-        x = self.model_run.model_points(torch.as_tensor(x))  # the model's own unconstrained coordinates
+        sampled = torch.as_tensor(x)
+        x = self.model_run.model_points(sampled)  # the model's own unconstrained coordinates
         with torch.no_grad():
             posterior = {name: value.numpy() for name, value in self.model_run.density.constrain(x).items()}
         return posterior_inference_data(
@@ -370,6 +371,7 @@ class ChainSampler:
             groups={"latent": {**latent, "x": x.numpy()}},
             what="ChainSampler's chains",
             dims=dims,
+            advice=lambda failing: self.model_run.likely_causes(sampled, failing),
         )
 
     def advance(self, num_steps: int, *, progress: bool = True) -> ChainState:

@@ -175,6 +175,8 @@ class RunChains:
             pooled = list(drawn)
         count = len(pooled)
         what = f"NFMALA's chain{'s' if count > 1 else ''} ({count} in this process so far)"
-        samples = self.run.layout.unpack(self.run.model_points(torch.stack(pooled)))
-        warn_about_draws(samples, stacklevel=5, what=what)
+        points = torch.stack(pooled)
+        samples = self.run.layout.unpack(self.run.model_points(points))
+        advice = lambda failing: self.run.likely_causes(points, failing)  # noqa: E731
+        warn_about_draws(samples, stacklevel=5, what=what, advice=advice)
         return pooled

@@ -61,8 +61,8 @@ from ..engine.options import SamplerOptions
 from ..engine.targets import LatentTarget, PosteriorPullback, TemperedFlow, check_beta
 from ..fit.check import FlowCheck, check_flow
 from ..fit.laplace import with_mode_from
-from ..fit.staged import PARAMETERIZATIONS, fit_in_better_coordinates
-from ..fit.train import FitResult
+from ..fit.staged import FIT_SECONDS, PARAMETERIZATIONS, fit_in_better_coordinates
+from ..fit.train import FitResult, deadline_after
 from ..flows.latent import LatentFlow, as_latent_flow
 from ..model.centring import NonCentring, hierarchical_sites
 from ..model.density import ModelDensity, ParamLayout, check_flow_dim, model_density
@@ -77,6 +77,10 @@ MODE_SEARCH_STARTS = 8
 #: ... for at most this fraction of the fit's time (and at least ``MODE_SEARCH_MIN_SECONDS``).
 MODE_SEARCH_TIME_FRACTION = 0.1
 MODE_SEARCH_MIN_SECONDS = 1.0
+#: The share of the setup's time budget that the stages of the fit may take.
+FIT_SHARE = 0.95
+#: The draws of the map that :meth:`PosteriorRun.likely_causes` holds against the chains'.
+MAP_DRAWS_COMPARED = 1000
 
 
 @dataclass(frozen=True)
@@ -167,7 +171,14 @@ class PosteriorRun:
         self.check: FlowCheck | None = None
         self.target: LatentTarget | None = None
         self.modes: tuple = ()
+        #: When the setup's time budget (``fit_options["max_seconds"]``) is spent: it bounds the fit, the
+        #: flow check and the mode search from the chains' starts together (the fit's stages stop at
+        #: ``FIT_SHARE`` of it, which leaves the closing work of the stage they were in its time).
+        self.deadline = deadline_after(spec.fit_options.get("max_seconds", FIT_SECONDS))
+        self._fit_deadline = time.perf_counter() + FIT_SHARE * (self.deadline - time.perf_counter())
         self._starts_searched = 0
+        #: The model's hierarchical sites (location-scale sites whose location or scale is another site).
+        self.hierarchical_sites: list[str] = []
         self._said_point_by_point = False
         rng_state = pyro.util.get_rng_state()  # once per run: each chain's draws must not depend on it
         try:
@@ -206,7 +217,7 @@ class PosteriorRun:
         if spec.beta is not None:
             return
         if spec.fits_own_map:
-            sites = self._hierarchical_sites()
+            sites = self.hierarchical_sites = self._hierarchical_sites()
             self.fit_result, self.non_centring = fit_in_better_coordinates(
                 spec.model,
                 self.args,
@@ -217,6 +228,7 @@ class PosteriorRun:
                 spec.fit_options,
                 spec.density_options(),
                 stacklevel=8,
+                deadline=self._fit_deadline,
             )
             if self.non_centring is not None:
                 self.sampled = self.non_centring.density
@@ -231,7 +243,7 @@ class PosteriorRun:
             )
         else:
             check_flow_dim(self.flow, self.layout)
-            self.check = check_flow(self.flow, self._log_prob)
+            self.check = check_flow(self.flow, self._log_prob, deadline=self.deadline)
             self.check.warn("NFMALA's flow", stacklevel=7)
 
     def _hierarchical_sites(self) -> list[str]:
@@ -377,25 +389,77 @@ class PosteriorRun:
     def _search_modes_from(self, points: Tensor | None) -> None:
         """Adds the modes that ascents from the first chains' starts reach, where a barrier separates them
         from the modes found (the fit's search may have missed one); a run of fewer chains than
-        ``MODE_SEARCH_STARTS`` searches from draws of the init strategy too, within a time budget."""
+        ``MODE_SEARCH_STARTS`` searches from draws of the init strategy too, for at most
+        ``MODE_SEARCH_TIME_FRACTION`` of the fit's time. Within the setup's time budget."""
         if points is None or not self.modes:
             return
         found = len(self.modes)
         for point in points[:MODE_SEARCH_CHAINS]:
-            self.modes = with_mode_from(self.sampled.log_prob, self.modes, point)
+            self.modes = with_mode_from(self.sampled.log_prob, self.modes, point, deadline=self.deadline)
         self._starts_searched += len(points[:MODE_SEARCH_CHAINS])
         missing = MODE_SEARCH_STARTS - self._starts_searched
         if missing > 0 and self.sampled.initializer is not None:
             fit_seconds = self.fit_result.seconds if self.fit_result is not None else math.nan
             budget = MODE_SEARCH_TIME_FRACTION * fit_seconds if math.isfinite(fit_seconds) else 0.0
-            deadline = time.perf_counter() + max(MODE_SEARCH_MIN_SECONDS, budget)
+            deadline = min(self.deadline, time.perf_counter() + max(MODE_SEARCH_MIN_SECONDS, budget))
             self._starts_searched = MODE_SEARCH_STARTS
             for point in self.sampled.initial_points(missing):
-                if time.perf_counter() > deadline:
-                    break
-                self.modes = with_mode_from(self.sampled.log_prob, self.modes, point)
+                self.modes = with_mode_from(self.sampled.log_prob, self.modes, point, deadline=deadline)
         if len(self.modes) > found and self.fit_result is not None:
             self.fit_result = self.fit_result._replace(modes=self.modes)
+
+    def likely_causes(self, points: Tensor, failing: list[str]) -> str:
+        """What most likely kept the chains at ``points`` ``(chains, draws, d)`` (in the sampled
+        coordinates) from converging on the sites ``failing``, and what to do; empty where nothing in
+        the run points to a cause. The causes looked for: a hierarchical site sampled centred (a funnel
+        where the data say little of it), and a map that fails the flow check, with the sites where its
+        draws and the chains' differ most (in means and log sds, in the chains' sds, unconstrained)."""
+        causes = []
+        centred = [site for site in self._scale_relations() if site not in self.non_centred_sites]
+        if centred:
+            kind = "is a location-scale site" if len(centred) == 1 else "are location-scale sites"
+            causes.append(
+                f"{_quoted(centred)} {kind} whose location or scale is another site, sampled centred (a "
+                "funnel where the data say little of it): try parameterization='non-centred'"
+            )
+        if self.check is not None and not self.check.serviceable and self.flow is not None:
+            missed = self._sites_the_map_misses(points)
+            causes.append(
+                f"the map fails the flow check (Pareto k-hat {self.check.khat:.2f}: above 0.7 its "
+                f"importance weights, and the chains' mixing, are unreliable) and misses the chains' draws "
+                f"most on {_quoted(missed)}: give the fit more time (fit_options={{'max_seconds': ...}}) "
+                "and the chains more warmup"
+            )
+        if not causes:
+            return ""
+        return "Most likely cause: " + "; and ".join(causes) + "."
+
+    def _scale_relations(self) -> list[str]:
+        """The model's hierarchical sites, those the run did not look for (coordinates the user fixed)
+        included."""
+        if self.hierarchical_sites or self.spec.model is None or self.spec.transforms is not None:
+            return self.hierarchical_sites
+        try:
+            return hierarchical_sites(self.spec.model, self.args, self.kwargs, self.spec.init_strategy)
+        except Exception:  # noqa: BLE001 - advice only: a model that cannot be traced so gets none
+            return []
+
+    def _sites_the_map_misses(self, points: Tensor, count: int = 3) -> list[str]:
+        """The ``count`` sites where ``MAP_DRAWS_COMPARED`` draws of the map and the chains' ``points``
+        differ most: the largest ``|mean difference| / sd + |log sd ratio|`` over a site's elements."""
+        points = points.reshape(-1, points.shape[-1])
+        generator = torch.Generator(device=self.flow.device).manual_seed(0)
+        with torch.no_grad():
+            drawn, _ = self.flow.to_data(self.flow.sample_base((MAP_DRAWS_COMPARED,), generator=generator))
+            chains = self.layout.unpack(self.model_points(points.to(drawn)))
+            mapped = self.layout.unpack(self.model_points(drawn))
+        distance = {}
+        for site, ours in chains.items():
+            ours, theirs = ours.reshape(len(points), -1), mapped[site].reshape(len(drawn), -1)
+            sd, map_sd = ours.std(0).clamp_min(1e-12), theirs.std(0).clamp_min(1e-12)
+            gap = (ours.mean(0) - theirs.mean(0)).abs() / sd + (map_sd / sd).log().abs()
+            distance[site] = float(gap.nan_to_num(math.inf).max())
+        return sorted(distance, key=lambda site: -distance[site])[:count]
 
     def describe_start(self) -> str:
         """What an error raised at a chain's initial parameters is told about them."""
@@ -418,3 +482,7 @@ class PosteriorRun:
         return {
             name: value.detach().clone() for name, value in self.layout.unpack(self.model_points(x)).items()
         }
+
+
+def _quoted(names: list[str]) -> str:
+    return ", ".join(repr(name) for name in names)
