@@ -14,7 +14,13 @@ from pyro.ops.stats import effective_sample_size
 
 from pyro_nfmala import NFMALA, ChainSampler
 from pyro_nfmala.examples.flow_cases import funnel
-from pyro_nfmala.examples.posteriordb import eight_schools_centered, eight_schools_data, reference_samples
+from pyro_nfmala.examples.inference_gym import AR1, brownian_motion_data, brownian_motion_unknown_scales
+from pyro_nfmala.examples.posteriordb import (
+    eight_schools_centered,
+    eight_schools_centered_vector,
+    eight_schools_data,
+    reference_samples,
+)
 from pyro_nfmala.model.centring import NonCentring, hierarchical_sites
 from pyro_nfmala.model.density import model_density
 
@@ -27,17 +33,64 @@ def regression(x, y):
 
 def positive_child():
     scale = pyro.sample("scale", dist.HalfNormal(1.0))
-    pyro.sample("child", dist.LogNormal(0.0, scale))  # a loc-scale law, but not on the real line
+    pyro.sample("child", dist.LogNormal(0.0, scale))  # a transformed law whose base is Normal(0, scale)
 
 
-def test_hierarchical_sites_are_real_loc_scale_sites_with_latent_parents():
+def log_normal_hierarchy(num_groups=4):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    tau = pyro.sample("tau", dist.HalfNormal(1.0))
+    with pyro.plate("groups", num_groups):
+        pyro.sample("x", dist.LogNormal(mu, tau))
+
+
+def random_walk_with_a_fixed_scale(num_steps=5):
+    pyro.sample("x", AR1(0.0, 1.0, 0.5, num_steps, initial_scale=0.5))
+
+
+def test_hierarchical_sites_are_real_loc_scale_or_transformed_sites_with_latent_parents():
     data = eight_schools_data(torch.float64)
     assert hierarchical_sites(eight_schools_centered, (), data) == ["theta"]
+    assert hierarchical_sites(eight_schools_centered_vector, (), data) == ["theta"]
     assert hierarchical_sites(funnel, (), {"d": 3}) == ["x"]
     assert (
         hierarchical_sites(regression, (torch.ones(3), torch.ones(3))) == []
     )  # priors with fixed parameters
-    assert hierarchical_sites(positive_child) == []
+    assert hierarchical_sites(random_walk_with_a_fixed_scale) == []
+    # a Markov prior written as innovations through a recursion: its innovations are sampled
+    assert hierarchical_sites(brownian_motion_unknown_scales, (), brownian_motion_data()) == ["x"]
+    # a log-normal: its base Normal(mu, tau) is non-centred too
+    assert hierarchical_sites(positive_child) == ["child", "child_base"]
+    assert hierarchical_sites(log_normal_hierarchy) == ["x", "x_base"]
+
+
+@pytest.mark.parametrize(
+    "model, kwargs, dim",
+    [
+        (brownian_motion_unknown_scales, brownian_motion_data(), 32),
+        (log_normal_hierarchy, {}, 6),
+        (eight_schools_centered_vector, eight_schools_data(torch.float64), 10),
+    ],
+    ids=["AR1", "log-normal", "vector"],
+)
+def test_the_map_back_of_every_kind_of_site_is_a_bijection_whose_log_determinant_is_the_densities_difference(
+    model, kwargs, dim
+):
+    """For a transformed law (the AR(1) path's innovations; a log-normal's base, itself non-centred) and
+    the vector spelling: log p_nc(u) = log p(T(u)) + log|det J_T(u)|, J_T by central differences in
+    float64, and T inverted by the model's own density (mapped back, then forward, a point is itself)."""
+    original = model_density(model, (), kwargs)
+    non_centring = NonCentring(model, hierarchical_sites(model, (), kwargs), (), kwargs, original)
+    torch.manual_seed(0)
+    u = 0.5 * torch.randn(dim, dtype=torch.float64)
+    x = non_centring.to_original(u)
+    h = 1e-6
+    columns = [
+        (non_centring.to_original(u + h * e) - non_centring.to_original(u - h * e)) / (2 * h)
+        for e in torch.eye(dim, dtype=torch.float64)
+    ]
+    log_det = torch.linalg.slogdet(torch.stack(columns, 1))[1]
+    difference = non_centring.density.log_prob(u) - original.log_prob(x)
+    assert abs(float(difference - log_det)) < 1e-5 * max(1.0, abs(float(log_det)))
 
 
 def test_the_map_back_is_exact_and_the_densities_differ_by_its_log_determinant():

@@ -86,6 +86,7 @@ from __future__ import annotations
 
 __all__ = [
     "AR1",
+    "AR1Transform",
     "DIMENSIONS",
     "ENV_VAR",
     "MODELS",
@@ -324,15 +325,74 @@ def worst_errors(errors: dict[str, dict[str, float]]) -> dict[str, tuple[str, fl
 # site ``(n, T)``. The products, indexing and distributions below broadcast over those dims.
 
 
-class AR1(dist.TorchDistribution):
+class AR1Transform(torch.distributions.Transform):
+    r"""The innovations :math:`\varepsilon` of a Gaussian AR(1) path to the path :math:`x` (event shape
+    ``(T,)``): with :math:`y = x - \mu`,
+
+    .. math:: y_0 = s_0 \varepsilon_0, \qquad y_t = \phi\, y_{t-1} + \sigma \varepsilon_t ,
+
+    computed as a parallel scan of the affine maps :math:`y \mapsto \phi y + \sigma\varepsilon_t`
+    (:math:`\lceil \log_2 T \rceil` vectorized steps, stable for any :math:`\phi`). Its inverse is
+    :math:`\varepsilon_0 = y_0 / s_0`, :math:`\varepsilon_t = (y_t - \phi y_{t-1}) / \sigma`, and its
+    Jacobian is triangular: :math:`\log|\det J| = \log s_0 + (T - 1) \log \sigma`.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+    sign = +1
+
+    def __init__(self, loc, persistence, scale, initial_scale, cache_size: int = 0) -> None:
+        super().__init__(cache_size=cache_size)
+        self.loc, self.persistence, self.scale, self.initial_scale = loc, persistence, scale, initial_scale
+
+    def with_cache(self, cache_size: int = 1) -> AR1Transform:
+        if self._cache_size == cache_size:
+            return self
+        return AR1Transform(self.loc, self.persistence, self.scale, self.initial_scale, cache_size)
+
+    def _call(self, noise: torch.Tensor) -> torch.Tensor:
+        shape = torch.broadcast_shapes(noise.shape, self.persistence.shape + (1,))
+        shocks = torch.cat(
+            [self.initial_scale.unsqueeze(-1) * noise[..., :1], self.scale.unsqueeze(-1) * noise[..., 1:]], -1
+        ).expand(shape)
+        factors = self.persistence.unsqueeze(-1).expand(shape)
+        step = 1
+        while step < shape[-1]:  # after this step, each entry composes the maps of the last 2 * step
+            shocks = torch.cat(
+                [shocks[..., :step], shocks[..., step:] + factors[..., step:] * shocks[..., :-step]], -1
+            )
+            factors = torch.cat([factors[..., :step], factors[..., step:] * factors[..., :-step]], -1)
+            step *= 2
+        return self.loc.unsqueeze(-1) + shocks
+
+    def _inverse(self, path: torch.Tensor) -> torch.Tensor:
+        centred = path - self.loc.unsqueeze(-1)
+        first = centred[..., :1] / self.initial_scale.unsqueeze(-1)
+        rest = (centred[..., 1:] - self.persistence.unsqueeze(-1) * centred[..., :-1]) / self.scale.unsqueeze(
+            -1
+        )
+        return torch.cat([first, rest], -1)
+
+    def log_abs_det_jacobian(self, noise: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+        steps = path.shape[-1]
+        log_det = torch.log(self.initial_scale) + (steps - 1) * torch.log(self.scale)
+        return log_det.expand(torch.broadcast_shapes(log_det.shape, path.shape[:-1]))
+
+
+class AR1(dist.TransformedDistribution):
     r"""A Gaussian AR(1) path :math:`x_{0..T-1}` as one event of shape ``(T,)``:
 
     .. math:: x_0 \sim N(\mu, s_0), \quad x_t \sim N(\mu + \phi (x_{t-1} - \mu), \sigma),
 
     with :math:`s_0 = \sigma / \sqrt{1 - \phi^2}` (the stationary law; needs :math:`|\phi| < 1`) unless
     ``initial_scale`` gives it (``loc=0, persistence=1, initial_scale=scale`` is a Gaussian random walk,
-    a discretized Brownian motion). The parameters broadcast to the batch shape; the log density is
-    vectorized over time and batch, sampling loops over time.
+    a discretized Brownian motion). The parameters broadcast to the batch shape.
+
+    It is standard normal innovations pushed through :class:`AR1Transform`, a
+    :class:`~pyro.distributions.TransformedDistribution`: where its parameters are other latent sites,
+    the samplers can sample its innovations instead (the non-centred coordinates,
+    :mod:`pyro_nfmala.model.centring`). Its log density is vectorized over time and batch.
 
     Args:
         loc: :math:`\mu`, the level the path reverts to.
@@ -366,20 +426,21 @@ class AR1(dist.TorchDistribution):
             loc, persistence, scale, initial_scale
         )
         self.num_steps = int(num_steps)
-        super().__init__(self.loc.shape, torch.Size([self.num_steps]), validate_args=validate_args)
+        noise = dist.Normal(
+            torch.zeros_like(self.loc).unsqueeze(-1).expand(self.loc.shape + (self.num_steps,)), 1.0
+        ).to_event(1)
+        transform = AR1Transform(self.loc, self.persistence, self.scale, self.initial_scale)
+        super().__init__(noise, [transform], validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None) -> AR1:
         """The same process with each parameter expanded to ``batch_shape``."""
-        new = self._get_checked_instance(AR1, _instance)
         batch_shape = torch.Size(batch_shape)
-        for attribute in ("loc", "persistence", "scale", "initial_scale"):
-            setattr(new, attribute, getattr(self, attribute).expand(batch_shape))
-        new.num_steps = self.num_steps
-        super(AR1, new).__init__(batch_shape, self.event_shape, validate_args=False)
-        new._validate_args = self._validate_args
-        return new
+        parameters = (getattr(self, name).expand(batch_shape) for name in self.arg_constraints)
+        loc, persistence, scale, initial_scale = parameters
+        return AR1(loc, persistence, scale, self.num_steps, initial_scale, validate_args=False)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """The log density, written out (the transformed innovations' density, in fewer operations)."""
         if self._validate_args:
             self._validate_sample(value)
         loc, persistence = self.loc.unsqueeze(-1), self.persistence.unsqueeze(-1)
@@ -387,17 +448,6 @@ class AR1(dist.TorchDistribution):
         innovations = value[..., 1:] - loc - persistence * (value[..., :-1] - loc)
         rest = dist.Normal(torch.zeros_like(loc), self.scale.unsqueeze(-1)).log_prob(innovations)
         return first + rest.sum(-1)
-
-    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        shape = self._extended_shape(sample_shape)
-        with torch.no_grad():
-            noise = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
-            loc, persistence = self.loc.expand(shape[:-1]), self.persistence.expand(shape[:-1])
-            scale = self.scale.expand(shape[:-1])
-            path = [loc + self.initial_scale.expand(shape[:-1]) * noise[..., 0]]
-            for t in range(1, self.num_steps):
-                path.append(loc + persistence * (path[-1] - loc) + scale * noise[..., t])
-            return torch.stack(path, -1)
 
 
 class _SymmetricUnitInterval(dist.TransformedDistribution):

@@ -14,6 +14,13 @@ bijection :math:`(\mu, \tau, \tilde\theta) \mapsto (\mu, \tau, \theta)` is exact
 sample the non-centred posterior, mapped back draw by draw, sample the model's own posterior
 (:meth:`NonCentring.to_original`): the output has the model's sites, unchanged.
 
+The same holds for a transformed law whose transforms depend on other latent sites
+(:class:`~pyro.distributions.TransformedDistribution`, Pyro's :class:`~pyro.infer.reparam.TransformReparam`):
+a Markov prior written as standard innovations pushed through its recursion (an AR(1) state,
+:class:`~pyro_nfmala.examples.inference_gym.AR1`; a random walk) is sampled by its innovations, which a
+state-space posterior with unknown scales leaves near independent; a log-normal's base ``Normal(mu, tau)``
+is non-centred in turn.
+
 Which coordinates suit a model depends on its data (with much data per group, the centred ones do). The
 samplers fit the Gaussian stages of the staged map in both and sample in the one whose map passes the flow
 check better (:func:`~pyro_nfmala.fit.staged.fit_in_better_coordinates`). The variationally inferred
@@ -40,21 +47,32 @@ from collections.abc import Callable, Mapping
 import torch
 
 from pyro import poutine
+from pyro.distributions import constraints
 from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.infer.inspect import get_dependencies
-from pyro.infer.reparam import LocScaleReparam
+from pyro.infer.reparam import LocScaleReparam, TransformReparam
+from pyro.infer.reparam.reparam import Reparam
 from torch import Tensor
 
 from .density import ModelDensity, ParamLayout, default_init, model_density
 
 
-def _unwrap(fn):
-    """The distribution under Independent, masks and expansions."""
-    while isinstance(getattr(fn, "base_dist", None), torch.distributions.Distribution):
-        if isinstance(fn, torch.distributions.TransformedDistribution):
-            return None  # a transformed law: not a location-scale family in its own coordinates
+def _reparam_of(fn) -> Reparam | None:
+    """The reparameterizer that samples a site of law ``fn`` in coordinates free of its parameters, or
+    ``None``: Pyro's :class:`~pyro.infer.reparam.TransformReparam` for a transformed law (its base
+    law's draw, pushed through the transforms), :class:`~pyro.infer.reparam.LocScaleReparam`
+    (``centered=0``) for a location-scale family on the real line."""
+    while isinstance(fn, torch.distributions.Independent):
         fn = fn.base_dist
-    return fn
+    if isinstance(fn, torch.distributions.TransformedDistribution):
+        return TransformReparam()
+    while isinstance(getattr(fn, "base_dist", None), torch.distributions.Distribution):
+        fn = fn.base_dist  # masks and expansions
+        if isinstance(fn, torch.distributions.TransformedDistribution):
+            return None  # Pyro's TransformReparam unwraps Independent only
+    if {"loc", "scale"} <= set(getattr(fn, "arg_constraints", {})) and fn.support is constraints.real:
+        return LocScaleReparam(centered=0.0)
+    return None
 
 
 def hierarchical_sites(
@@ -63,9 +81,13 @@ def hierarchical_sites(
     model_kwargs: dict | None = None,
     init_strategy: Callable | None = None,
 ) -> list[str]:
-    """The latent sites of ``model`` that :func:`non_centred` rewrites: a location-scale family
-    (``loc`` and ``scale`` among its parameters) on the real line whose parameters depend on another
-    latent site (Pyro's :func:`~pyro.infer.inspect.get_dependencies`), in the order the model runs.
+    """The latent sites of ``model`` that :func:`non_centred` rewrites, in the order the model runs: a
+    location-scale family (``loc`` and ``scale`` among its parameters) on the real line, or a
+    transformed law (:class:`~pyro.distributions.TransformedDistribution`: a Markov prior written as
+    noise pushed through a recursion, a log-normal), whose parameters depend on another latent site
+    (Pyro's :func:`~pyro.infer.inspect.get_dependencies`). A transformed site's base site
+    (``{site}_base``) follows it where the base is itself a location-scale family whose parameters
+    depend on the latent values (``LogNormal(mu, tau)``: its base is ``Normal(mu, tau)``).
 
     The model runs with its latent values drawn by ``init_strategy`` (by default
     :func:`~pyro_nfmala.model.density.default_init`, which also starts improper sites)."""
@@ -74,27 +96,48 @@ def hierarchical_sites(
     with poutine.block():
         dependencies = get_dependencies(initialized, model_args, model_kwargs)["prior_dependencies"]
         trace = poutine.trace(initialized).get_trace(*model_args, **model_kwargs)
-    latent = {
-        name for name, node in trace.nodes.items() if node["type"] == "sample" and not node["is_observed"]
-    }
+        latent = {
+            name: node["value"].detach().requires_grad_(node["value"].is_floating_point())
+            for name, node in trace.nodes.items()
+            if node["type"] == "sample" and not node["is_observed"]
+        }
+        traced = poutine.trace(poutine.condition(model, data=latent)).get_trace(*model_args, **model_kwargs)
     sites = []
     for name in trace.nodes:
-        if name not in latent:
+        if name not in latent or not set(dependencies.get(name, {})) & (set(latent) - {name}):
             continue
-        fn = _unwrap(trace.nodes[name]["fn"])
-        if fn is None or not {"loc", "scale"} <= set(getattr(fn, "arg_constraints", {})):
-            continue
-        if fn.support is not torch.distributions.constraints.real:
-            continue
-        if set(dependencies.get(name, {})) & (latent - {name}):
+        reparam = _reparam_of(trace.nodes[name]["fn"])
+        if reparam is not None:
             sites.append(name)
+        if isinstance(reparam, TransformReparam) and _has_latent_loc_scale(traced.nodes[name]["fn"]):
+            sites.append(f"{name}_base")
     return sites
 
 
+def _has_latent_loc_scale(fn) -> bool:
+    """Whether the base law of the transformed law ``fn`` is a location-scale family whose parameters
+    are functions of the latent values (they require a gradient when the values do)."""
+    while isinstance(fn, torch.distributions.Independent):
+        fn = fn.base_dist
+    base = fn.base_dist
+    while isinstance(base, torch.distributions.Independent):
+        base = base.base_dist
+    if not isinstance(_reparam_of(base), LocScaleReparam):
+        return False
+    return bool(base.loc.requires_grad or base.scale.requires_grad)
+
+
 def non_centred(model: Callable, sites: list[str]) -> Callable:
-    """``model`` with each of ``sites`` sampled non-centred (Pyro's ``LocScaleReparam(centered=0)``):
-    its latent site becomes ``{site}_decentered``, and ``site`` a deterministic function of it."""
-    return poutine.reparam(model, config={name: LocScaleReparam(centered=0.0) for name in sites})
+    """``model`` with each of ``sites`` sampled in its parameter-free coordinates: a location-scale site
+    by Pyro's ``LocScaleReparam(centered=0)`` (its latent site becomes ``{site}_decentered``), a
+    transformed one by ``TransformReparam`` (``{site}_base``); ``site`` is then a deterministic function
+    of it."""
+    chosen = set(sites)
+
+    def config(message) -> Reparam | None:
+        return _reparam_of(message["fn"]) if message["name"] in chosen else None
+
+    return poutine.reparam(model, config=config)
 
 
 class NonCentring:
