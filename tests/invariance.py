@@ -15,7 +15,7 @@ from pyro_nfmala.engine.langevin import (
     IdentityPreconditioner,
     JacobianPreconditioner,
 )
-from pyro_nfmala.engine.step import init_state, mala_step
+from pyro_nfmala.engine.step import advance, init_state
 
 NUM_PARTICLES = 5000  # particles, each an independent chain
 NUM_STEPS = 10
@@ -55,12 +55,14 @@ class IdentityWithFlippedReverseDrift(IdentityPreconditioner):
         return super().log_proposal_density(flow, state_to, flipped, step_size)
 
 
-def run_particles(target, precond, step_size, mixture, seed=2):
+def run_particles(target, move, step_size, mixture, seed=2):
+    """``NUM_STEPS`` steps of ``move`` (a Langevin or a trajectory move) from ``NUM_PARTICLES`` exact
+    draws; the last states and the mean acceptance probability."""
     torch.manual_seed(seed)
-    state = init_state(target, precond, exact_latents(target.flow, mixture, NUM_PARTICLES))
+    state = init_state(target, move, exact_latents(target.flow, mixture, NUM_PARTICLES))
     accept = []
     for _ in range(NUM_STEPS):
-        state, info = mala_step(state, target, precond, step_size)
+        state, info = advance(state, target, move, step_size)
         accept.append(float(info.accept_prob.mean()))
     return state, sum(accept) / len(accept)
 

@@ -9,15 +9,13 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from invariance import NUM_PARTICLES, exact_latents, max_abs_z_score, statistics
+from invariance import max_abs_z_score, run_particles, statistics
 
 from pyro_nfmala import ChainSampler, PosteriorPullback, identity_flow
 from pyro_nfmala.engine.hamiltonian import HamiltonianMove
 from pyro_nfmala.engine.langevin import ConstantMetric, IdentityPreconditioner
 from pyro_nfmala.engine.options import SamplerOptions
 from pyro_nfmala.engine.step import advance, init_state, metropolis_hastings_step
-
-NUM_STEPS = 10
 
 
 class _WithoutKineticEnergy(ConstantMetric):
@@ -31,16 +29,6 @@ class HamiltonianWithoutKineticEnergy(HamiltonianMove):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.metric = _WithoutKineticEnergy(self.metric.inverse_mass)
-
-
-def run_particles(target, move, step_size, mixture, seed=2):
-    torch.manual_seed(seed)
-    state = init_state(target, move, exact_latents(target.flow, mixture, NUM_PARTICLES))
-    accept = []
-    for _ in range(NUM_STEPS):
-        state, info = advance(state, target, move, step_size)
-        accept.append(float(info.accept_prob.mean()))
-    return state, sum(accept) / len(accept)
 
 
 @pytest.mark.statistical

@@ -58,14 +58,6 @@ SITES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------------------------
 # the data, prepared here from the raw files as the data folder's README says (independently of
 # load_data), and the log densities in NumPy/SciPy on the unconstrained space, written from the

@@ -27,14 +27,6 @@ from pyro_nfmala.model.density import model_density
 NAMES = list(POSTERIORS)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_every_posterior_has_a_model():
     assert sorted(MODELS) == sorted(POSTERIORS) and len(NAMES) == 10
 

@@ -96,12 +96,12 @@ def hierarchical_sites(
     with poutine.block():
         dependencies = get_dependencies(initialized, model_args, model_kwargs)["prior_dependencies"]
         trace = poutine.trace(initialized).get_trace(*model_args, **model_kwargs)
-        latent = {
-            name: node["value"].detach().requires_grad_(node["value"].is_floating_point())
-            for name, node in trace.nodes.items()
-            if node["type"] == "sample" and not node["is_observed"]
-        }
-        traced = poutine.trace(poutine.condition(model, data=latent)).get_trace(*model_args, **model_kwargs)
+    latent = {
+        name: node["value"].detach().requires_grad_(node["value"].is_floating_point())
+        for name, node in trace.nodes.items()
+        if node["type"] == "sample" and not node["is_observed"]
+    }
+    graded = None  # the model's laws at latent values that require a gradient, run for transformed sites only
     sites = []
     for name in trace.nodes:
         if name not in latent or not set(dependencies.get(name, {})) & (set(latent) - {name}):
@@ -109,8 +109,13 @@ def hierarchical_sites(
         reparam = _reparam_of(trace.nodes[name]["fn"])
         if reparam is not None:
             sites.append(name)
-        if isinstance(reparam, TransformReparam) and _has_latent_loc_scale(traced.nodes[name]["fn"]):
-            sites.append(f"{name}_base")
+        if isinstance(reparam, TransformReparam):
+            if graded is None:
+                with poutine.block():
+                    conditioned = poutine.condition(model, data=latent)
+                    graded = poutine.trace(conditioned).get_trace(*model_args, **model_kwargs)
+            if _has_latent_loc_scale(graded.nodes[name]["fn"]):
+                sites.append(f"{name}_base")
     return sites
 
 
