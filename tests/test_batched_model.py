@@ -1,6 +1,7 @@
 """A Pyro model's chains as one batch (ChainSampler.from_model): one vectorized model run per move for
-every chain, right on a conjugate regression's exact posterior; a model that does not vectorize says so
-once and is still right, point by point."""
+every chain, right on a conjugate regression's exact posterior; a model that does not broadcast runs
+vmapped, once per batch, equal to the point-by-point density and gradient; a model that cannot batch
+says why once and is still right, point by point."""
 
 import warnings
 
@@ -16,6 +17,7 @@ from test_model_comparison import elpd_loo
 from test_user_scales import PRIOR_SD, SIGMA, data, exact_posterior, regression
 
 from pyro_nfmala import ChainSampler
+from pyro_nfmala.model.density import model_density
 
 
 class Counted:
@@ -61,18 +63,60 @@ def test_all_chains_advance_in_one_model_run_per_move_and_are_right():
     assert np.isfinite(elpd_loo(az.loo(idata)))
 
 
+class CountedMatmul:
+    """The regression as users write it, ``x @ beta``: it does not broadcast over a particle plate."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def __call__(self, x, y):
+        self.runs += 1
+        regression(x, y)
+
+
+def test_a_model_that_does_not_broadcast_runs_once_per_batch_by_vmap_and_agrees_point_by_point():
+    x, y = data(3)
+    model = CountedMatmul()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the model's constants in float64
+    try:
+        density = model_density(model, (x.double(), y.double()), trace_density=False)
+        assert type(density.particles).__name__ == "_VmappedModel" and density.vectorized
+        points = torch.randn(16, 3, dtype=torch.float64, requires_grad=True)
+        before = model.runs
+        batched = density.log_prob(points)
+        assert model.runs - before == 1  # one run of the model for all 16 points
+        (grad,) = torch.autograd.grad(batched.sum(), points)
+        pointwise = density.point_log_prob(points)
+        (point_grad,) = torch.autograd.grad(pointwise.sum(), points)
+    finally:
+        torch.set_default_dtype(default)
+    assert torch.allclose(batched, pointwise, rtol=1e-12, atol=1e-10)
+    assert torch.allclose(grad, point_grad, rtol=1e-12, atol=1e-10)
+    # the negative control: a density off by 1e-8 fails the same comparison
+    assert not torch.allclose(batched + 1e-8, pointwise, rtol=1e-12, atol=1e-10)
+
+
+def branching_regression(x, y):
+    """A regression that branches on a parameter's value: neither batched way can run it."""
+    beta = pyro.sample("beta", dist.Normal(0.0, PRIOR_SD).expand([x.shape[1]]).to_event(1))
+    scale = SIGMA if float(beta[0]) > -100.0 else 2 * SIGMA  # always SIGMA, decided by a value
+    pyro.sample("y", dist.Normal(x @ beta, scale).to_event(1), obs=y)
+
+
 @pytest.mark.statistical
-def test_a_model_that_does_not_vectorize_says_so_once_and_is_right_point_by_point():
+def test_a_model_that_cannot_batch_says_why_once_and_is_right_point_by_point():
     pyro.set_rng_seed(1)
     x, y = data(4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sampler = ChainSampler.from_model(
-            regression, x, y, num_chains=4, seed=1, fit_options={"progress": False}
+            branching_regression, x, y, num_chains=4, seed=1, fit_options={"progress": False}
         )
         idata = sampler.run(num_samples=200, warmup_steps=150, progress=False)
-    messages = [str(w.message) for w in caught if "does not vectorize" in str(w.message)]
-    assert len(messages) == 1 and "(x * beta.unsqueeze(-2)).sum(-1)" in messages[0]
+    messages = [str(w.message) for w in caught if "point by point" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "particle plate: " in messages[0] and "vmap: " in messages[0] and "torch.where" in messages[0]
     assert max_mean_error(idata, *exact_posterior(x, y)) < 4
 
 

@@ -184,9 +184,7 @@ class NonCentring:
         run for the whole batch where the model vectorizes, else one per point."""
         flat = x.detach().reshape(-1, x.shape[-1])
         if self.density.particles is not None and flat.shape[0] > 1:
-            with poutine.block(), torch.no_grad():
-                trace, _ = self.density.particles.trace(flat)
-            values = {name: trace.nodes[name]["value"] for name in self.original_layout.shapes}
+            values = self.density.particles.site_values(flat, list(self.original_layout.shapes))
             if all(v.numel() == len(flat) * self.original_layout.sizes[name] for name, v in values.items()):
                 return self._pack(values, (len(flat),)).reshape(x.shape)
         return torch.stack([self._point_to_original(point) for point in flat]).reshape(x.shape)

@@ -150,8 +150,8 @@ class ModelDensity:
         initial_params: One valid point (for a model: where Pyro's ``initialize_model`` found it).
         initializer: For a model, ``initializer(num_chains=n)`` gives ``n`` more valid points by its init
             strategy (:meth:`initial_points`); ``None`` for a ``potential_fn``.
-        vectorized: Whether a batch of points is evaluated in one vectorized model run
-            (an outer particle plate) rather than point by point.
+        vectorized: Whether a batch of points is evaluated in one vectorized model run (an outer particle
+            plate, or the model vmapped over the points) rather than point by point.
         traced: The batch evaluation traced per batch shape
             (:class:`~pyro_nfmala.engine.traced.TracedLogProb`, with Pyro's validation off, as Pyro's MCMC
             evaluates a potential), or ``None`` where ``trace_density=False``: every batch then runs the
@@ -173,8 +173,11 @@ class ModelDensity:
         self.transforms = dict(transforms or {})
         self.initial_params = initial_params
         self.initializer = initializer
-        #: The model run once for a batch of points in a particle plate, ``None`` where it does not vectorize.
-        self.particles: _ParticleModel | None = particles
+        #: The model run once for a batch of points (in a particle plate, or vmapped), ``None`` where it
+        #: does not batch.
+        self.particles: _ParticleModel | _VmappedModel | None = particles
+        #: Why the model is evaluated point by point (each way of batching tried, with its error).
+        self.unbatched_reasons: list[str] = []
         self.traced = TracedLogProb(self._unvalidated_log_prob) if trace_density else None
 
     @classmethod
@@ -294,6 +297,66 @@ class _ParticleModel:
         """A site's log density with the particle dimension first (of size 1 where all particles share it)."""
         log_prob = log_prob.reshape((1,) * (self.nesting + 1 - log_prob.dim()) + log_prob.shape)
         return log_prob.movedim(-(self.nesting + 1), 0)
+
+    def site_values(self, x: Tensor, names: list[str]) -> dict[str, Tensor]:
+        """The values of the sites ``names`` in one run at the points ``x`` ``(n, d)``, particles first (a
+        site the particles share, drawn outside the particle plate, has no particle dimension)."""
+        with pyro.poutine.block(), torch.no_grad():
+            trace, _ = self.trace(x)
+        return {name: trace.nodes[name]["value"] for name in names}
+
+
+class _VmappedModel:
+    r"""The model run for one point, :math:`\log \pi_X(x)` (the log joint at the constrained values plus
+    the log-determinants of the maps from unconstrained space), batched over points by
+    :func:`torch.func.vmap`: for a model that does not broadcast over an outer plate (scalar
+    hyperparameters fed to ``.expand([J]).to_event(1)``, ``x @ beta``, indexing with a site's value), it
+    still runs once per batch, as one vectorized program, instead of once per point.
+
+    Pyro's own potential cannot be vmapped (its enumeration messenger reads ``.data``); this one runs the
+    model under ``trace`` and ``condition`` only, with Pyro's validation off (a check of a value's support is
+    a branch on data, which vmap refuses).
+    """
+
+    def __init__(self, model, model_args, model_kwargs, layout, transforms) -> None:
+        self.model, self.model_args, self.model_kwargs = model, model_args, model_kwargs
+        self.layout, self.transforms = layout, transforms
+        self._batched = torch.func.vmap(self._point_log_prob)
+
+    def _point_trace(self, x: Tensor):
+        """The trace of one run at the point ``x`` ``(d,)``, and the log-determinant of the map from the
+        unconstrained point to the sites' values."""
+        constrained, log_det = {}, x.new_zeros(())
+        for name, value in self.layout.unpack(x).items():
+            if name in self.transforms:
+                inverse = self.transforms[name].inv
+                constrained[name] = inverse(value)
+                log_det = log_det + inverse.log_abs_det_jacobian(value, constrained[name]).sum()
+            else:
+                constrained[name] = value
+        conditioned = pyro.poutine.condition(self.model, constrained)
+        with pyro.validation_enabled(False):
+            trace = pyro.poutine.trace(conditioned).get_trace(*self.model_args, **self.model_kwargs)
+        return trace, log_det
+
+    def _point_log_prob(self, x: Tensor) -> Tensor:
+        trace, total = self._point_trace(x)
+        with pyro.validation_enabled(False):
+            return total + trace.log_prob_sum()
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """The log joint of the points ``x`` ``(n, d)``, one vmapped run."""
+        return self._batched(x)
+
+    def site_values(self, x: Tensor, names: list[str]) -> dict[str, Tensor]:
+        """The values ``{site: (n, *shape)}`` of the sites ``names`` at the points ``x`` ``(n, d)``."""
+
+        def values(point: Tensor) -> dict[str, Tensor]:
+            trace, _ = self._point_trace(point)
+            return {name: trace.nodes[name]["value"] for name in names}
+
+        with pyro.poutine.block(), torch.no_grad():
+            return torch.func.vmap(values)(x)
 
 
 def default_init(site: dict, radius: float = 2.0) -> Tensor:
@@ -465,8 +528,11 @@ def model_density(
     latent sites that change between runs.
 
     With ``vectorize=True``, a batch of points is evaluated in one run of the model inside an
-    outer particle plate, when that agrees with Pyro's potential on three test points; otherwise
-    (and with ``vectorize=False``, and for models with enumerated sites) point by point.
+    outer particle plate, when that agrees with Pyro's potential on three test points; else, for a model
+    whose sites do not broadcast over such a plate (``x @ beta``, ``.expand([J]).to_event(1)`` of scalar
+    hyperparameters), as the one-point model vmapped over the points (:func:`torch.func.vmap`), checked
+    the same way; otherwise (a model that branches on a parameter's value, draws random numbers, and with
+    ``vectorize=False`` or enumerated sites) point by point, with the reasons in ``unbatched_reasons``.
 
     With ``trace_density=True``, a batch shape evaluated often runs as one traced graph of the log
     density and its gradient (:mod:`pyro_nfmala.engine.traced`: the same arithmetic, checked, 2-6x faster
@@ -525,6 +591,10 @@ def model_density(
     )
     if vectorize and layout.dim > 0 and not discrete:
         density.particles = _checked_particle_model(density, model, model_args, model_kwargs, trace)
+    elif not vectorize:
+        density.unbatched_reasons = ["vectorize=False"]
+    elif discrete:
+        density.unbatched_reasons = [f"the discrete sites {sorted(discrete)} are summed out by enumeration"]
     return density
 
 
@@ -569,20 +639,32 @@ def _nonfinite_arguments(model_args: tuple, model_kwargs: dict) -> list[str]:
 
 
 def _checked_particle_model(density: ModelDensity, model, model_args, model_kwargs, trace):
-    """The model run for a batch of points if its log joint agrees with Pyro's potential on three points,
-    else ``None``."""
-    try:
-        particles = _ParticleModel(model, model_args, model_kwargs, density.layout, density.transforms, trace)
-        x = density.layout.pack(density.initial_params).detach()
-        points = torch.stack([x, x + 0.1, x - 0.1])
-        expected = density.point_log_prob(points)
-        got = particles.log_prob(points)
-    except Exception as error:  # noqa: BLE001 - any model that does not vectorize
-        if is_out_of_memory(error):
-            raise
-        logger.info("model does not vectorize over particles (%s): evaluating point by point", error)
-        return None
-    if got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
-        return particles
-    logger.info("vectorized model evaluation disagrees with Pyro's potential: evaluating point by point")
+    """The model run for a batch of points, checked against Pyro's potential on three points: inside an
+    outer particle plate where the model broadcasts over it, else vmapped over the points
+    (:class:`_VmappedModel`); ``None`` where neither agrees (evaluated point by point, logged)."""
+    x = density.layout.pack(density.initial_params).detach()
+    points = torch.stack([x, x + 0.1, x - 0.1])
+    expected = density.point_log_prob(points)
+    reasons = []
+    for kind, build in [
+        ("particle plate", lambda: _ParticleModel(model, model_args, model_kwargs, density.layout,
+                                                  density.transforms, trace)),
+        ("vmap", lambda: _VmappedModel(model, model_args, model_kwargs, density.layout, density.transforms)),
+    ]:  # fmt: skip
+        try:
+            batched = build()
+            got = batched.log_prob(points)
+        except Exception as error:  # noqa: BLE001 - any model that does not batch this way
+            if is_out_of_memory(error):
+                raise
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            reasons.append(f"{kind}: {type(error).__name__}: {first_line}")
+            continue
+        if got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
+            if reasons:
+                logger.info("model does not broadcast over a particle plate (%s): vmapped", reasons[0])
+            return batched
+        reasons.append(f"{kind}: disagrees with Pyro's potential")
+    density.unbatched_reasons = reasons
+    logger.info("model evaluated point by point (%s)", "; ".join(reasons))
     return None

@@ -21,9 +21,10 @@ is :meth:`ChainSampler.warmup` then :meth:`ChainSampler.advance`.
 coordinates, staged map, flow check, modes and schedule, from the same options), every chain evaluated
 in one vectorized run of the model per move (the model inside an outer particle plate, as
 :func:`~pyro_nfmala.model.density.model_density` builds it); the posterior group holds the model's sites,
-constrained. A model that does not vectorize (``x @ beta`` where ``beta`` gains a batch dimension) is
-evaluated point by point, and the run says so once. :class:`pyro_nfmala.MCMC` runs the same batch
-behind Pyro's ``MCMC`` interface.
+constrained. A model that does not broadcast over that plate (``x @ beta`` where ``beta`` gains a batch
+dimension) runs vmapped over the chains instead; one that cannot batch either way (it branches on a
+parameter's value) is evaluated point by point, and the run says so once, with why.
+:class:`pyro_nfmala.MCMC` runs the same batch behind Pyro's ``MCMC`` interface.
 
 Example:
     >>> sampler = ChainSampler(TemperedFlow(zuko.flows.RealNVP(2), beta=1.0), num_chains=64, seed=0)

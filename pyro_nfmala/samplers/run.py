@@ -347,11 +347,13 @@ class PosteriorRun:
         if self._said_point_by_point:
             return
         self._said_point_by_point = True
+        reasons = "; ".join(self.sampled.unbatched_reasons)
         warnings.warn(
-            "the model does not vectorize over a batch of parameters (see the log of "
-            "pyro_nfmala.model.density for why), so the chains are evaluated point by point, one model run "
-            "each: write its sites to broadcast over leading batch dimensions (e.g. "
-            "(x * beta.unsqueeze(-2)).sum(-1) for x @ beta) for one run per move",
+            f"the model does not run for a batch of parameters at once ({reasons}), so the chains are "
+            "evaluated point by point, one model run each. The usual causes: Python branching on a "
+            "parameter's value (if sigma > 1, float(x), .item()), random numbers drawn in the model, "
+            "in-place writes into a tensor that holds a parameter. Write the model with torch operations "
+            "on whole tensors (torch.where for branches) for one batched run per move",
             UserWarning,
             stacklevel=4,
         )
