@@ -111,9 +111,10 @@ def approximate_gp(x: torch.Tensor, y: torch.Tensor) -> None:
               \beta_m \sim N(0, 1), \; \alpha \sim N^+(0, 2), \; \rho \sim \mathrm{InvGamma}(5, 5),
               \; \sigma \sim N^+(0, 1), \; c \sim N(0, 5), \quad y \sim N(c + f(x), \sigma).
     """
-    half_width = GP_BOUNDARY * float(x.abs().max())
+    # tensors, not Python floats, so that the density can be traced (float() of a tensor cannot be)
+    half_width = GP_BOUNDARY * x.abs().max()
     frequencies = torch.arange(1, GP_BASIS + 1, dtype=x.dtype) * math.pi / (2 * half_width)
-    basis = torch.sin(frequencies * (x.unsqueeze(-1) + half_width)) / math.sqrt(half_width)  # (n, M)
+    basis = torch.sin(frequencies * (x.unsqueeze(-1) + half_width)) / half_width.sqrt()  # (n, M)
     alpha = pyro.sample("alpha", dist.HalfNormal(x.new_tensor(2.0)))
     rho = pyro.sample("rho", dist.InverseGamma(x.new_tensor(5.0), x.new_tensor(5.0)))
     sigma = pyro.sample("sigma", dist.HalfNormal(x.new_tensor(1.0)))
