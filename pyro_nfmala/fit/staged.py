@@ -210,9 +210,14 @@ def fit_staged_map(
     chain_options: Mapping | None = None,
     keep_gaussian: str = "serviceable",
     deadline: float | None = None,
+    gaussian: FitResult | None = None,
 ) -> FitResult:
     """The staged map of an unnormalized log density of a batch ``(n, d)`` (see the module and
     :func:`fit_flow_to_model`); ``starts`` ``(k, d)`` are where the mode search begins.
+
+    ``gaussian``: a fit of the same density's Gaussian stages already made (``flow_stage="none"``, as
+    :func:`fit_in_better_coordinates` makes in each coordinates it tries): its map, check and modes stand
+    for the mode search and the Gaussian stages, which are not run again.
 
     ``max_seconds`` bounds the whole fit (``None``: no bound), or ``deadline`` (a ``time.perf_counter()``,
     which takes precedence: a budget shared with other work): the mode search stops at the best point
@@ -232,7 +237,6 @@ def fit_staged_map(
     start_time = time.perf_counter()
     dim, dtype = starts.shape[-1], starts.dtype
     deadline = deadline_after(max_seconds) if deadline is None else deadline
-    laplace = laplace_approximation(log_prob, starts, deadline=deadline)
     spent = False
 
     def reverse_kl(map_flow: zuko.flows.Flow) -> FitResult:
@@ -267,30 +271,38 @@ def fit_staged_map(
         return True
 
     candidates = []  # (stage, flow, check, losses), cheapest first
-    gaussian_start = StagedFlow(laplace.loc, laplace.scale_tril)
-    if laplace.method == "laplace":
-        candidates.append(("laplace", gaussian_start, checked(gaussian_start), []))
-        variational = (laplace.loc, laplace.scale_tril)
-    else:  # no positive definite Hessian (a saddle, a flat or an unbounded mode): Laplace is
-        # meaningless there (a spike's map collapses, and its draws' equal weights would pass the
-        # check), so the Gaussian is fitted afresh from the first start
-        variational = (starts[0], torch.eye(dim, dtype=dtype))
+    if gaussian is not None:
+        candidates.append((gaussian.stage, gaussian.flow, gaussian.check, gaussian.losses))
+        modes = gaussian.modes
+    else:
+        laplace = laplace_approximation(log_prob, starts, deadline=deadline)
+        gaussian_start = StagedFlow(laplace.loc, laplace.scale_tril)
+        if laplace.method == "laplace":
+            candidates.append(("laplace", gaussian_start, checked(gaussian_start), []))
+            variational = (laplace.loc, laplace.scale_tril)
+        else:  # no positive definite Hessian (a saddle, a flat or an unbounded mode): Laplace is
+            # meaningless there (a spike's map collapses, and its draws' equal weights would pass the
+            # check), so the Gaussian is fitted afresh from the first start
+            variational = (starts[0], torch.eye(dim, dtype=dtype))
 
-    def fit_gaussian(loc: Tensor, scale_tril: Tensor):
-        """The full-rank Gaussian by reverse KL, started at N(loc, L L^T): an affine flow stage behind an
-        identity Gaussian stage, fitted, then folded into the Gaussian stage."""
-        start = StagedFlow(torch.zeros_like(loc), torch.eye(dim, dtype=dtype), affine_flow(loc, scale_tril))
-        result = reverse_kl(start)
-        return start.folded(), result.losses, result.budget_spent
+        def fit_gaussian(loc: Tensor, scale_tril: Tensor):
+            """The full-rank Gaussian by reverse KL, started at N(loc, L L^T): an affine flow stage behind an
+            identity Gaussian stage, fitted, then folded into the Gaussian stage."""
+            start = StagedFlow(
+                torch.zeros_like(loc), torch.eye(dim, dtype=dtype), affine_flow(loc, scale_tril)
+            )
+            result = reverse_kl(start)
+            return start.folded(), result.losses, result.budget_spent
 
-    if not candidates or not passes(candidates[-1][2], keep_gaussian):
-        if time.perf_counter() >= deadline:
-            spent = True
-        elif not attempt("gaussian", lambda: fit_gaussian(*variational)) and laplace.method != "laplace":
-            # from the first start and the identity it failed: from the mode with its diagonal scales
-            attempt("gaussian", lambda: fit_gaussian(laplace.loc, laplace.scale_tril))
-    if not candidates:  # no Laplace and no Gaussian fit: the mode with the Hessian's diagonal scales
-        candidates.append(("diagonal", gaussian_start, checked(gaussian_start), []))
+        if not candidates or not passes(candidates[-1][2], keep_gaussian):
+            if time.perf_counter() >= deadline:
+                spent = True
+            elif not attempt("gaussian", lambda: fit_gaussian(*variational)) and laplace.method != "laplace":
+                # from the first start and the identity it failed: from the mode with its diagonal scales
+                attempt("gaussian", lambda: fit_gaussian(laplace.loc, laplace.scale_tril))
+        if not candidates:  # no Laplace and no Gaussian fit: the mode with the Hessian's diagonal scales
+            candidates.append(("diagonal", gaussian_start, checked(gaussian_start), []))
+        modes = (laplace.mode, *laplace.others) if laplace.method == "laplace" else ()
     best_gaussian = min(candidates, key=lambda candidate: candidate[2].khat)[1]
     wants_flow = flow is not None or not any(passes(candidate[2], keep_gaussian) for candidate in candidates)
     if wants_flow and flow_stage != "none":
@@ -334,8 +346,7 @@ def fit_staged_map(
             stacklevel=3,
         )
     check.warn("the fitted map", stacklevel=3)
-    modes = (laplace.mode, *laplace.others)
-    return FitResult(kept, losses, check, stage, seconds, spent, modes if laplace.method == "laplace" else ())
+    return FitResult(kept, losses, check, stage, seconds, spent, modes)
 
 
 def _quietly(fit: Callable, *args):
@@ -406,5 +417,5 @@ def fit_in_better_coordinates(
         for warning in caught:
             warnings.warn(warning.message, warning.category, stacklevel=stacklevel + 1)
         return result._replace(seconds=trial_seconds, budget_spent=spent), chosen_centring
-    full = fit_map_to_density(chosen, deadline=deadline, **fit_options)
+    full = fit_map_to_density(chosen, deadline=deadline, gaussian=result, **fit_options)
     return full._replace(seconds=full.seconds + trial_seconds), chosen_centring
