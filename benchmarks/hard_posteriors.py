@@ -1,4 +1,4 @@
-"""Right wherever NUTS is right? Both doors of pyro_nfmala and NumPyro's NUTS on seventeen posteriors,
+"""Right wherever NUTS is right? Both doors of pyro_nfmala and NumPyro's NUTS on eighteen posteriors,
 side by side in one run, fit and compile counted.
 
     python benchmarks/hard_posteriors.py                     # every row (about 2 hours on 2 cores)
@@ -11,8 +11,9 @@ The rows: posteriordb's ten posteriors (``$PYRO_NFMALA_POSTERIORDB``), inference
 (``$PYRO_NFMALA_INFERENCE_GYM``: a sparse logistic regression with Gamma(1/2, 1/2) scales on German
 credit, stochastic volatility on 100 and on all 2,516 S&P 500 returns, a 501-parameter item response
 model), the centred eight schools written as one vector site (``.expand([J]).to_event(1)``, the plate
-form being posteriordb's row), a 66-parameter basis-function GP and a 32-parameter Brownian motion with
-unknown innovation and observation scales (``pyro_nfmala.examples.flow_cases.approximate_gp`` and
+form being posteriordb's row), a 66-parameter basis-function GP, a 32-parameter Brownian motion with
+unknown innovation and observation scales, and a GARCH(1, 1) over a 200-step recursion
+(``pyro_nfmala.examples.flow_cases.approximate_gp`` and ``garch11``,
 ``pyro_nfmala.examples.inference_gym.brownian_motion_unknown_scales``, their references 4 x 10,000 NumPyro
 NUTS draws thinned to 4 x 1,000, in ``benchmarks/data``).
 
@@ -84,7 +85,7 @@ INFERENCE_GYM_ROWS = (
     "stochastic_volatility_sp500",
     "item_response_theory",
 )
-OWN_ROWS = ("eight_schools_vector", "approximate_gp", "brownian_motion_unknown_scales")
+OWN_ROWS = ("eight_schools_vector", "approximate_gp", "brownian_motion_unknown_scales", "garch11")
 ROWS = POSTERIORDB_ROWS + INFERENCE_GYM_ROWS + OWN_ROWS
 #: the goals: a mean or sd off by more than this many reference sds (resp. this fraction) beyond noise
 MEAN_TOLERANCE, SD_TOLERANCE, MAX_RHAT = 0.1, 0.1, 1.01
@@ -105,11 +106,17 @@ def pyro_problem(row: str, dtype=torch.float64):
         return posteriordb.MODELS[row], posteriordb.load_data(row, dtype=dtype)
     if row == "eight_schools_vector":
         return posteriordb.eight_schools_centered_vector, posteriordb.load_data("eight_schools", dtype=dtype)
-    if row == "approximate_gp":
-        return flow_cases.approximate_gp, flow_cases.approximate_gp_data()
+    if row in ("approximate_gp", "garch11"):
+        model, make_data = flow_cases.CASES[row]
+        return model, {key: _as(value, dtype) for key, value in make_data().items()}
     if row == "brownian_motion_unknown_scales":
         return inference_gym.brownian_motion_unknown_scales, inference_gym.brownian_motion_data(dtype=dtype)
     return inference_gym.MODELS[row], inference_gym.load_data(row, dtype=dtype)
+
+
+def _as(value, dtype):
+    """A data tensor in ``dtype`` (floating tensors only; counts and sizes as they are)."""
+    return value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
 
 
 def numpyro_problem(row: str):
@@ -121,8 +128,8 @@ def numpyro_problem(row: str):
     if row == "eight_schools_vector":
         _, data = numpyro_models.POSTERIORDB_MODELS["eight_schools"]()
         return numpyro_models.eight_schools_centered_vector, data
-    if row == "approximate_gp":
-        return numpyro_models.MODELS["approximate_gp"]()
+    if row in ("approximate_gp", "garch11"):
+        return numpyro_models.MODELS[row]()
     return numpyro_models.INFERENCE_GYM_MODELS[row]()
 
 
@@ -163,8 +170,8 @@ def reference_moments(row: str) -> dict[str, dict[str, float]]:
     if row in POSTERIORDB_ROWS or row == "eight_schools_vector":
         name = "eight_schools" if row == "eight_schools_vector" else row
         return _moments_of_draws(posteriordb.comparable_reference(name))
-    if row in ("approximate_gp", "brownian_motion_unknown_scales"):
-        folder = "flow_cases" if row == "approximate_gp" else "hard_posteriors"
+    if row in ("approximate_gp", "garch11", "brownian_motion_unknown_scales"):
+        folder = "hard_posteriors" if row == "brownian_motion_unknown_scales" else "flow_cases"
         path = REFERENCES / folder / f"{row}.npz"
         if not path.exists():
             raise FileNotFoundError(

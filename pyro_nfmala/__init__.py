@@ -10,7 +10,8 @@ measure, :class:`TemperedFlow`) with thousands of chains.
 The package's folders go from leaves to front ends: :mod:`~pyro_nfmala.flows` (what a map is: a flow read
 latent to data, the staged map, saving and loading), :mod:`~pyro_nfmala.engine` (pure torch: targets, the
 Metropolis-Hastings step and its moves, warmup adaptation, the driver of a batch of chains),
-:mod:`~pyro_nfmala.model` (a Pyro model as a flat batched density, and its non-centred coordinates),
+:mod:`~pyro_nfmala.model` (a Pyro model as a flat batched density, its non-centred coordinates, and
+:func:`linear_recurrence` for recursions in a model),
 :mod:`~pyro_nfmala.fit` (the staged map: Laplace, flow check, a flow stage adapted by chains),
 :mod:`~pyro_nfmala.samplers` (the run both front ends share, the kernel, the batch sampler, the vectorized
 ``MCMC``) and :mod:`~pyro_nfmala.output` (ArviZ data and the end-of-run checks). The method is written out
@@ -25,6 +26,7 @@ from .flows.builders import default_flow, identity_flow
 from .flows.files import load_flow, save_flow
 from .flows.latent import LatentFlow
 from .flows.staged import StagedFlow
+from .model.recurrences import linear_recurrence
 from .output.arviz import from_arrays, to_inference_data
 from .output.convergence import ChainReport, chain_reports
 from .samplers.chains import ChainSampler
@@ -49,6 +51,7 @@ __all__ = [
     "fit_flow_to_samples",
     "from_arrays",
     "identity_flow",
+    "linear_recurrence",
     "load_flow",
     "preview_tempering",
     "save_flow",

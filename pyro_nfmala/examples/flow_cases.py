@@ -36,6 +36,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from ..model.recurrences import linear_recurrence
+
 
 def funnel(d: int = 100) -> None:
     r"""Neal's funnel, centred: :math:`\log\sigma \sim N(0, 3)`, :math:`x_i \sim N(0, \sigma)`."""
@@ -79,11 +81,12 @@ def garch11(T: int, y: torch.Tensor, sigma1: torch.Tensor) -> None:
     alpha1 = pyro.sample("alpha1", dist.Uniform(y.new_tensor(0.0), 1.0))
     beta1_share = pyro.sample("beta1_share", dist.Uniform(y.new_tensor(0.0), 1.0))
     beta1 = pyro.deterministic("beta1", (1 - alpha1) * beta1_share)
-    variance = [sigma1.expand(mu.shape) ** 2]
-    for t in range(1, T):
-        variance.append(alpha0 + alpha1 * (y[t - 1] - mu) ** 2 + beta1 * variance[-1])
-    sigma = torch.stack(variance, -1).sqrt()
-    pyro.sample("y", dist.Normal(mu.unsqueeze(-1), sigma).to_event(1), obs=y)
+    # the recursion as one parallel scan (linear_recurrence), not a Python loop over t: ~8 vectorized
+    # steps for T = 200 instead of 200, the same sums
+    first = (sigma1**2).expand(mu.shape).unsqueeze(-1)
+    news = alpha0.unsqueeze(-1) + alpha1.unsqueeze(-1) * (y[: T - 1] - mu.unsqueeze(-1)) ** 2
+    variance = linear_recurrence(beta1.unsqueeze(-1), torch.cat([first, news], -1))
+    pyro.sample("y", dist.Normal(mu.unsqueeze(-1), variance.sqrt()).to_event(1), obs=y)
 
 
 #: Basis functions of the approximate GP (with alpha, rho, sigma and the intercept: 66 parameters).

@@ -119,6 +119,8 @@ from pyro.distributions import constraints
 from torch.distributions.transforms import AffineTransform
 from torch.distributions.utils import broadcast_all
 
+from ..model.recurrences import linear_recurrence
+
 #: The environment variable that names the data folder.
 ENV_VAR = "PYRO_NFMALA_INFERENCE_GYM"
 #: posterior name -> (data file, truth file), both in :func:`data_dir`.
@@ -332,7 +334,8 @@ class AR1Transform(torch.distributions.Transform):
     .. math:: y_0 = s_0 \varepsilon_0, \qquad y_t = \phi\, y_{t-1} + \sigma \varepsilon_t ,
 
     computed as a parallel scan of the affine maps :math:`y \mapsto \phi y + \sigma\varepsilon_t`
-    (:math:`\lceil \log_2 T \rceil` vectorized steps, stable for any :math:`\phi`). Its inverse is
+    (:func:`~pyro_nfmala.model.recurrences.linear_recurrence`: :math:`\lceil \log_2 T \rceil` vectorized
+    steps, stable for any :math:`\phi`). Its inverse is
     :math:`\varepsilon_0 = y_0 / s_0`, :math:`\varepsilon_t = (y_t - \phi y_{t-1}) / \sigma`, and its
     Jacobian is triangular: :math:`\log|\det J| = \log s_0 + (T - 1) \log \sigma`.
     """
@@ -356,15 +359,7 @@ class AR1Transform(torch.distributions.Transform):
         shocks = torch.cat(
             [self.initial_scale.unsqueeze(-1) * noise[..., :1], self.scale.unsqueeze(-1) * noise[..., 1:]], -1
         ).expand(shape)
-        factors = self.persistence.unsqueeze(-1).expand(shape)
-        step = 1
-        while step < shape[-1]:  # after this step, each entry composes the maps of the last 2 * step
-            shocks = torch.cat(
-                [shocks[..., :step], shocks[..., step:] + factors[..., step:] * shocks[..., :-step]], -1
-            )
-            factors = torch.cat([factors[..., :step], factors[..., step:] * factors[..., :-step]], -1)
-            step *= 2
-        return self.loc.unsqueeze(-1) + shocks
+        return self.loc.unsqueeze(-1) + linear_recurrence(self.persistence.unsqueeze(-1), shocks)
 
     def _inverse(self, path: torch.Tensor) -> torch.Tensor:
         centred = path - self.loc.unsqueeze(-1)

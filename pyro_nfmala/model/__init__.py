@@ -1,7 +1,9 @@
 """A Pyro model as a flat, batched log density on its unconstrained parameters
-(:mod:`~pyro_nfmala.model.density`), and the model in non-centred coordinates
-(:mod:`~pyro_nfmala.model.centring`)."""
+(:mod:`~pyro_nfmala.model.density`), the model in non-centred coordinates
+(:mod:`~pyro_nfmala.model.centring`), and recursions written for batches
+(:mod:`~pyro_nfmala.model.recurrences`)."""
 
 from .density import ModelDensity, ParamLayout, model_density
+from .recurrences import linear_recurrence
 
-__all__ = ["ModelDensity", "ParamLayout", "model_density"]
+__all__ = ["ModelDensity", "ParamLayout", "linear_recurrence", "model_density"]
