@@ -75,3 +75,34 @@ def test_the_garch_example_is_the_loop_model_batched():
     assert scanned.vectorized and scanned.layout.dim == looped.layout.dim == 4
     x = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.5
     assert torch.allclose(scanned.log_prob(x), looped.point_log_prob(x), rtol=1e-10)
+
+
+def arma_loop(T, y):
+    """posteriordb's ARMA(1, 1) with its recursion as a Python loop (as Stan writes it)."""
+    import pyro.distributions as dist
+
+    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    phi = pyro.sample("phi", dist.Normal(0.0, 2.0))
+    theta = pyro.sample("theta", dist.Normal(0.0, 2.0))
+    sigma = pyro.sample("sigma", dist.HalfCauchy(y.new_tensor(2.5)))
+    nu = [mu + phi * mu]
+    for t in range(1, T):
+        nu.append(mu + phi * y[t - 1] + theta * (y[t - 1] - nu[-1]))
+    pyro.sample("y", dist.Normal(torch.stack(nu, -1), sigma.unsqueeze(-1)).to_event(1), obs=y)
+
+
+def test_the_arma_transcription_is_the_loop_model_batched():
+    from pyro_nfmala.examples.posteriordb import arma11
+
+    generator = torch.Generator().manual_seed(1)
+    data = {"T": 60, "y": torch.randn(60, generator=generator, dtype=torch.float64).cumsum(0) * 0.3}
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the priors' constants in float64
+    try:
+        scanned = model_density(arma11, (), data, trace_density=False)
+        looped = model_density(arma_loop, (), data, trace_density=False)
+        x = torch.randn(16, 4, generator=generator, dtype=torch.float64) * 0.4
+        assert scanned.vectorized
+        assert torch.allclose(scanned.log_prob(x), looped.point_log_prob(x), rtol=1e-10)
+    finally:
+        torch.set_default_dtype(default)

@@ -92,6 +92,8 @@ import torch
 
 from pyro.distributions import constraints
 
+from ..model.recurrences import linear_recurrence
+
 # the environment variable that names the data folder
 ENV_VAR = "PYRO_NFMALA_POSTERIORDB"
 POSTERIORS = {
@@ -523,17 +525,19 @@ def arma11(T: int, y: torch.Tensor) -> None:
               \quad \epsilon_t = y_t - \nu_t \sim N(0, \sigma).
 
     Written as :math:`y_t \sim N(\nu_t, \sigma)`, the same density as Stan's
-    ``err ~ normal(0, sigma)``.
+    ``err ~ normal(0, sigma)``. The errors follow a linear recursion,
+    :math:`\epsilon_t = -\theta \epsilon_{t-1} + (y_t - \mu - \phi y_{t-1})`, computed as one parallel
+    scan (:func:`~pyro_nfmala.model.recurrences.linear_recurrence`) rather than a loop over :math:`t`.
     """
     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
     phi = pyro.sample("phi", dist.Normal(0.0, 2.0))
     theta = pyro.sample("theta", dist.Normal(0.0, 2.0))
     sigma = pyro.sample("sigma", dist.HalfCauchy(y.new_tensor(2.5)))
-    nu = [mu + phi * mu]
-    for t in range(1, T):
-        err = y[t - 1] - nu[-1]
-        nu.append(mu + phi * y[t - 1] + theta * err)
-    pyro.sample("y", dist.Normal(torch.stack(nu, -1), sigma.unsqueeze(-1)).to_event(1), obs=y)
+    # y_{t-1} for each t (mu before y_1, as nu_1 = mu + phi mu), broadcast over the chains' batch
+    previous = torch.cat([mu.unsqueeze(-1), y[: T - 1].expand(mu.shape + (T - 1,))], -1)
+    innovations = y[:T] - mu.unsqueeze(-1) - phi.unsqueeze(-1) * previous
+    err = linear_recurrence(-theta.unsqueeze(-1), innovations)
+    pyro.sample("y", dist.Normal(y[:T] - err, sigma.unsqueeze(-1)).to_event(1), obs=y)
 
 
 def _gp_f(x: torch.Tensor, alpha: torch.Tensor, rho: torch.Tensor, f_tilde: torch.Tensor) -> torch.Tensor:
