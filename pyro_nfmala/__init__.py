@@ -11,7 +11,7 @@ The package's folders go from leaves to front ends: :mod:`~pyro_nfmala.flows` (w
 latent to data, the staged map, saving and loading), :mod:`~pyro_nfmala.engine` (pure torch: targets, the
 Metropolis-Hastings step and its moves, warmup adaptation, the driver of a batch of chains),
 :mod:`~pyro_nfmala.model` (a Pyro model as a flat batched density, its non-centred coordinates, and
-:func:`linear_recurrence` for recursions in a model),
+:func:`linear_recurrence` and :func:`log_matrix_product` for recursions in a model),
 :mod:`~pyro_nfmala.fit` (the staged map: Laplace, flow check, a flow stage adapted by chains),
 :mod:`~pyro_nfmala.samplers` (the run both front ends share, the kernel, the batch sampler, the vectorized
 ``MCMC``) and :mod:`~pyro_nfmala.output` (ArviZ data and the end-of-run checks). The method is written out
@@ -26,7 +26,7 @@ from .flows.builders import default_flow, identity_flow
 from .flows.files import load_flow, save_flow
 from .flows.latent import LatentFlow
 from .flows.staged import StagedFlow
-from .model.recurrences import linear_recurrence
+from .model.recurrences import linear_recurrence, log_matrix_product
 from .output.arviz import from_arrays, to_inference_data
 from .output.convergence import ChainReport, chain_reports
 from .samplers.chains import ChainSampler
@@ -53,6 +53,7 @@ __all__ = [
     "identity_flow",
     "linear_recurrence",
     "load_flow",
+    "log_matrix_product",
     "preview_tempering",
     "save_flow",
     "to_inference_data",

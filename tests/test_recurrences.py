@@ -106,3 +106,65 @@ def test_the_arma_transcription_is_the_loop_model_batched():
         assert torch.allclose(scanned.log_prob(x), looped.point_log_prob(x), rtol=1e-10)
     finally:
         torch.set_default_dtype(default)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 7, 8, 100])
+def test_the_pairwise_log_matrix_product_equals_the_forward_loop(steps):
+    from pyro_nfmala import log_matrix_product
+
+    generator = torch.Generator().manual_seed(steps)
+    log_matrices = torch.randn(4, steps, 3, 3, generator=generator, dtype=torch.float64).requires_grad_()
+    product = log_matrices[:, 0]
+    for t in range(1, steps):
+        product = torch.logsumexp(product.unsqueeze(-1) + log_matrices[:, t].unsqueeze(-3), -2)
+    paired = log_matrix_product(log_matrices)
+    assert torch.allclose(paired, product, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(4, 3, 3, generator=generator, dtype=torch.float64)
+    (got,) = torch.autograd.grad((weights * paired).sum(), log_matrices)
+    (want,) = torch.autograd.grad((weights * product).sum(), log_matrices)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+    # the negative control: the matrices in reverse order multiply to another product
+    reverse = log_matrix_product(log_matrices.flip(1))
+    assert steps < 2 or not torch.allclose(reverse, product, rtol=1e-12, atol=1e-12)
+
+
+def test_a_log_matrix_product_of_nothing_is_a_clear_error():
+    from pyro_nfmala import log_matrix_product
+
+    with pytest.raises(ValueError, match=r"\(\.\.\., T, K, K\)"):
+        log_matrix_product(torch.zeros(0, 2, 2))
+
+
+def hmm_loop(N, K, y):
+    """posteriordb's hmm_example with its forward recursion as a Python loop (as Stan writes it)."""
+    import pyro.distributions as dist
+
+    from pyro.distributions import constraints
+
+    theta1 = pyro.sample("theta1", dist.Dirichlet(y.new_ones(K)))
+    theta2 = pyro.sample("theta2", dist.Dirichlet(y.new_ones(K)))
+    mu = pyro.sample("mu", dist.ImproperUniform(constraints.positive_ordered_vector, (), (K,)))
+    pyro.factor(
+        "mu_prior", dist.Normal(3.0, 1.0).log_prob(mu[..., 0]) + dist.Normal(10.0, 1.0).log_prob(mu[..., 1])
+    )
+    log_theta = torch.stack([theta1, theta2], -2).log()
+    log_emission = dist.Normal(mu.unsqueeze(-2), 1.0).log_prob(y.unsqueeze(-1))
+    gamma = log_emission[..., 0, :]
+    for t in range(1, N):
+        gamma = torch.logsumexp(gamma.unsqueeze(-1) + log_theta, -2) + log_emission[..., t, :]
+    pyro.factor("forward", torch.logsumexp(gamma, -1))
+
+
+def test_the_hmm_transcription_is_the_loop_model_batched():
+    from pyro_nfmala.examples.posteriordb import hmm_example
+
+    generator = torch.Generator().manual_seed(2)
+    states = (torch.rand(50, generator=generator) < 0.5).double()
+    data = {"N": 50, "K": 2, "y": 3 + 7 * states + torch.randn(50, generator=generator, dtype=torch.float64)}
+    scanned = model_density(hmm_example, (), data, trace_density=False)
+    looped = model_density(hmm_loop, (), data, trace_density=False)
+    x = looped.layout.pack(looped.initial_params).detach() + 0.3 * torch.randn(
+        16, looped.layout.dim, generator=generator, dtype=torch.float64
+    )
+    assert scanned.vectorized
+    assert torch.allclose(scanned.log_prob(x), looped.point_log_prob(x), rtol=1e-10)

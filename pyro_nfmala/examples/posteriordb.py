@@ -92,7 +92,7 @@ import torch
 
 from pyro.distributions import constraints
 
-from ..model.recurrences import linear_recurrence
+from ..model.recurrences import linear_recurrence, log_matrix_product
 
 # the environment variable that names the data folder
 ENV_VAR = "PYRO_NFMALA_POSTERIORDB"
@@ -593,10 +593,10 @@ def hmm_example(N: int, K: int, y: torch.Tensor) -> None:
     )
     log_theta = torch.stack([theta1, theta2], -2).log()  # [..., j, k]: from state j to state k
     log_emission = dist.Normal(mu.unsqueeze(-2), 1.0).log_prob(y.unsqueeze(-1))  # (..., N, K)
-    gamma = log_emission[..., 0, :]
-    for t in range(1, N):
-        gamma = torch.logsumexp(gamma.unsqueeze(-1) + log_theta, -2) + log_emission[..., t, :]
-    pyro.factor("forward", torch.logsumexp(gamma, -1))
+    # the forward recursion as a product of log-semiring matrices, multiplied pairwise (log_matrix_product),
+    # not in a loop over t: gamma_N = gamma_1 (x) M_2 (x) ... (x) M_N, M_t(j, k) = log theta_jk + e_t(k)
+    steps = log_matrix_product(log_theta.unsqueeze(-3) + log_emission[..., 1:N, None, :])
+    pyro.factor("forward", (log_emission[..., 0, :, None] + steps).logsumexp((-2, -1)))
 
 
 #: The ten Pyro models, by data set name.

@@ -4,6 +4,6 @@
 (:mod:`~pyro_nfmala.model.recurrences`)."""
 
 from .density import ModelDensity, ParamLayout, model_density
-from .recurrences import linear_recurrence
+from .recurrences import linear_recurrence, log_matrix_product
 
-__all__ = ["ModelDensity", "ParamLayout", "linear_recurrence", "model_density"]
+__all__ = ["ModelDensity", "ParamLayout", "linear_recurrence", "log_matrix_product", "model_density"]

@@ -16,6 +16,13 @@ It is exact (the same sums, in another order), stable for any :math:`a_t` (no di
 :math:`a` beyond the products the loop forms too), differentiable, and broadcasts over leading batch
 dimensions (the chains).
 
+The forward algorithm of a hidden Markov model is a recursion in the log semiring,
+:math:`\gamma_t(k) = \log \sum_j e^{\gamma_{t-1}(j) + M_t(j, k)}`, so its total is a product of matrices
+in that semiring, :math:`\gamma_0 \otimes M_1 \otimes \dots \otimes M_{T-1}`, whose factors associate
+too: :func:`log_matrix_product` multiplies them pairwise, :math:`\lceil \log_2 T \rceil` rounds of
+batched ``logsumexp`` (Pyro's :class:`~pyro.distributions.DiscreteHMM` does the same inside one
+distribution).
+
 Example:
     >>> factors, shocks = torch.full((5,), 0.5), torch.ones(5)
     >>> linear_recurrence(factors, shocks)
@@ -24,7 +31,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["linear_recurrence"]
+__all__ = ["linear_recurrence", "log_matrix_product"]
 
 import torch
 
@@ -55,3 +62,33 @@ def linear_recurrence(factors: Tensor, shocks: Tensor) -> Tensor:
         factors = torch.cat([factors[..., :span], factors[..., span:] * factors[..., :-span]], -1)
         span *= 2
     return shocks
+
+
+def log_matrix_product(log_matrices: Tensor) -> Tensor:
+    r"""The product :math:`M_0 \otimes M_1 \otimes \dots \otimes M_{T-1}` of ``log_matrices``
+    ``(..., T, K, K)`` in the log semiring, :math:`(A \otimes B)(i, k) = \log \sum_j e^{A(i, j) + B(j, k)}`,
+    ``(..., K, K)``: pairwise, :math:`\lceil \log_2 T \rceil` rounds of batched ``logsumexp`` (see the
+    module).
+
+    The log likelihood of an HMM with transition log probabilities ``log_theta`` ``(K, K)`` (from row to
+    column state) and emission log densities ``log_emission`` ``(T, K)``, the first state's weights
+    uniform (``gamma_0 = log_emission[0]``), is ``(log_emission[0, :, None] + steps).logsumexp((-2, -1))``
+    with ``steps = log_matrix_product(log_theta + log_emission[1:, None, :])``.
+
+    Example:
+        >>> log_half = torch.full((3, 2, 2), 0.5).log()  # three steps of a fair two-state chain
+        >>> log_matrix_product(log_half).exp()
+        tensor([[0.5000, 0.5000],
+                [0.5000, 0.5000]])
+    """
+    log_matrices = torch.as_tensor(log_matrices)
+    if log_matrices.dim() < 3 or log_matrices.shape[-3] == 0:
+        raise ValueError(
+            f"expected log matrices of shape (..., T, K, K) with T >= 1, got {tuple(log_matrices.shape)}"
+        )
+    while log_matrices.shape[-3] > 1:
+        odd = log_matrices.shape[-3] % 2
+        even = log_matrices[..., : log_matrices.shape[-3] - odd, :, :]
+        pairs = torch.logsumexp(even[..., 0::2, :, :, None] + even[..., 1::2, None, :, :], -2)
+        log_matrices = torch.cat([pairs, log_matrices[..., -1:, :, :]], -3) if odd else pairs
+    return log_matrices[..., 0, :, :]
