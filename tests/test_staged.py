@@ -47,6 +47,33 @@ def test_laplace_falls_back_to_a_diagonal_where_the_hessian_is_not_positive_defi
     )
 
 
+def centred_funnel(x):
+    """log sigma ~ N(0, 3), ten x_i ~ N(0, sigma): the joint density grows without bound as sigma -> 0."""
+    log_sigma, rest = x[..., 0], x[..., 1:]
+    return (
+        -0.5 * (log_sigma / 3) ** 2
+        - rest.shape[-1] * log_sigma
+        - 0.5 * (rest**2).sum(-1) * torch.exp(-2 * log_sigma)
+    )
+
+
+def test_a_mode_search_that_runs_off_without_bound_stops_and_says_so():
+    calls = []
+
+    def counted(x):
+        calls.append(1)
+        return centred_funnel(x)
+
+    starts = torch.randn(4, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    stage = laplace_approximation(counted, starts)
+    assert stage.method == "unbounded" and torch.equal(stage.loc, starts[0])
+    assert torch.equal(stage.scale_tril, torch.eye(11, dtype=torch.float64))
+    assert len(calls) < 1500  # one round of one start, not 3 rounds of 4 (about 7,000 evaluations)
+    # the control: the same funnel with data that pin sigma (a proper mode) is a Laplace approximation
+    pinned = laplace_approximation(lambda x: centred_funnel(x) - 50 * (x[..., 0] - 0.5) ** 2, starts)
+    assert pinned.method == "laplace"
+
+
 def test_a_log_density_finite_nowhere_the_search_goes_is_a_clear_error():
     with pytest.raises(ValueError, match="not finite at any of the 2 starts"):
         laplace_approximation(lambda x: torch.full(x.shape[:-1], float("nan")), torch.zeros(2, 3))

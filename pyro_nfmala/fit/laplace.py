@@ -50,6 +50,11 @@ from ..engine.independence import Mode
 
 #: Rounds of L-BFGS (each of up to ``max_iter`` iterations) while the log density still improves.
 MAX_ROUNDS = 3
+#: A search that ends a round still climbing steeply (a gradient entry above ``UNBOUNDED_GRADIENT``) far
+#: out (a coordinate beyond ``UNBOUNDED_RADIUS`` in the unconstrained space, a scale of ``e^-10``) has no
+#: mode to find: a hierarchical model's joint density grows without bound as a scale goes to zero.
+UNBOUNDED_GRADIENT = 1.0
+UNBOUNDED_RADIUS = 10.0
 
 #: Two maxima are separate modes where the log density dips by more than this (nats) between them.
 BARRIER = 1.0
@@ -62,7 +67,9 @@ class LaplaceApproximation(NamedTuple):
 
     loc: Tensor  #: the mode found, (d,)
     scale_tril: Tensor  #: L, (d, d), lower triangular with a positive diagonal
-    method: str  #: "laplace" (full Hessian) or "diagonal" (the Hessian was not positive definite)
+    #: "laplace" (full Hessian), "diagonal" (the Hessian was not positive definite) or "unbounded" (the
+    #: log density grows without bound: no mode, the identity scale)
+    method: str
     log_density: float  #: log pi_X at the mode
     #: the other modes found, separated from this one (and from each other) by a barrier, best first
     others: tuple[Mode, ...] = ()
@@ -79,9 +86,11 @@ class _OutOfTime(Exception):
 
 def _maximize(
     log_prob: Callable[[Tensor], Tensor], start: Tensor, max_iter: int, deadline: float = math.inf
-) -> tuple[Tensor, float]:
-    """L-BFGS ascent of ``log_prob`` from ``start``; returns the point and its log density. Past
-    ``deadline`` (a ``time.perf_counter()``), the best point evaluated so far."""
+) -> tuple[Tensor, float, bool]:
+    """L-BFGS ascent of ``log_prob`` from ``start``; returns the point, its log density, and whether the
+    ascent runs off without bound (a round ended still climbing steeply, far out: see
+    ``UNBOUNDED_GRADIENT``; the search stops there). Past ``deadline`` (a ``time.perf_counter()``), the
+    best point evaluated so far."""
     x = start.detach().clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS(
         [x], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
@@ -104,6 +113,7 @@ def _maximize(
         return loss
 
     start_value = _value(log_prob, start)
+    unbounded = False
     try:
         previous = math.inf
         for _ in range(MAX_ROUNDS):  # L-BFGS can stop early on a long curved path: go on while it gains
@@ -111,17 +121,34 @@ def _maximize(
             if not math.isfinite(loss) or previous - loss <= 1e-9 * (1 + abs(loss)):
                 break
             previous = loss
+            if _runs_off(log_prob, x.detach()):
+                unbounded = True
+                break
     except _OutOfTime:
         x = best[0].requires_grad_(True)
     except Exception as error:  # noqa: BLE001 - a failed search (a model raising at a wild point): keep the start
         if is_out_of_memory(error):
             raise
-        return start.detach().clone(), start_value
+        return start.detach().clone(), start_value, False
     x = x.detach()
     value = _value(log_prob, x)
     if not math.isfinite(value) or (math.isfinite(start_value) and value < start_value):
-        return start.detach().clone(), start_value
-    return x, value
+        return start.detach().clone(), start_value, False
+    return x, value, unbounded
+
+
+def _runs_off(log_prob: Callable[[Tensor], Tensor], x: Tensor) -> bool:
+    """Whether the ascent at ``x``, at the end of a round that still gained, is running off without bound:
+    far out and still climbing steeply."""
+    if not bool((x.abs() > UNBOUNDED_RADIUS).any()):
+        return False
+    with torch.enable_grad():
+        point = x.detach().clone().requires_grad_(True)
+        value = log_prob(point.unsqueeze(0))[0]
+        if not bool(torch.isfinite(value)):
+            return False
+        (grad,) = torch.autograd.grad(value, point)
+    return bool(grad.abs().max() > UNBOUNDED_GRADIENT)
 
 
 def _value(log_prob: Callable[[Tensor], Tensor], x: Tensor) -> float:
@@ -158,23 +185,31 @@ def laplace_approximation(
     log_prob: Callable[[Tensor], Tensor], starts: Tensor, *, max_iter: int = 500, deadline: float = math.inf
 ) -> LaplaceApproximation:
     r"""The mode of ``log_prob`` by L-BFGS from each row of ``starts`` ``(k, d)``, and the Laplace
-    approximation at the best one (see the module).
+    approximation at the best one (see the module). Where an ascent runs off without bound (no mode: a
+    hierarchical model's joint density as a scale goes to zero), the search stops and says so: method
+    ``"unbounded"``, at the first start with the identity scale.
 
     ``log_prob`` takes a batch ``(n, d)``. Raises ``ValueError`` when it is not finite at the end of
     any of the runs. Past ``deadline`` (a ``time.perf_counter()``), a run stops at the best point it
     has evaluated, and no further start is tried once one has given a finite point.
     """
-    best, found = None, []
+    best, found, unbounded = None, [], False
     for start in starts:
         if best is not None and time.perf_counter() > deadline:
             break
         with warnings.catch_warnings():  # line searches probe far points, where models warn about NaN
             warnings.simplefilter("ignore")
-            x, value = _maximize(log_prob, start, max_iter, deadline)
+            x, value, runs_off = _maximize(log_prob, start, max_iter, deadline)
+        if runs_off:  # no mode: the other starts would run off too, or find a local bump
+            unbounded = True
+            break
         if math.isfinite(value):
             found.append((x, value))
             if best is None or value > best[1]:
                 best = (x, value)
+    if unbounded:
+        first = starts[0].detach().clone()
+        return LaplaceApproximation(first, torch.eye(len(first), dtype=first.dtype), "unbounded", -math.inf)
     if best is None:
         raise ValueError(
             f"the log density is not finite at any of the {len(starts)} starts of the mode search, nor where "
@@ -230,9 +265,11 @@ def with_mode_from(
         return modes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        x, value = _maximize(log_prob, start.to(modes[0].loc), max_iter, deadline)
+        x, value, runs_off = _maximize(log_prob, start.to(modes[0].loc), max_iter, deadline)
     stopped = time.perf_counter() > deadline  # an ascent cut short: not a maximum
-    if stopped or not math.isfinite(value) or not all(_separated(log_prob, mode, x, value) for mode in modes):
+    if stopped or runs_off or not math.isfinite(value):
+        return modes
+    if not all(_separated(log_prob, mode, x, value) for mode in modes):
         return modes
     mode = _mode_at(log_prob, x, value, max(m.log_mass for m in modes))
     return modes if mode is None else (*modes, mode)
