@@ -11,7 +11,9 @@ For an unnormalized log density :math:`\log \pi_X` on :math:`\mathbb{R}^d`:
 2. the Laplace approximation there: :math:`H = -\nabla^2 \log \pi_X(\mu)` by autograd
    (:func:`torch.autograd.functional.hessian`) and :math:`L L^T = H^{-1}` (Cholesky); where
    :math:`H` is not positive definite, a diagonal :math:`L` from the positive entries of its
-   diagonal (1 elsewhere).
+   diagonal (1 elsewhere). Where an ascent runs off without bound (no mode: the joint density of a
+   centred hierarchical model grows without bound as a scale goes to zero), the search stops at once
+   and says so (``"unbounded"``); the staged fit then fits its Gaussian stage by reverse KL instead.
 
 The map :math:`x = \mu + L u` (:class:`~pyro_nfmala.flows.staged.StagedFlow`) whitens the posterior:
 in :math:`u` it is close to :math:`N(0, I)` wherever the posterior is close to Gaussian, however
