@@ -55,10 +55,12 @@ def regression_data(d: int = 100, n: int = 5000, seed: int = 0) -> dict:
 
 
 def regression(x, y):
-    """beta ~ N(0, I), y ~ N(x beta, 1): written to broadcast over a batch of beta."""
-    beta = pyro.sample("beta", dist.Normal(0.0, 1.0).expand([x.shape[-1]]).to_event(1))
+    """beta ~ N(0, I), y ~ N(x beta, 1), written as users write it (``x @ beta``: it runs vmapped over the
+    chains; the broadcast spelling ``(x * beta.unsqueeze(-2)).sum(-1)`` forms an (n, d) product per chain,
+    7.6 ms a value and gradient of 4 chains at d = 100, n = 5,000, against 0.64 ms)."""
+    beta = pyro.sample("beta", dist.Normal(x.new_zeros(x.shape[-1]), 1.0).to_event(1))
     with pyro.plate("data", len(y)):
-        pyro.sample("y", dist.Normal((x * beta.unsqueeze(-2)).sum(-1), 1.0), obs=y)
+        pyro.sample("y", dist.Normal(x @ beta, 1.0), obs=y)
 
 
 def regression_reference(x, y, num_draws: int = 40_000, seed: int = 1) -> dict[str, np.ndarray]:

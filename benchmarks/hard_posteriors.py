@@ -1,21 +1,26 @@
-"""Right wherever NUTS is right? Both doors of pyro_nfmala and NumPyro's NUTS on eighteen posteriors,
-side by side in one run, fit and compile counted.
+"""Right wherever NUTS is right, and as fast? Both doors of pyro_nfmala and NumPyro's NUTS on seventeen
+posteriors (issue 34's) and five more (issue 35's), side by side in one run, fit and compile counted.
 
     python benchmarks/hard_posteriors.py                     # every row (about 2 hours on 2 cores)
     python benchmarks/hard_posteriors.py --rows eight_schools_vector approximate_gp
     python benchmarks/hard_posteriors.py --methods NumPyro   # one method (the JSON keeps the others)
     python benchmarks/hard_posteriors.py --replot            # table again from the saved JSON
-    python benchmarks/hard_posteriors.py --make-references   # the Brownian motion's reference (NumPyro)
+    python benchmarks/hard_posteriors.py --make-references   # the generated references (NumPyro, long runs)
 
 The rows: posteriordb's ten posteriors (``$PYRO_NFMALA_POSTERIORDB``), inference-gym's four
 (``$PYRO_NFMALA_INFERENCE_GYM``: a sparse logistic regression with Gamma(1/2, 1/2) scales on German
 credit, stochastic volatility on 100 and on all 2,516 S&P 500 returns, a 501-parameter item response
 model), the centred eight schools written as one vector site (``.expand([J]).to_event(1)``, the plate
-form being posteriordb's row), a 66-parameter basis-function GP, a 32-parameter Brownian motion with
-unknown innovation and observation scales, and a GARCH(1, 1) over a 200-step recursion
-(``pyro_nfmala.examples.flow_cases.approximate_gp`` and ``garch11``,
-``pyro_nfmala.examples.inference_gym.brownian_motion_unknown_scales``, their references 4 x 10,000 NumPyro
-NUTS draws thinned to 4 x 1,000, in ``benchmarks/data``).
+form being posteriordb's row), a 66-parameter basis-function GP and a 32-parameter Brownian motion with
+unknown innovation and observation scales (``pyro_nfmala.examples.flow_cases.approximate_gp``,
+``pyro_nfmala.examples.inference_gym.brownian_motion_unknown_scales``). Issue 35's further rows: a
+GARCH(1, 1) over a 200-step recursion (``flow_cases.garch11``), the plain logistic regression on German
+credit's 1,000 rows (``inference_gym.logistic_regression``, 25 weights) and conjugate regressions on 5,000
+rows with 100, 500 and 1,000 coefficients (``front_ends.regression``, exact references). The generated
+references are 4 x 10,000 NumPyro NUTS draws thinned to 4 x 1,000, in ``benchmarks/data``. The table ends
+with issue 34's goals over its seventeen rows (right on every row; the median wall time at most
+NumPyro's) and issue 35's over every row run (the median ratio of min bulk ESS per second at least 1; at
+most 2x NumPyro's wall time on every row where both are right).
 
 The methods, each 4 chains x (500 warmup + 1000 draws), float64, one torch thread (XLA's pool off), every
 option the default, each run in a fresh process (``--jobs`` at a time, default 2: one per core):
@@ -85,8 +90,14 @@ INFERENCE_GYM_ROWS = (
     "stochastic_volatility_sp500",
     "item_response_theory",
 )
-OWN_ROWS = ("eight_schools_vector", "approximate_gp", "brownian_motion_unknown_scales", "garch11")
-ROWS = POSTERIORDB_ROWS + INFERENCE_GYM_ROWS + OWN_ROWS
+OWN_ROWS = ("eight_schools_vector", "approximate_gp", "brownian_motion_unknown_scales")
+#: issue 34's rows: its goals (right on every row, the median wall time) are over these
+GOAL_ROWS = POSTERIORDB_ROWS + INFERENCE_GYM_ROWS + OWN_ROWS
+#: issue 35's further rows (speed on the models users write): a recursion, a plain logistic regression on
+#: German credit's 1,000 rows, and conjugate regressions (5,000 rows) with an exact reference
+REGRESSION_ROWS = {"regression_d100": 100, "regression_d500": 500, "regression_d1000": 1000}
+SPEED_ROWS = ("garch11", "german_credit_logistic", *REGRESSION_ROWS)
+ROWS = GOAL_ROWS + SPEED_ROWS
 #: the goals: a mean or sd off by more than this many reference sds (resp. this fraction) beyond noise
 MEAN_TOLERANCE, SD_TOLERANCE, MAX_RHAT = 0.1, 0.1, 1.01
 FAMILY_ERROR_RATE = 0.01
@@ -111,6 +122,14 @@ def pyro_problem(row: str, dtype=torch.float64):
         return model, {key: _as(value, dtype) for key, value in make_data().items()}
     if row == "brownian_motion_unknown_scales":
         return inference_gym.brownian_motion_unknown_scales, inference_gym.brownian_motion_data(dtype=dtype)
+    if row == "german_credit_logistic":
+        return inference_gym.logistic_regression, inference_gym.load_data(
+            "german_credit_sparse_logistic", dtype
+        )
+    if row in REGRESSION_ROWS:
+        from front_ends import regression, regression_data
+
+        return regression, regression_data(d=REGRESSION_ROWS[row])
     return inference_gym.MODELS[row], inference_gym.load_data(row, dtype=dtype)
 
 
@@ -130,6 +149,14 @@ def numpyro_problem(row: str):
         return numpyro_models.eight_schools_centered_vector, data
     if row in ("approximate_gp", "garch11"):
         return numpyro_models.MODELS[row]()
+    if row == "german_credit_logistic" or row in REGRESSION_ROWS:
+        model, data = pyro_problem(row)
+        twin = (
+            numpyro_models.logistic_regression
+            if row == "german_credit_logistic"
+            else numpyro_models.regression
+        )
+        return twin, {key: value.numpy() for key, value in data.items()}
     return numpyro_models.INFERENCE_GYM_MODELS[row]()
 
 
@@ -170,8 +197,17 @@ def reference_moments(row: str) -> dict[str, dict[str, float]]:
     if row in POSTERIORDB_ROWS or row == "eight_schools_vector":
         name = "eight_schools" if row == "eight_schools_vector" else row
         return _moments_of_draws(posteriordb.comparable_reference(name))
-    if row in ("approximate_gp", "garch11", "brownian_motion_unknown_scales"):
-        folder = "hard_posteriors" if row == "brownian_motion_unknown_scales" else "flow_cases"
+    if row in REGRESSION_ROWS:  # the exact posterior: beta | y ~ N(S x^T y, S), S = (I + x^T x)^-1
+        model, data = pyro_problem(row)
+        x, y = data["x"], data["y"]
+        covariance = torch.linalg.inv(torch.eye(x.shape[1], dtype=x.dtype) + x.T @ x)
+        mean, sd = covariance @ x.T @ y, torch.diagonal(covariance).sqrt()
+        return {
+            f"beta[{i + 1}]": {"mean": float(mean[i]), "sd": float(sd[i]), "mean_se": 0.0, "sd_se": 0.0}
+            for i in range(len(mean))
+        }
+    if row in ("approximate_gp", "garch11", "brownian_motion_unknown_scales", "german_credit_logistic"):
+        folder = "flow_cases" if row in ("approximate_gp", "garch11") else "hard_posteriors"
         path = REFERENCES / folder / f"{row}.npz"
         if not path.exists():
             raise FileNotFoundError(
@@ -309,15 +345,18 @@ def run_method(row: str, method: str, seed: int) -> dict:
         return {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-2000:]}
 
 
-def make_references() -> None:
-    """The Brownian motion's reference: NumPyro's NUTS, 4 x (2,000 + 10,000), thinned to 4 x 1,000."""
+def make_references(rows: list[str]) -> None:
+    """The references of the Brownian motion and German credit's logistic regression (those of ``rows``):
+    NumPyro's NUTS, 4 x (2,000 + 10,000), thinned to 4 x 1,000."""
     folder = REFERENCES / "hard_posteriors"
     folder.mkdir(parents=True, exist_ok=True)
-    row = "brownian_motion_unknown_scales"
-    samples = run_numpyro(row, 12345, {"chains": 4, "warmup": 2000, "samples": 10000}, draws_only=True)
-    entries = flat(row, samples)
-    np.savez_compressed(folder / f"{row}.npz", **{key: value[:, ::10] for key, value in entries.items()})
-    print(f"{row}: reference written to {folder}", flush=True)
+    for row in ("brownian_motion_unknown_scales", "german_credit_logistic"):
+        if row not in rows:
+            continue
+        samples = run_numpyro(row, 12345, {"chains": 4, "warmup": 2000, "samples": 10000}, draws_only=True)
+        entries = flat(row, samples)
+        np.savez_compressed(folder / f"{row}.npz", **{key: value[:, ::10] for key, value in entries.items()})
+        print(f"{row}: reference written to {folder}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,22 +373,37 @@ def markdown(results: dict, header: str) -> str:
     ]
     ratios: dict[str, list[float]] = {method: [] for method in METHODS if method != "NumPyro"}
     right_rows = {method: [] for method in METHODS}
+    speed = {method: {"ess": [], "wall_both_right": []} for method in ratios}  # issue 35's, every row
     for row, methods in results.items():
         anchor = methods.get("NumPyro", {}).get("seconds")
+        goal = row in GOAL_ROWS
+        for method in speed:
+            ours, theirs = methods.get(method), methods.get("NumPyro")
+            if ours is None or theirs is None or "error" in theirs:
+                continue
+            if "error" in ours:
+                speed[method]["ess"].append(0.0)
+                continue
+            speed[method]["ess"].append(ours["ess_per_second"] / theirs["ess_per_second"])
+            if ours["right"] and theirs["right"]:
+                speed[method]["wall_both_right"].append((ours["seconds"] / theirs["seconds"], row))
         for method in METHODS:
             r = methods.get(method)
             if r is None:
                 continue
             if "error" in r:
                 lines.append(f"| {row} | {method} | failed: {r['error'][:90]} | | | | | | | no | |")
-                right_rows[method].append(False)
-                if method != "NumPyro" and anchor:  # a run that did not finish is slower than any that did
-                    ratios[method].append(math.inf)
+                if goal:
+                    right_rows[method].append(False)
+                    if method != "NumPyro" and anchor:  # a run that did not finish is slower than any
+                        ratios[method].append(math.inf)
                 continue
-            right_rows[method].append(r["right"])
             ratio = r["seconds"] / anchor if anchor else math.nan
+            if goal:
+                right_rows[method].append(r["right"])
+                if method != "NumPyro":
+                    ratios[method].append(ratio)
             if method != "NumPyro":
-                ratios[method].append(ratio)
                 centring = ", non-centred" if r["non_centred"] else ""
                 how = f"{r['map']}{centring}, {r['khat']:.2f}, {r['move']}"
                 wall = f"{r['seconds']:.0f} ({r['fit_seconds']:.0f})"
@@ -360,6 +414,10 @@ def markdown(results: dict, header: str) -> str:
                 f"| {r['worst_sd_error']:+.1%} | {r['max_rhat']:.3f} | {r['min_ess_bulk']:.0f} "
                 f"| {'yes' if r['right'] else 'no'} | {'yes' if r['warnings'] else '-'} |"
             )
+    lines.append("")
+    lines.append(
+        f"Issue 34's goals, over its {len(GOAL_ROWS)} rows (not the further rows {', '.join(SPEED_ROWS)}):"
+    )
     lines.append("")
     for method, verdicts in right_rows.items():
         if verdicts:
@@ -374,6 +432,17 @@ def markdown(results: dict, header: str) -> str:
                 f"{method}: wall time / NumPyro's, median over {len(counted)} rows {median:.2f}x "
                 f"({failed} not finished, counted as slower than any) (goal <= 1: "
                 f"{'met' if median <= 1 else 'not met'})."
+            )
+    lines += ["", "Issue 35's goals, over every row run:", ""]
+    for method, found in speed.items():
+        if found["ess"]:
+            worst = max(found["wall_both_right"], default=(math.nan, "-"))
+            median = float(np.median(found["ess"]))
+            lines.append(
+                f"{method}: min bulk ESS per second / NumPyro's, median over {len(found['ess'])} rows "
+                f"{median:.2f}x (goal >= 1: {'met' if median >= 1 else 'not met'}); "
+                f"wall time / NumPyro's where both are right, worst {worst[0]:.2f}x ({worst[1]}; goal <= 2: "
+                f"{'met' if worst[0] <= 2 else 'not met'})."
             )
     return "\n".join(lines) + "\n"
 
@@ -392,7 +461,7 @@ def main() -> None:
     path = RESULTS / "hard_posteriors.json"
     saved = json.loads(path.read_text()) if path.exists() else {"header": "", "results": {}}
     if args.make_references:
-        make_references()
+        make_references(args.rows)
         return
     if not args.replot:
         start = time.perf_counter()

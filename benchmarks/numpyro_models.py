@@ -280,6 +280,20 @@ class AR1(dist.Distribution):
         return first + dist.Normal(0.0, self.scale[..., None]).log_prob(innovations).sum(-1)
 
 
+def logistic_regression(features, labels=None):
+    """German credit's plain logistic regression: N(0, 1) weights."""
+    weights = numpyro.sample("weights", dist.Normal(jnp.zeros(features.shape[-1]), 1.0).to_event(1))
+    with numpyro.plate("data", features.shape[0]):
+        numpyro.sample("labels", dist.Bernoulli(logits=features @ weights), obs=labels)
+
+
+def regression(x, y):
+    """beta ~ N(0, I), y ~ N(x beta, 1): ``front_ends.regression``."""
+    beta = numpyro.sample("beta", dist.Normal(jnp.zeros(x.shape[-1]), 1.0).to_event(1))
+    with numpyro.plate("data", len(y)):
+        numpyro.sample("y", dist.Normal(x @ beta, 1.0), obs=y)
+
+
 def sparse_logistic_regression(features, labels=None):
     """Sparse logistic regression: Gamma(1/2, 1/2) global and local scales on N(0, 1) weights."""
     global_scale = numpyro.sample("global_scale", dist.Gamma(0.5, 0.5))

@@ -98,6 +98,7 @@ __all__ = [
     "data_dir",
     "item_response_theory",
     "load_data",
+    "logistic_regression",
     "reference",
     "sparse_logistic_regression",
     "standardized_errors",
@@ -458,6 +459,21 @@ def _persistence_prior(like: torch.Tensor) -> dist.TorchDistribution:
     return _SymmetricUnitInterval(
         dist.Beta(like.new_tensor(20.0), like.new_tensor(1.5)), AffineTransform(-1.0, 2.0)
     )
+
+
+def logistic_regression(features: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+    r"""inference-gym's plain logistic regression (German credit's "numeric logistic regression"):
+
+    .. math:: w_i \sim N(0, 1), \quad y_n \sim \mathrm{Bernoulli}\bigl(\mathrm{logit}^{-1}(X_n \cdot w)\bigr).
+
+    Args:
+        features: :math:`X`, ``(N, K)`` (for German credit, standardized with a column of ones last: the
+            data of :func:`load_data` ``("german_credit_sparse_logistic")``).
+        labels: :math:`y`, ``(N,)`` 0/1, or ``None`` to draw them.
+    """
+    weights = pyro.sample("weights", dist.Normal(features.new_zeros(features.shape[-1]), 1.0).to_event(1))
+    with pyro.plate("data", features.shape[0]):
+        pyro.sample("labels", dist.Bernoulli(logits=weights @ features.mT), obs=labels)
 
 
 def sparse_logistic_regression(features: torch.Tensor, labels: torch.Tensor | None = None) -> None:
