@@ -23,7 +23,8 @@ as inference-gym prepares them:
             y_n \sim \mathrm{Bernoulli}\bigl(\mathrm{logit}^{-1}(X_n \cdot (\tau \lambda \odot \beta))\bigr),
 
   :math:`i = 1..25` (sites ``global_scale``, ``local_scales``, ``unscaled_weights``; Gamma with
-  concentration and *rate* 1/2);
+  concentration and *rate* 1/2); the same data serve the plain logistic regression,
+  :func:`logistic_regression` (``weights`` :math:`w_i \sim N(0, 1)`, 25 dims; no stored reference);
 - ``"stochastic_volatility_sp500_small"`` (103) and ``"stochastic_volatility_sp500"`` (2,519): a
   stochastic volatility model of the S&P 500's daily log returns (:math:`r = \Delta \log p`, the last
   100 or all 2,516, centred), :func:`stochastic_volatility`:
