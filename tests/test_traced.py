@@ -4,6 +4,7 @@ value, a disagreeing graph: the negative control), errors and Hessians that are 
 chains that do not change when it is switched on."""
 
 import pickle
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -211,3 +212,24 @@ def test_a_whole_target_evaluation_traced_equals_autograd_and_the_inner_density_
         next(flow.parameters()).add_(0.1)
     for got, want in zip(target.evaluate(z), untraced.evaluate(z)):
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_a_density_that_reads_a_tensor_in_python_says_which_line_and_a_tensor_one_traces():
+    data = torch.tensor([1.0, -3.0, 2.0], dtype=torch.float64)
+
+    def reads_a_float(x):
+        scale = float(data.abs().max())  # the line the warning names
+        return -0.5 * (x**2).sum(-1) / scale
+
+    def stays_a_tensor(x):
+        return -0.5 * (x**2).sum(-1) / data.abs().max()
+
+    x = torch.randn(4, 2, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        eager = TracedLogProb(reads_a_float, trace_after=1)
+        assert torch.allclose(eager(x), reads_a_float(x)) and eager.eager_shapes == [(4, 2)]
+        traced = TracedLogProb(stays_a_tensor, trace_after=1)
+        assert torch.allclose(traced(x), stays_a_tensor(x)) and traced.traced_shapes == [(4, 2)]
+    said = [str(w.message) for w in caught if "cannot be traced" in str(w.message)]
+    assert len(said) == 1 and "float(data.abs().max())" in said[0] and "torch.where" in said[0]

@@ -65,6 +65,7 @@ __all__ = ["CHECK_EVERY", "TRACE_AFTER", "TracedFunction", "TracedLogProb", "rec
 
 import logging
 import threading
+import traceback
 import warnings
 
 from collections.abc import Callable
@@ -223,6 +224,7 @@ class TracedFunction:
             if is_out_of_memory(error):
                 raise
             logger.info("%s cannot be traced for shape %s (%s): it stays eager", self.what, shape, error)
+            _say_data_dependent(error, shape)
             return None
         if len(got) != len(expected) or not all(_agree(a, b) for a, b in zip(got, expected)):
             logger.info(
@@ -234,6 +236,41 @@ class TracedFunction:
 
     def __getstate__(self) -> dict:  # traced graphs do not pickle: a copy traces again
         return {**self.__dict__, "_graphs": {}, "_calls": {}}
+
+
+#: The user's code lines (with the batch shape) already named by :func:`_say_data_dependent`.
+_SAID_DATA_DEPENDENT: set[tuple[str, tuple]] = set()
+#: Folders of the library and of the packages below it: not the user's code.
+_LIBRARY_PATHS = tuple(
+    f"{sep}{name}{sep}"
+    for sep in ("/", "\\")
+    for name in ("torch", "pyro", "zuko", "pyro_nfmala" + sep + "engine", "pyro_nfmala" + sep + "model",
+                 "pyro_nfmala" + sep + "flows", "pyro_nfmala" + sep + "fit", "pyro_nfmala" + sep + "samplers")
+)  # fmt: skip
+
+
+def _say_data_dependent(error: BaseException, shape: tuple) -> None:
+    """Warns, once per line of the user's code and batch shape, where a density could not be traced
+    because it reads a tensor's value in Python (``float(x)``, ``.item()``, ``if x > 0``): it then runs
+    eagerly, several times slower, and the user can usually write that line with tensors instead."""
+    message = str(error)
+    if "data-dependent" not in message and "DataDependent" not in type(error).__name__:
+        return
+    frames = traceback.extract_tb(error.__traceback__)
+    user = [frame for frame in frames if not any(part in frame.filename for part in _LIBRARY_PATHS)]
+    where = f"{user[-1].filename}:{user[-1].lineno} ({user[-1].line})" if user else "the model"
+    if (where, shape) in _SAID_DATA_DEPENDENT:
+        return
+    _SAID_DATA_DEPENDENT.add((where, shape))
+    warnings.warn(
+        f"the model's log density cannot be traced into one graph: {where} reads a tensor's value in "
+        "Python (float(), .item(), int(), or an if on a tensor), so every evaluation runs the model "
+        "eagerly, several times slower (the approximate GP of pyro_nfmala.examples: 5x). Write it with "
+        "tensors (a constant from the data: keep it a tensor; a branch on a parameter: torch.where), or "
+        "compute such constants outside the model and pass them in",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 def _split(outputs, count: int) -> tuple:
