@@ -3,6 +3,7 @@ every chain, right on a conjugate regression's exact posterior; a model that doe
 vmapped, once per batch, equal to the point-by-point density and gradient; a model that cannot batch
 says why once and is still right, point by point."""
 
+import pickle
 import warnings
 
 import arviz as az
@@ -89,12 +90,15 @@ def test_a_model_that_does_not_broadcast_runs_once_per_batch_by_vmap_and_agrees_
         (grad,) = torch.autograd.grad(batched.sum(), points)
         pointwise = density.point_log_prob(points)
         (point_grad,) = torch.autograd.grad(pointwise.sum(), points)
+        copy = pickle.loads(pickle.dumps(density.particles))  # to worker processes, as the plate's model
+        copied = copy.log_prob(points.detach())
     finally:
         torch.set_default_dtype(default)
     assert torch.allclose(batched, pointwise, rtol=1e-12, atol=1e-10)
     assert torch.allclose(grad, point_grad, rtol=1e-12, atol=1e-10)
     # the negative control: a density off by 1e-8 fails the same comparison
     assert not torch.allclose(batched + 1e-8, pointwise, rtol=1e-12, atol=1e-10)
+    assert torch.equal(copied, batched.detach())
 
 
 def branching_regression(x, y):

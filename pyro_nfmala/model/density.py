@@ -321,7 +321,6 @@ class _VmappedModel:
     def __init__(self, model, model_args, model_kwargs, layout, transforms) -> None:
         self.model, self.model_args, self.model_kwargs = model, model_args, model_kwargs
         self.layout, self.transforms = layout, transforms
-        self._batched = torch.func.vmap(self._point_log_prob)
 
     def _point_trace(self, x: Tensor):
         """The trace of one run at the point ``x`` ``(d,)``, and the log-determinant of the map from the
@@ -346,7 +345,7 @@ class _VmappedModel:
 
     def log_prob(self, x: Tensor) -> Tensor:
         """The log joint of the points ``x`` ``(n, d)``, one vmapped run."""
-        return self._batched(x)
+        return torch.func.vmap(self._point_log_prob)(x)  # made here: a vmapped function does not pickle
 
     def site_values(self, x: Tensor, names: list[str]) -> dict[str, Tensor]:
         """The values ``{site: (n, *shape)}`` of the sites ``names`` at the points ``x`` ``(n, d)``."""
