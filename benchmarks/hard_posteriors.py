@@ -150,7 +150,7 @@ def numpyro_problem(row: str):
     if row in ("approximate_gp", "garch11"):
         return numpyro_models.MODELS[row]()
     if row == "german_credit_logistic" or row in REGRESSION_ROWS:
-        model, data = pyro_problem(row)
+        _, data = pyro_problem(row)
         twin = (
             numpyro_models.logistic_regression
             if row == "german_credit_logistic"
@@ -198,7 +198,7 @@ def reference_moments(row: str) -> dict[str, dict[str, float]]:
         name = "eight_schools" if row == "eight_schools_vector" else row
         return _moments_of_draws(posteriordb.comparable_reference(name))
     if row in REGRESSION_ROWS:  # the exact posterior: beta | y ~ N(S x^T y, S), S = (I + x^T x)^-1
-        model, data = pyro_problem(row)
+        _, data = pyro_problem(row)
         x, y = data["x"], data["y"]
         covariance = torch.linalg.inv(torch.eye(x.shape[1], dtype=x.dtype) + x.T @ x)
         mean, sd = covariance @ x.T @ y, torch.diagonal(covariance).sqrt()

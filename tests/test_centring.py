@@ -199,3 +199,29 @@ def test_centred_on_request_and_when_the_user_gives_initial_params():
 def test_a_bad_parameterization_is_a_clear_error():
     with pytest.raises(ValueError, match="parameterization"):
         NFMALA(funnel, parameterization="sideways")
+
+
+def test_the_flow_stage_starts_from_the_chosen_trials_gaussian_fit_not_a_second_one(monkeypatch):
+    import pyro_nfmala.fit.staged as staged
+
+    calls = {"laplace_approximation": 0, "adapt_flow_with_chains": 0}
+    for name in calls:
+        original = getattr(staged, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(staged, name, counted)
+    data = eight_schools_data(torch.float64)
+    density = model_density(eight_schools_centered, (), data)
+    sites = hierarchical_sites(eight_schools_centered, (), data)
+    options = {"progress": False, "num_steps": 200, "check_samples": 256, "keep_gaussian": "good",
+               "chain_options": {"num_steps": 20}, "max_seconds": 600}  # fmt: skip
+    pyro.set_rng_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result, _ = staged.fit_in_better_coordinates(eight_schools_centered, (), data, density, sites,
+                                                     fit_options=options)  # fmt: skip
+    assert result is not None and calls["adapt_flow_with_chains"] == 1  # the full fit ran after the trials
+    assert calls["laplace_approximation"] == 2  # one mode search per coordinate trial, none in the full fit

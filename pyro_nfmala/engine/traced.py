@@ -64,6 +64,7 @@ from __future__ import annotations
 __all__ = ["CHECK_EVERY", "TRACE_AFTER", "TracedFunction", "TracedLogProb", "recording", "value_and_gradient"]
 
 import logging
+import os
 import threading
 import traceback
 import warnings
@@ -242,11 +243,10 @@ class TracedFunction:
 _SAID_DATA_DEPENDENT: set[tuple[str, tuple]] = set()
 #: Folders of the library and of the packages below it: not the user's code.
 _LIBRARY_PATHS = tuple(
-    f"{sep}{name}{sep}"
-    for sep in ("/", "\\")
-    for name in ("torch", "pyro", "zuko", "pyro_nfmala" + sep + "engine", "pyro_nfmala" + sep + "model",
-                 "pyro_nfmala" + sep + "flows", "pyro_nfmala" + sep + "fit", "pyro_nfmala" + sep + "samplers")
-)  # fmt: skip
+    os.sep + os.path.join(*parts) + os.sep
+    for parts in [("torch",), ("pyro",), ("zuko",)]
+    + [("pyro_nfmala", part) for part in ("engine", "model", "flows", "fit", "samplers")]
+)
 
 
 def _say_data_dependent(error: BaseException, shape: tuple) -> None:

@@ -195,7 +195,7 @@ def laplace_approximation(
     any of the runs. Past ``deadline`` (a ``time.perf_counter()``), a run stops at the best point it
     has evaluated, and no further start is tried once one has given a finite point.
     """
-    best, found, unbounded = None, [], False
+    best, found = None, []
     for start in starts:
         if best is not None and time.perf_counter() > deadline:
             break
@@ -203,15 +203,13 @@ def laplace_approximation(
             warnings.simplefilter("ignore")
             x, value, runs_off = _maximize(log_prob, start, max_iter, deadline)
         if runs_off:  # no mode: the other starts would run off too, or find a local bump
-            unbounded = True
-            break
+            first = starts[0].detach().clone()
+            identity = torch.eye(len(first), dtype=first.dtype)
+            return LaplaceApproximation(first, identity, "unbounded", -math.inf)
         if math.isfinite(value):
             found.append((x, value))
             if best is None or value > best[1]:
                 best = (x, value)
-    if unbounded:
-        first = starts[0].detach().clone()
-        return LaplaceApproximation(first, torch.eye(len(first), dtype=first.dtype), "unbounded", -math.inf)
     if best is None:
         raise ValueError(
             f"the log density is not finite at any of the {len(starts)} starts of the mode search, nor where "

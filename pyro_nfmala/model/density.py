@@ -255,6 +255,20 @@ class ModelDensity:
         }
 
 
+def _to_sites(transforms: Mapping, values: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[Tensor]]:
+    """The sites' values of unconstrained ``values`` ``{site: tensor}`` (Pyro's ``transforms`` inverted
+    where a site has one), and the log-determinants of those maps, elementwise, one tensor per site mapped."""
+    constrained, log_dets = {}, []
+    for name, value in values.items():
+        if name in transforms:
+            inverse = transforms[name].inv
+            constrained[name] = inverse(value)
+            log_dets.append(inverse.log_abs_det_jacobian(value, constrained[name]))
+        else:
+            constrained[name] = value
+    return constrained, log_dets
+
+
 class _ParticleModel:
     """The model run once for ``n`` points inside an outer particle plate (particles first)."""
 
@@ -268,17 +282,12 @@ class _ParticleModel:
         """The trace of one run at the points ``x`` ``(n, d)``, and the log-determinants ``(n,)`` of the
         maps from the unconstrained points to the sites' values."""
         n, nesting = x.shape[0], self.nesting
-        constrained, log_det = {}, torch.zeros(n, dtype=x.dtype, device=x.device)
-        for name, value in self.layout.unpack(x).items():
-            value = value.reshape((n,) + (1,) * (nesting - self.batch_dims[name]) + self.layout.shapes[name])
-            if name in self.transforms:
-                inverse = self.transforms[name].inv
-                constrained[name] = inverse(value)
-                log_det = log_det + inverse.log_abs_det_jacobian(value, constrained[name]).reshape(n, -1).sum(
-                    -1
-                )
-            else:
-                constrained[name] = value
+        values = {
+            name: value.reshape((n,) + (1,) * (nesting - self.batch_dims[name]) + self.layout.shapes[name])
+            for name, value in self.layout.unpack(x).items()
+        }
+        constrained, log_dets = _to_sites(self.transforms, values)
+        log_det = sum((term.reshape(n, -1).sum(-1) for term in log_dets), x.new_zeros(n))
         with pyro.plate("_nfmala_particles", n, dim=-(nesting + 1)):
             conditioned = pyro.poutine.condition(self.model, constrained)
             particle_trace = pyro.poutine.trace(conditioned).get_trace(*self.model_args, **self.model_kwargs)
@@ -325,14 +334,8 @@ class _VmappedModel:
     def _point_trace(self, x: Tensor):
         """The trace of one run at the point ``x`` ``(d,)``, and the log-determinant of the map from the
         unconstrained point to the sites' values."""
-        constrained, log_det = {}, x.new_zeros(())
-        for name, value in self.layout.unpack(x).items():
-            if name in self.transforms:
-                inverse = self.transforms[name].inv
-                constrained[name] = inverse(value)
-                log_det = log_det + inverse.log_abs_det_jacobian(value, constrained[name]).sum()
-            else:
-                constrained[name] = value
+        constrained, log_dets = _to_sites(self.transforms, self.layout.unpack(x))
+        log_det = sum((term.sum() for term in log_dets), x.new_zeros(()))
         conditioned = pyro.poutine.condition(self.model, constrained)
         with pyro.validation_enabled(False):
             trace = pyro.poutine.trace(conditioned).get_trace(*self.model_args, **self.model_kwargs)
