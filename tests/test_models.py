@@ -16,6 +16,8 @@ from pyro.infer import MCMC, config_enumerate
 from pyro.infer.autoguide.initialization import init_to_value
 from pyro.ops.stats import effective_sample_size
 
+import pyro_nfmala
+
 from pyro_nfmala import (
     NFMALA,
     default_flow,
@@ -235,15 +237,13 @@ def test_a_given_flow_is_fitted_in_front_of_the_gaussian_stage_until_its_loss_se
     assert losses[-50:].mean() <= losses[:50].mean()
 
 
-def run_eight_schools(fit_steps: int, num_samples: int, num_chains: int, seed: int):
-    """Fits a flow, runs NFMALA through MCMC; returns Stan-named draws and the reference."""
+def run_eight_schools(num_samples: int, num_chains: int, seed: int, **nfmala):
+    """Runs NFMALA on the centred eight schools through our MCMC (the chains as one batch, the map fitted
+    once); returns Stan-named draws and the reference."""
     data = eight_schools_data()
     pyro.set_rng_seed(seed)
-    fit = fit_flow_to_model(
-        eight_schools_centered, model_kwargs=data, num_steps=fit_steps, num_particles=32, progress=False
-    )
-    mcmc = MCMC(
-        NFMALA(eight_schools_centered, flow=fit.flow),
+    mcmc = pyro_nfmala.MCMC(
+        NFMALA(eight_schools_centered, **nfmala),
         num_samples=num_samples,
         warmup_steps=400,
         num_chains=num_chains,
@@ -287,29 +287,45 @@ def test_eight_schools_means_match_the_posteriordb_reference():
 @pytest.mark.slow
 @pytest.mark.posteriordb
 def test_eight_schools_matches_the_posteriordb_reference_in_mean_and_sd():
-    """The long version: a fully fitted flow, 4 chains; every mean, every sd but log tau's, R-hat.
-
-    Known limit (measured, see tutorials/02_eight_schools.py): the reverse-KL flow misses the
-    funnel's neck, and the chains do not reach log tau < -2 (reference: 1% of the mass below
-    -3.2), so the sd of log tau comes out about 25% low; NUTS on the centred model misses it too.
-    """
-    samples, flat, reference = run_eight_schools(fit_steps=3000, num_samples=1000, num_chains=4, seed=5)
+    """The long version, on the centred model as posteriordb writes it: the one line (the staged map in
+    the coordinates it chooses, non-centred here), 4 chains as one batch; every mean and every sd, log
+    tau's included (the funnel's neck: 1% of the reference mass lies below log tau = -3.2), and R-hat."""
+    samples, flat, reference = run_eight_schools(num_samples=1000, num_chains=4, seed=5)
     for name, ref in reference.items():
-        if name == "log tau":
-            assert_mean(torch.as_tensor(flat[name]), ref, name)
-        else:
-            assert_mean_and_sd(
-                torch.as_tensor(flat[name]), float(ref.mean()), float(ref.std()), name, ref_draws=ref
-            )
+        assert_mean_and_sd(
+            torch.as_tensor(flat[name]), float(ref.mean()), float(ref.std()), name, ref_draws=ref
+        )
     rhat = {
         name: float(np.max(np.asarray(az.rhat(from_arrays({"x": flat[name]}))["x"])))
         for name in ["mu", "log tau"]
     }
-    assert max(rhat.values()) < 1.02, rhat
+    assert max(rhat.values()) <= 1.01, rhat
     # Beyond the ESS-based checks above: the accuracy the tutorial states for this run, in reference
     # sd units (a documented claim, not a statistical tolerance).
     errors = standardized_errors(samples, {k: v for k, v in reference.items() if k != "log tau"})
     assert max(abs(e["mean_error"]) for e in errors.values()) < 0.15
+
+
+@pytest.mark.slow
+@pytest.mark.posteriordb
+def test_a_flow_fitted_in_the_funnels_own_coordinates_says_the_run_may_be_wrong():
+    """The user's own flow, fitted to the centred model in its coordinates (a funnel whose neck a map
+    misses), cannot be non-centred by the sampler: the run must say that it may be wrong, and what to do.
+    (4 chains of 1,000 draws through this map: R-hat of log tau 1.05, the sd of log tau about 25% low.)"""
+    data = eight_schools_data()
+    pyro.set_rng_seed(5)
+    fit = fit_flow_to_model(
+        eight_schools_centered, model_kwargs=data, num_steps=3000, num_particles=32, progress=False
+    )
+    assert not fit.check.serviceable
+    with pytest.warns(RuntimeWarning, match="non-centred") as caught:
+        MCMC(
+            NFMALA(eight_schools_centered, flow=fit.flow),
+            num_samples=200,
+            warmup_steps=100,
+            disable_progbar=True,
+        ).run(**data)
+    assert any("Pareto k-hat" in str(w.message) for w in caught)
 
 
 @pytest.mark.posteriordb
