@@ -74,6 +74,26 @@ def test_a_mode_search_that_runs_off_without_bound_stops_and_says_so():
     assert pinned.method == "laplace"
 
 
+def test_a_proper_mode_far_out_is_not_taken_for_a_search_that_runs_off():
+    """The 2,519-parameter stochastic volatility posterior's mean log volatility is -9 (daily returns), and
+    L-BFGS on its 2,519 coordinates ends a round still climbing: with the radius at 10 its mode search
+    was called unbounded and the staged fit lost its Laplace map. Here a level at -12 and a chain of 300
+    states tied to it (fails with ``UNBOUNDED_RADIUS = 10``)."""
+
+    def far_mode(x):
+        level, states = x[..., :1], x[..., 1:]
+        steps = torch.diff(torch.cat([level.expand(*states.shape[:-1], 1), states], -1), dim=-1)
+        return (
+            -0.5 * ((level[..., 0] + 12.0) / 0.1) ** 2
+            - 0.5 * (steps / 0.01).pow(2).sum(-1)
+            - 0.5e-3 * ((states + 12.0) ** 2).sum(-1)
+        )
+
+    stage = laplace_approximation(far_mode, torch.zeros(1, 301, dtype=torch.float64))
+    assert stage.method == "laplace"
+    torch.testing.assert_close(stage.loc, torch.full((301,), -12.0, dtype=torch.float64), atol=1e-3, rtol=0)
+
+
 def test_a_log_density_finite_nowhere_the_search_goes_is_a_clear_error():
     with pytest.raises(ValueError, match="not finite at any of the 2 starts"):
         laplace_approximation(lambda x: torch.full(x.shape[:-1], float("nan")), torch.zeros(2, 3))
