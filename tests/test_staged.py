@@ -94,6 +94,30 @@ def test_a_proper_mode_far_out_is_not_taken_for_a_search_that_runs_off():
     torch.testing.assert_close(stage.loc, torch.full((301,), -12.0, dtype=torch.float64), atol=1e-3, rtol=0)
 
 
+def test_the_mode_search_goes_on_after_a_round_whose_line_searches_met_non_finite_values():
+    """A stochastic-volatility-like posterior (a level, a log scale and 300 innovations; the likelihood's
+    exp(-h) overflows where a line search probes far): a round of L-BFGS whose line searches met inf
+    left a history that stalled the next rounds at their first step (log density 1,004 from this start,
+    the mode is above 1,400); each round starts a fresh L-BFGS."""
+    steps = 300
+    returns = 0.01 * torch.randn(steps, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def sv_like(x):
+        level, log_scale, innovations = x[..., :1], x[..., 1:2], x[..., 2:]
+        h = level + torch.exp(log_scale) * torch.cumsum(innovations, -1) / math.sqrt(steps)
+        likelihood = (-0.5 * h - 0.5 * returns**2 * torch.exp(-h)).sum(-1)
+        prior = (
+            -0.5 * (innovations**2).sum(-1)
+            - 0.5 * (log_scale[..., 0] + 2) ** 2
+            - 0.5 * (level[..., 0] / 5) ** 2
+        )
+        return prior + likelihood
+
+    start = 4 * torch.rand(steps + 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) - 2
+    stage = laplace_approximation(sv_like, start[None])
+    assert stage.method == "laplace" and stage.log_density > 1400
+
+
 def test_a_log_density_finite_nowhere_the_search_goes_is_a_clear_error():
     with pytest.raises(ValueError, match="not finite at any of the 2 starts"):
         laplace_approximation(lambda x: torch.full(x.shape[:-1], float("nan")), torch.zeros(2, 3))
