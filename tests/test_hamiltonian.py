@@ -111,7 +111,7 @@ def test_the_local_move_is_hmc_where_the_map_is_not_serviceable_and_mala_where_i
     assert isinstance(options.move, HamiltonianMove) and options.mass_matrix == "diagonal"
     assert options.accept_target == 0.8 and SamplerOptions().accept_target == 0.574
     with pytest.raises(ValueError, match="local_move"):
-        SamplerOptions(local_move="nuts")
+        SamplerOptions(local_move="nut")
     with pytest.raises(ValueError, match="jacobian"):
         SamplerOptions(local_move="hmc", preconditioner="jacobian")
     sampler = ChainSampler.from_model(

@@ -115,8 +115,8 @@ def find_reasonable_step_size(
     device = generator.device if generator is not None else torch.device("cpu")
     seed = int(torch.randint(2**62, (), generator=generator, device=device))
 
-    if hasattr(precond, "with_trajectory_length"):  # a trajectory move: one leapfrog step
-        precond = precond.with_trajectory_length(None)
+    if hasattr(precond, "one_step"):  # a trajectory move: one leapfrog step
+        precond = precond.one_step()
 
     def accept_prob(eps: Tensor) -> Tensor:
         local = torch.Generator(device=state.z.device)

@@ -511,7 +511,7 @@ class Driver:
     @property
     def stat_names(self) -> tuple[str, ...]:
         """The names of :meth:`stats`, in order."""
-        extra = ("n_steps",) if hasattr(self.move, "with_trajectory_length") else ()
+        extra = ("n_steps",) if hasattr(self.move, "one_step") else ()
         extra += ("independence_accept_prob",) if self.independence_every is not None else ()
         return SAMPLE_STATS + extra
 

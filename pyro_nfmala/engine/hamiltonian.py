@@ -43,7 +43,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["MAX_ENERGY_ERROR", "MAX_LEAPFROG_STEPS", "HamiltonianMove", "Trajectory"]
+__all__ = ["MAX_ENERGY_ERROR", "MAX_LEAPFROG_STEPS", "HamiltonianMove", "LatentMassMove", "Trajectory"]
 
 import copy
 import math
@@ -86,7 +86,32 @@ class Trajectory(NamedTuple):
     u_turn_lengths: Tensor | None = None
 
 
-class HamiltonianMove:
+class LatentMassMove:
+    """What the trajectory moves share: the latent mass matrix (``metric``, a
+    :class:`~pyro_nfmala.engine.langevin.ConstantMetric`), adapted in warmup, and no cache."""
+
+    mass_space = "latent"
+    metric: ConstantMetric
+
+    @property
+    def inverse_mass(self) -> Tensor | None:
+        """:math:`C = M^{-1}` (``None``: the identity)."""
+        return self.metric.inverse_mass
+
+    def with_inverse_mass(self, inverse_mass: Tensor):
+        """The same move with :math:`C = M^{-1}`; this one is unchanged."""
+        move = copy.copy(self)
+        move.metric = ConstantMetric(inverse_mass)
+        return move
+
+    def prepare(self, flow: LatentFlow, state: ChainState) -> None:
+        return None
+
+    def _mass_name(self) -> str:
+        return "identity" if self.inverse_mass is None else ("dense" if self.metric.dense else "diagonal")
+
+
+class HamiltonianMove(LatentMassMove):
     r"""Hamiltonian Monte Carlo in the latent space, with a constant mass matrix (see the module).
 
     The number of leapfrog steps of a step is, in order of precedence: until each chain's U-turn
@@ -105,7 +130,6 @@ class HamiltonianMove:
     """
 
     name = "hmc"
-    mass_space = "latent"
     #: The acceptance probability step-size adaptation aims at for this move (Stan's for HMC).
     target_accept_prob = 0.8
 
@@ -123,17 +147,6 @@ class HamiltonianMove:
         self.trajectory_lengths = _checked_lengths(trajectory_lengths)
         self.until_u_turn = bool(until_u_turn)
 
-    @property
-    def inverse_mass(self) -> Tensor | None:
-        """:math:`C = M^{-1}` (``None``: the identity)."""
-        return self.metric.inverse_mass
-
-    def with_inverse_mass(self, inverse_mass: Tensor) -> HamiltonianMove:
-        """The same move with :math:`C = M^{-1}`; this one is unchanged."""
-        move = copy.copy(self)
-        move.metric = ConstantMetric(inverse_mass)
-        return move
-
     def with_trajectory_length(self, trajectory_length: float | None) -> HamiltonianMove:
         """The same move with a jittered trajectory length :math:`T` (``None``: one leapfrog step), no
         empirical lengths and no U-turns; this one is unchanged."""
@@ -149,14 +162,15 @@ class HamiltonianMove:
         move.trajectory_lengths, move.until_u_turn = _checked_lengths(lengths), False
         return move
 
+    def one_step(self) -> HamiltonianMove:
+        """The same move with one leapfrog step (what the step-size search tries); this one is unchanged."""
+        return self.with_trajectory_length(None)
+
     def with_u_turns(self) -> HamiltonianMove:
         """The same move run until each chain's U-turn (warmup); this one is unchanged."""
         move = copy.copy(self)
         move.until_u_turn = True
         return move
-
-    def prepare(self, flow: LatentFlow, state: ChainState) -> None:
-        return None
 
     def num_steps(self, step_size: Tensor, jitter: float) -> int:
         """The leapfrog steps of a step whose uniform draw is ``jitter`` (see the class), between 1 and
@@ -228,7 +242,7 @@ class HamiltonianMove:
         return _select(accept, current, state), info
 
     def __repr__(self) -> str:
-        mass = "identity" if self.inverse_mass is None else ("dense" if self.metric.dense else "diagonal")
+        mass = self._mass_name()
         if self.until_u_turn:
             length = "until the U-turn"
         elif self.trajectory_lengths is not None:

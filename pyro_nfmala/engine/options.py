@@ -31,14 +31,17 @@ from typing import Any
 
 from .hamiltonian import HamiltonianMove
 from .langevin import get_preconditioner
+from .nuts import NoUTurnMove
 from .step import Move
 from .validation import check_count, check_positive, check_probability
 
 #: The preconditioner of both samplers unless told otherwise (plain MALA on the latent target).
 DEFAULT_PRECONDITIONER = "identity"
-#: The local moves, MALA (one Langevin step, with the preconditioner), HMC (many leapfrog steps), or
-#: ``"auto"``, resolved by a run from its map's flow check.
-LOCAL_MOVES = ("mala", "hmc", "auto")
+#: The local moves, MALA (one Langevin step, with the preconditioner), HMC (many leapfrog steps), NUTS
+#: (trajectories until their U-turn), or ``"auto"``, resolved by a run from its map's flow check.
+LOCAL_MOVES = ("mala", "hmc", "nuts", "auto")
+#: The local moves that move with the latent mass matrix alone (no Langevin preconditioner).
+TRAJECTORY_MOVES = {"hmc": HamiltonianMove, "nuts": NoUTurnMove}
 #: The acceptance probability optimal for MALA (Roberts & Rosenthal, 1998), aimed at by default.
 MALA_ACCEPT_TARGET = 0.574
 
@@ -90,7 +93,9 @@ class SamplerOptions:
             cheapest, right where the map is good (the latent target near :math:`N(0, I)`). ``"hmc"``:
             jittered Hamiltonian Monte Carlo, many leapfrog steps with the latent mass matrix and a
             trajectory length adapted in warmup (:mod:`pyro_nfmala.engine.hamiltonian`): several
-            evaluations a step, and the chains still mix where the map is only fair. ``"auto"``
+            evaluations a step, and the chains still mix where the map is only fair. ``"nuts"``: the
+            No-U-Turn sampler in the latent space (:mod:`pyro_nfmala.engine.nuts`), each trajectory run
+            until it turns back, so that its length follows the target's local scale. ``"auto"``
             (:class:`~pyro_nfmala.NFMALA`'s default): MALA where the map is serviceable by the flow check,
             HMC where it is not.
         preconditioner: The Langevin move (:mod:`pyro_nfmala.engine.langevin`). ``"identity"`` (default):
@@ -161,10 +166,11 @@ class SamplerOptions:
             raise ValueError(f"local_move must be one of {LOCAL_MOVES}, got {local_move!r}")
         self.local_move = local_move
         self.preconditioner = get_preconditioner(preconditioner)
-        if local_move == "hmc" and getattr(self.preconditioner, "name", None) != "identity":
+        if local_move in TRAJECTORY_MOVES and getattr(self.preconditioner, "name", None) != "identity":
             raise ValueError(
-                f"local_move='hmc' moves with the latent mass matrix; the {self.preconditioner.name!r} "
-                "preconditioner is a Langevin move's: give local_move='mala' with it, or no preconditioner"
+                f"local_move={local_move!r} moves with the latent mass matrix; the "
+                f"{self.preconditioner.name!r} preconditioner is a Langevin move's: give local_move='mala' "
+                "with it, or no preconditioner"
             )
         self.mass_matrix = _check_mass_matrix(mass_matrix, self.move)
         self.step_size = check_positive("step_size", step_size, allow_none=True)
@@ -187,9 +193,10 @@ class SamplerOptions:
     @property
     def move(self) -> Move:
         """The local move, a :class:`~pyro_nfmala.engine.hamiltonian.HamiltonianMove` for
-        ``local_move="hmc"``, else the preconditioner's Langevin move (also while ``"auto"`` is
-        unresolved)."""
-        return HamiltonianMove() if self.local_move == "hmc" else self.preconditioner
+        ``local_move="hmc"``, a :class:`~pyro_nfmala.engine.nuts.NoUTurnMove` for ``"nuts"``, else the
+        preconditioner's Langevin move (also while ``"auto"`` is unresolved)."""
+        trajectory_move = TRAJECTORY_MOVES.get(self.local_move)
+        return self.preconditioner if trajectory_move is None else trajectory_move()
 
     @property
     def accept_target(self) -> float:

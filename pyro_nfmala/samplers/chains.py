@@ -109,8 +109,8 @@ class ChainSampler:
         options = SamplerOptions.from_arguments({k: v for k, v in locals().items() if k != "modes"})
         if options.independence_every == "auto" or options.local_move == "auto":
             raise ValueError(
-                "independence_every must be None or an integer >= 1, and local_move 'mala' or 'hmc', for "
-                "ChainSampler on a target ('auto' needs the flow check of a model's run: "
+                "independence_every must be None or an integer >= 1, and local_move 'mala', 'hmc' or "
+                "'nuts', for ChainSampler on a target ('auto' needs the flow check of a model's run: "
                 "ChainSampler.from_model)"
             )
         if not isinstance(target, LatentTarget):
