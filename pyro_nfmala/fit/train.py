@@ -165,6 +165,9 @@ def _train(
     flow.train()
     bar = tqdm(range(num_steps), desc="fitting flow", disable=not progress)
     for step in bar:
+        if step and time.perf_counter() > deadline:  # checked before every step, finite or not
+            spent = True
+            break
         value = loss()
         optimizer.zero_grad()
         if torch.isfinite(value):
@@ -182,9 +185,6 @@ def _train(
         if len(losses) % 25 == 0:
             bar.set_postfix({name: f"{sum(losses[-25:]) / 25:.3f}"})
         if settle and _settled(losses):
-            break
-        if time.perf_counter() > deadline:
-            spent = True
             break
     bar.close()
     flow.eval()
