@@ -24,7 +24,7 @@ from .fit.staged import fit_flow_to_model
 from .fit.train import FitResult, fit_flow, fit_flow_to_samples
 from .flows.builders import default_flow, identity_flow
 from .flows.files import load_flow, save_flow
-from .flows.latent import LatentFlow
+from .flows.latent import LatentFlow, as_latent_flow
 from .flows.staged import StagedFlow
 from .model.recurrences import linear_recurrence, log_matrix_product
 from .output.arviz import from_arrays, to_inference_data
@@ -34,6 +34,7 @@ from .samplers.kernel import NFMALA
 from .samplers.mcmc import MCMC
 
 __all__ = [
+    "as_latent_flow",
     "MCMC",
     "NFMALA",
     "ChainReport",

@@ -302,7 +302,7 @@ def flow1():
             ValueError,
             "exactly one of model or potential_fn",
         ),
-        (dict(model=normal_normal, flow=torch.nn.Linear(1, 1)), TypeError, "zuko flow"),
+        (dict(model=normal_normal, flow=torch.nn.Linear(1, 1)), ValueError, "Linear, read as a callable"),
         (dict(model=normal_normal, flow=zuko.flows.NSF(1, context=2)), ValueError, "context"),
         (dict(model=normal_normal, step_size=0.0), ValueError, "step_size"),
         (dict(model=normal_normal, step_size=-0.1), ValueError, "step_size"),

@@ -41,11 +41,13 @@ import torch
 import torch.nn as nn
 
 from torch import Tensor
-from torch.distributions import Transform
+from torch.distributions import Distribution, Transform
 from torch.distributions.utils import _sum_rightmost
 from zuko.distributions import NormalizingFlow
 from zuko.lazy import LazyDistribution
 from zuko.transforms import ComposedTransform, CouplingTransform
+
+from .adapters import adapt_flow, check_flow_map, guide_sites
 
 
 def vjp(fn: Callable[[Tensor], Tensor], primal: Tensor, cotangent: Tensor) -> tuple[Tensor, Tensor]:
@@ -137,6 +139,8 @@ def _reachable(root: object) -> Iterator[object]:
         if id(obj) in seen or obj is None or isinstance(obj, (str, bytes, int, float, complex, bool, type)):
             continue
         seen.add(id(obj))
+        if getattr(obj, "_nfmala_opaque", False):  # a user's plain function, used as given
+            continue
         if isinstance(obj, Tensor):
             yield obj
             continue
@@ -215,9 +219,23 @@ def _check_finite_parameters(flow: nn.Module | NormalizingFlow) -> None:
         )
 
 
-def as_latent_flow(flow: LatentFlow | LazyDistribution | NormalizingFlow) -> LatentFlow:
-    """``flow`` itself if it is a :class:`LatentFlow`, else a frozen :class:`LatentFlow` of it."""
-    return flow if isinstance(flow, LatentFlow) else LatentFlow(flow)
+def as_latent_flow(
+    flow: object, base: Distribution | int | None = None, *, inverse: Callable | None = None
+) -> LatentFlow:
+    """``flow`` itself if it is a :class:`LatentFlow`, else a frozen :class:`LatentFlow` of it: a zuko flow
+    as it is, any other (a Pyro guide or transform, a ``TransformedDistribution``, normflows, nflows,
+    FrEIA, a callable; ``base`` where it has no base law of its own, ``inverse`` a callable's inverse) read by
+    :func:`~pyro_nfmala.flows.adapters.adapt_flow` and checked by
+    :func:`~pyro_nfmala.flows.adapters.check_flow_map`, which refuses what a sampler cannot use exactly.
+    A Pyro guide's latent sites are kept as ``sites`` (their sizes, in its latent vector's order)."""
+    if isinstance(flow, LatentFlow):
+        return flow
+    if isinstance(flow, (LazyDistribution, NormalizingFlow)):
+        return LatentFlow(flow)
+    latent = LatentFlow(adapt_flow(flow, base, inverse=inverse))
+    check_flow_map(latent.to_data, latent.dim, latent.dtype)
+    latent.sites = guide_sites(flow)
+    return latent
 
 
 def latent_to_data(transform: Transform, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -304,6 +322,8 @@ class LatentFlow:
         if len(shape) != 1:
             raise ValueError(f"flow must have a one-dimensional event shape (d,), got {shape}")
         self.dim = shape[0]
+        #: for a Pyro guide, its latent sites and their sizes in its latent vector's order; else ``None``
+        self.sites: dict[str, int] | None = None
         self.dtype = probe.dtype
         self.device = probe.device
         if x.shape != (1, self.dim) or ladj.shape != (1,):

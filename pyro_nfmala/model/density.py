@@ -129,11 +129,18 @@ class ParamLayout:
 
 
 def check_flow_dim(flow, layout: ParamLayout) -> None:
-    """Raises a ``ValueError`` naming both dimensions when ``flow`` does not fit ``layout``."""
+    """Raises a ``ValueError`` naming both dimensions when ``flow`` does not fit ``layout``, or both site
+    lists when a guide's latent sites (``flow.sites``) are not the layout's, in its order."""
     if flow.dim != layout.dim:
         raise ValueError(
             f"the flow has dimension {flow.dim} but the model's unconstrained parameters "
             f"have dimension {layout.dim} ({layout}): fit the flow on this model's layout"
+        )
+    sites = getattr(flow, "sites", None)
+    if sites is not None and list(sites.items()) != list(layout.sizes.items()):
+        raise ValueError(
+            f"the guide's latent sites {sites} (name: size, in its order) are not the model's "
+            f"{dict(layout.sizes)}: pass a guide trained on this model, with the same arguments"
         )
 
 

@@ -1,0 +1,284 @@
+"""Any trained flow: Pyro transforms and guides, torch's TransformedDistribution and plain callables are read
+as the samplers read a zuko flow (exact draws stay exact under MALA through each, a sign error in the
+reverse drift caught), the tempered target uses each flow's own base law, and the construction check refuses
+what a sampler cannot use exactly, naming the check."""
+
+import contextlib
+import copy
+import math
+
+import pyro
+import pyro.distributions as dist
+import pyro.distributions.transforms as T
+import pytest
+import torch
+
+from invariance import exact_latents, max_abs_z_score, run_particles, statistics
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormalizingFlow
+
+from pyro_nfmala import NFMALA, PosteriorPullback, as_latent_flow
+from pyro_nfmala.engine.adaptation import find_reasonable_step_size
+from pyro_nfmala.engine.langevin import IdentityPreconditioner
+from pyro_nfmala.engine.step import init_state
+from pyro_nfmala.engine.targets import TemperedFlow
+from pyro_nfmala.flows.adapters import FlowMapError
+
+STANDARD_NORMAL = dist.Normal(torch.zeros(2, dtype=torch.float64), 1.0).to_event(1)
+
+
+def pyro_coupling():
+    """Pyro's affine coupling layer (its inverse is one pass; Pyro's autoregressive inverses make float32
+    zeros, so they are not used in float64 tests)."""
+    torch.manual_seed(3)
+    return T.affine_coupling(2, hidden_dims=[16]).double()
+
+
+def spline_then_iaf():
+    torch.manual_seed(4)
+    spline = T.Spline(2, count_bins=6, bound=6.0).double()
+    base = dist.Normal(torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)).to_event(1)
+    return dist.TransformedDistribution(base, [spline, pyro_coupling()])
+
+
+def affine_callable():
+    matrix = torch.tensor([[2.0, 0.0], [0.7, 0.5]], dtype=torch.float64)
+    shift = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    log_det = torch.linalg.slogdet(matrix).logabsdet
+
+    def generator(z):
+        return z @ matrix.T + shift, log_det.expand(z.shape[:-1])
+
+    def inverse(x):
+        return torch.linalg.solve(matrix, (x - shift).unsqueeze(-1)).squeeze(-1), -log_det.expand(
+            x.shape[:-1]
+        )
+
+    return generator, inverse
+
+
+def two_d(data):
+    x = pyro.sample("x", dist.Normal(torch.zeros(2, dtype=torch.float64), 2.0).to_event(1))
+    pyro.sample("y", dist.Normal(x, 1.0).to_event(1), obs=data)
+
+
+@contextlib.contextmanager
+def float64_default():
+    """Libraries that make some tensors in the default dtype (Pyro's guides, normflows, nflows) build in
+    float64 under it."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(default)
+
+
+def trained_guide(kind, *args):
+    """A guide trained briefly in float64."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(5)
+    with float64_default():
+        guide = kind(two_d, *args)
+        data = torch.tensor([1.0, -0.5], dtype=torch.float64)
+        svi = SVI(two_d, guide, pyro.optim.Adam({"lr": 0.02}), Trace_ELBO())
+        for _ in range(50):
+            svi.step(data)
+    return guide
+
+
+def coupling_layers(dim):
+    return T.ComposeTransformModule(
+        [T.affine_coupling(dim, hidden_dims=[16]), T.Permute(torch.tensor([1, 0]))]
+    )
+
+
+def subnet(features_in, features_out):
+    return torch.nn.Sequential(
+        torch.nn.Linear(features_in, 16), torch.nn.Tanh(), torch.nn.Linear(16, features_out)
+    ).double()
+
+
+def normflows_flow(*extra):
+    nf = pytest.importorskip("normflows")
+    torch.manual_seed(6)
+    with float64_default():
+        coupling = nf.flows.AffineCouplingBlock(nf.nets.MLP([1, 16, 2], init_zeros=False))
+        layers = [coupling, nf.flows.Permute(2, "swap"), *(make() for make in extra)]
+        return nf.NormalizingFlow(nf.distributions.DiagGaussian(2, trainable=True), layers)
+
+
+def nflows_flow():
+    pytest.importorskip("nflows")
+    from nflows.distributions import StandardNormal
+    from nflows.flows import Flow
+    from nflows.transforms import CompositeTransform, MaskedAffineAutoregressiveTransform, ReversePermutation
+
+    torch.manual_seed(7)
+    with float64_default():
+        transform = CompositeTransform([MaskedAffineAutoregressiveTransform(2, 16), ReversePermutation(2)])
+        return Flow(transform, StandardNormal([2]))
+
+
+def freia_flow():
+    pytest.importorskip("FrEIA")
+    import FrEIA.framework as Ff
+    import FrEIA.modules as Fm
+
+    torch.manual_seed(8)
+    network = Ff.SequenceINN(2)
+    network.append(Fm.AllInOneBlock, subnet_constructor=subnet, permute_soft=False)
+    return network.double()
+
+
+ADAPTED = {
+    "pyro transform": lambda: as_latent_flow(pyro_coupling(), base=2),
+    "transformed distribution": lambda: as_latent_flow(spline_then_iaf()),
+    "callable": lambda: as_latent_flow(
+        affine_callable()[0], base=STANDARD_NORMAL, inverse=affine_callable()[1]
+    ),
+    "AutoNormalizingFlow": lambda: as_latent_flow(trained_guide(AutoNormalizingFlow, coupling_layers)),
+    "normflows": lambda: as_latent_flow(normflows_flow()),
+    "nflows": lambda: as_latent_flow(nflows_flow()),
+    "FrEIA": lambda: as_latent_flow(freia_flow(), base=STANDARD_NORMAL),
+}
+
+
+def read_backwards(flow):
+    """Negative control: the flow read in the wrong direction (its data-to-latent map taken as the
+    generator, with that map's log-determinant), the error an adapter that mistakes a library's direction
+    makes."""
+    broken = copy.copy(flow)
+    broken.to_data = flow.to_latent_and_ladj
+    return broken
+
+
+@pytest.mark.statistical
+@pytest.mark.parametrize("kind", list(ADAPTED))
+def test_exact_draws_stay_exact_through_each_adapted_flow(kind, mixture):
+    """5,000 exact draws of a two-component mixture (float64), 10 MALA steps in each flow's latent space;
+    the same flow read in the wrong direction must be caught by the same comparison."""
+    with float64_default():  # normflows sums log-determinants in the default dtype
+        flow = ADAPTED[kind]()
+        with torch.random.fork_rng():
+            torch.manual_seed(123)
+            z = flow.to_latent(mixture.sample((100_000,)))
+            reference = statistics(z, flow.to_data(z)[0].detach())
+        move = IdentityPreconditioner()
+        target = PosteriorPullback(flow, mixture.log_prob)
+        torch.manual_seed(0)
+        probe = init_state(target, move, exact_latents(flow, mixture, 256))
+        step_size = float(find_reasonable_step_size(probe, target, move).median())
+        state, accept_rate = run_particles(target, move, step_size, mixture)
+        assert 0.2 < accept_rate < 0.95  # the chains really move
+        assert max_abs_z_score(statistics(state.z, state.x), reference) < 4.5
+        state, _ = run_particles(
+            PosteriorPullback(read_backwards(flow), mixture.log_prob), move, step_size, mixture
+        )
+        assert max_abs_z_score(statistics(state.z, state.x), reference) > 6.0
+
+
+@pytest.mark.parametrize("kind", list(ADAPTED))
+def test_each_adapted_flow_reads_the_generator_and_its_base(kind):
+    with float64_default():  # normflows sums log-determinants in the default dtype
+        flow = ADAPTED[kind]()
+        z = torch.randn(7, 2, dtype=torch.float64)
+        x, ladj = flow.to_data(z)
+        jacobian = torch.autograd.functional.jacobian(lambda u: flow.to_data(u[None])[0][0], z[0])
+        torch.testing.assert_close(ladj[0], torch.linalg.slogdet(jacobian).logabsdet, atol=1e-8, rtol=0)
+        torch.testing.assert_close(flow.to_latent(x), z, atol=1e-6, rtol=0)
+        assert flow.base_log_prob(z).shape == (7,)
+        beta = 0.5
+        log_pi, _, _ = TemperedFlow(flow, beta).log_density(z)
+        torch.testing.assert_close(log_pi, flow.base_log_prob(z) - beta * ladj)
+
+
+def test_the_tempered_target_uses_a_flows_own_base_law():
+    """A TransformedDistribution on a learnt diagonal Gaussian base N(m, s^2): with beta = 0 the tempered
+    target is that base (not N(0, I)), and its log density is the base's."""
+    loc = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    scale = torch.tensor([0.5, 3.0], dtype=torch.float64)
+    base = dist.Normal(loc, scale).to_event(1)
+    flow = as_latent_flow(dist.TransformedDistribution(base, [pyro_coupling()]))
+    z = torch.randn(5, 2, dtype=torch.float64)
+    log_pi, _, _ = TemperedFlow(flow, 0.0).log_density(z)
+    torch.testing.assert_close(log_pi, base.log_prob(z))
+    draws = flow.sample_base((20_000,), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(draws.mean(0), loc, atol=0.1, rtol=0)
+    torch.testing.assert_close(draws.std(0), scale, atol=0.1, rtol=0)
+
+
+def test_a_trained_pyro_guide_is_the_map_neutra_reads():
+    """The guide's transform, as Pyro's NeuTraReparam reads it (its latent vector: the model's
+    unconstrained sites in the order they run): the same x for the same z, and NFMALA samples with it."""
+    guide = trained_guide(AutoMultivariateNormal)
+    flow = as_latent_flow(guide)
+    assert flow.sites == {"x": 2}
+    z = torch.randn(4, 2, dtype=torch.float64)
+    expected = guide.get_transform()(z)
+    torch.testing.assert_close(flow.to_data(z)[0], expected)
+    data = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    mcmc = pyro.infer.MCMC(NFMALA(two_d, flow=guide), num_samples=300, warmup_steps=100, disable_progbar=True)
+    mcmc.run(data)
+    draws = mcmc.get_samples()["x"]
+    # conjugate: posterior N(data * 4/5, 4/5) per coordinate
+    posterior_sd = math.sqrt(0.8)
+    assert float((draws.mean(0) - 0.8 * data).abs().max()) < 5 * posterior_sd / math.sqrt(50)
+
+
+def test_a_guide_of_another_model_or_not_run_yet_is_a_clear_error():
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match="has not been run yet"):
+        as_latent_flow(AutoMultivariateNormal(two_d))
+
+    def three_d(data):
+        pyro.sample("x", dist.Normal(torch.zeros(3, dtype=torch.float64), 1.0).to_event(1))
+
+    guide = trained_guide(AutoMultivariateNormal)
+    kernel = NFMALA(three_d, flow=guide)
+    with pytest.raises(ValueError, match="dimension 2"):
+        pyro.infer.MCMC(kernel, num_samples=2, warmup_steps=2, disable_progbar=True).run(torch.zeros(3))
+
+
+def _batch_norm_with_batch_statistics(z):
+    centred = z - z.mean(0)
+    return centred, torch.zeros(z.shape[:-1], dtype=z.dtype)
+
+
+@pytest.mark.parametrize(
+    "generator, check",
+    [
+        (lambda z: (z, 0.01 * torch.randn(z.shape[:-1], dtype=z.dtype)), "deterministic"),
+        (_batch_norm_with_batch_statistics, "independent rows"),
+        (lambda z: (2 * z, torch.zeros(z.shape[:-1], dtype=z.dtype)), "exact log-determinant"),
+        (lambda z: (z.detach() + 1.0, torch.zeros(z.shape[:-1], dtype=z.dtype)), "gradient"),
+    ],
+    ids=["stochastic log-determinant", "batch statistics", "wrong log-determinant", "no finite gradient"],
+)
+def test_a_flow_a_sampler_cannot_use_exactly_is_refused_naming_the_check(generator, check):
+    with pytest.raises(FlowMapError, match=f"fails the '{check}' check"):
+        as_latent_flow(generator, base=2)
+
+
+def test_normflows_layers_a_sampler_cannot_use_are_refused_naming_the_check():
+    """A residual layer's log-determinant is a Russian-roulette estimate (random), and normflows' batch
+    normalization always uses the batch's statistics (it couples the chains): both refused."""
+    nf = pytest.importorskip("normflows")
+
+    def residual():
+        return nf.flows.Residual(nf.nets.LipschitzMLP([2, 16, 2], init_zeros=False), reduce_memory=False)
+
+    # in eval mode its estimate is drawn for the batch as a whole: refused as a coupling of the rows
+    with float64_default(), pytest.raises(FlowMapError, match="fails the '(deterministic|independent rows)'"):
+        as_latent_flow(normflows_flow(residual))
+    with float64_default(), pytest.raises(FlowMapError, match="fails the 'independent rows' check"):
+        as_latent_flow(normflows_flow(nf.flows.BatchNorm))
+
+
+def test_what_is_not_a_flow_and_a_missing_base_are_clear_errors():
+    with pytest.raises(TypeError, match="cannot read a int as a flow"):
+        as_latent_flow(42)
+    with pytest.raises(ValueError, match=r"needs its base law: read it with pyro_nfmala.as_latent_flow"):
+        as_latent_flow(pyro_coupling())
+    with pytest.raises(ValueError, match=r"shape \(1, 2\) to data of shape \(1, 1\)"):
+        as_latent_flow(lambda z: (z[..., :1], torch.zeros(z.shape[:-1], dtype=z.dtype)), base=2)
