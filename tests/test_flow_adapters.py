@@ -17,7 +17,7 @@ from invariance import exact_latents, max_abs_z_score, run_particles, statistics
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormalizingFlow
 
-from pyro_nfmala import NFMALA, PosteriorPullback, as_latent_flow
+from pyro_nfmala import NFMALA, ChainSampler, PosteriorPullback, as_latent_flow
 from pyro_nfmala.engine.adaptation import find_reasonable_step_size
 from pyro_nfmala.engine.langevin import IdentityPreconditioner
 from pyro_nfmala.engine.step import init_state
@@ -191,6 +191,21 @@ def test_each_adapted_flow_reads_the_generator_and_its_base(kind):
         beta = 0.5
         log_pi, _, _ = TemperedFlow(flow, beta).log_density(z)
         torch.testing.assert_close(log_pi, flow.base_log_prob(z) - beta * ladj)
+
+
+@pytest.mark.parametrize("kind", list(ADAPTED))
+def test_the_jacobian_aware_moves_run_through_each_adapted_flow(kind):
+    """The 'jacobian' and 'data_space' preconditioners (which need the flow's inverse and its Jacobian
+    products) on the tempered target, a few steps of 16 chains; a flow without an inverse says so."""
+    with float64_default():
+        flow = ADAPTED[kind]()
+        for preconditioner in ("jacobian", "data_space"):
+            sampler = ChainSampler(TemperedFlow(flow, 1.0), 16, preconditioner=preconditioner, seed=0)
+            idata = sampler.run(5, 5, progress=False)
+            assert float(idata.sample_stats["accept_prob"].mean()) > 0.2
+    without_inverse = as_latent_flow(affine_callable()[0], base=STANDARD_NORMAL)
+    with pytest.raises(NotImplementedError, match="'data_space' preconditioners and data-space starts need"):
+        ChainSampler(TemperedFlow(without_inverse, 1.0), 4, preconditioner="data_space", seed=0)
 
 
 def test_the_tempered_target_uses_a_flows_own_base_law():

@@ -265,8 +265,9 @@ class _Generator(Transform):
     def _inverse(self, x: Tensor) -> Tensor:
         if self.inverse_and_ladj is None:
             raise NotImplementedError(
-                "this flow has no inverse (data to latent): chains start at its base draws, and a "
-                "data-space start or move needs a flow that has one"
+                "this flow has no inverse (data to latent): chains start at its base draws, and the "
+                "'jacobian' and 'data_space' preconditioners and data-space starts need a flow that has one "
+                "(give inverse= with a callable)"
             )
         return self.inverse_and_ladj(x)[0]
 
