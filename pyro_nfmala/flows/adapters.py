@@ -275,9 +275,12 @@ class _Generator(Transform):
         return self.call_and_ladj(z)[1]
 
 
-def check_flow_map(to_data: Callable[[Tensor], tuple[Tensor, Tensor]], dim: int, dtype: torch.dtype) -> None:
+def check_flow_map(
+    to_data: Callable[[Tensor], tuple[Tensor, Tensor]], dim: int, dtype: torch.dtype, name: str = "flow"
+) -> None:
     """Checks, on a few latent points, each of :data:`FLOW_MAP_CHECKS` for the generator ``to_data``
-    (``z -> (x, ladj)``, batched); raises :class:`FlowMapError` naming the check and the reason.
+    (``z -> (x, ladj)``, batched); raises :class:`FlowMapError` naming the flow (``name``), the check and
+    the reason.
 
     The log-determinant is compared with autograd's Jacobian at two points where ``d <= 64``; beyond,
     along three random directions (the Jacobian's action, not its determinant, is then what is
@@ -294,29 +297,29 @@ def check_flow_map(to_data: Callable[[Tensor], tuple[Tensor, Tensor]], dim: int,
     again = evaluated(z)
     if tuple(x.shape) != (4, dim) or tuple(ladj.shape) != (4,):
         shapes = f"{tuple(x.shape)} with ladj {tuple(ladj.shape)}"
-        _fail("square", f"it maps latents of shape (4, {dim}) to {shapes}")
+        _fail(name, "square", f"it maps latents of shape (4, {dim}) to {shapes}")
     if not (torch.equal(x, again[0]) and torch.equal(ladj, again[1])):
-        _fail("deterministic", "two calls on the same latents gave different values")
+        _fail(name, "deterministic", "two calls on the same latents gave different values")
     alone = torch.cat([torch.cat([x_i, ladj_i[:, None]], -1) for x_i, ladj_i in map(evaluated, z[:, None])])
     together = torch.cat([x, ladj[:, None]], -1)
     tolerance = 1e-8 if dtype == torch.float64 else 1e-4
     if not torch.allclose(alone, together, rtol=tolerance, atol=tolerance):
-        _fail("independent rows", "a point's image changed with the other points of the batch")
+        _fail(name, "independent rows", "a point's image changed with the other points of the batch")
     point = z[:2].clone().requires_grad_(True)
     with torch.enable_grad():
         x_point, ladj_point = to_data(point)
         total = x_point.sum() + ladj_point.sum()
         grad = torch.autograd.grad(total, point, allow_unused=True)[0] if total.requires_grad else None
     if grad is None or not bool(torch.isfinite(grad).all()):
-        _fail("gradient", "the gradient of x and ladj with respect to z is missing or not finite")
+        _fail(name, "gradient", "the gradient of x and ladj with respect to z is missing or not finite")
     if dim <= 64:
         for row, value in zip(z[:2], ladj[:2]):
             jacobian = torch.autograd.functional.jacobian(lambda u: to_data(u[None])[0][0], row)
             expected = torch.linalg.slogdet(jacobian).logabsdet
             if not torch.allclose(value, expected, rtol=10 * tolerance, atol=10 * tolerance):
                 reason = f"ladj {float(value):.6g} where log|det J| is {float(expected):.6g}"
-                _fail("exact log-determinant", reason)
+                _fail(name, "exact log-determinant", reason)
 
 
-def _fail(check: str, reason: str) -> None:
-    raise FlowMapError(f"the flow fails the {check!r} check ({FLOW_MAP_CHECKS[check]}): {reason}")
+def _fail(name: str, check: str, reason: str) -> None:
+    raise FlowMapError(f"the {name} fails the {check!r} check ({FLOW_MAP_CHECKS[check]}): {reason}")

@@ -233,7 +233,11 @@ def as_latent_flow(
     if isinstance(flow, (LazyDistribution, NormalizingFlow)):
         return LatentFlow(flow)
     latent = LatentFlow(adapt_flow(flow, base, inverse=inverse))
-    check_flow_map(latent.to_data, latent.dim, latent.dtype)
+    if isinstance(flow, types.FunctionType):
+        name = f"generator {flow.__qualname__}"
+    else:
+        name = f"flow ({type(flow).__name__} from {type(flow).__module__.split('.')[0]})"
+    check_flow_map(latent.to_data, latent.dim, latent.dtype, name)
     latent.sites = guide_sites(flow)
     return latent
 
