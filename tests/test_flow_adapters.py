@@ -291,6 +291,21 @@ def test_normflows_layers_a_sampler_cannot_use_are_refused_naming_the_check():
         as_latent_flow(normflows_flow(nf.flows.BatchNorm))
 
 
+def test_a_generator_through_autoregressive_layers_run_backwards_warns_that_it_is_slow():
+    """nflows' masked autoregressive flow generates by its inverse, and a Pyro autoregressive transform used
+    inverted: d network passes an evaluation (exact, legal: a warning); Pyro's forward (IAF) direction not."""
+    with float64_default():  # Pyro's autoregressive inverse makes its zeros in the default dtype
+        iaf = T.AffineAutoregressive(pyro.nn.AutoRegressiveNN(3, [8]))
+        base = dist.Normal(torch.zeros(3), 1.0).to_event(1)
+        with pytest.warns(UserWarning, match=r"autoregressive layers run backwards \(AffineAutoregressive\)"):
+            as_latent_flow(dist.TransformedDistribution(base, [iaf.inv]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            as_latent_flow(iaf, base=base)
+        with pytest.warns(UserWarning, match="MaskedAffineAutoregressiveTransform.*2 network passes"):
+            as_latent_flow(nflows_flow())
+
+
 def test_what_is_not_a_flow_and_a_missing_base_are_clear_errors():
     with pytest.raises(TypeError, match="cannot read a int as a flow"):
         as_latent_flow(42)

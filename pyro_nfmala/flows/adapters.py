@@ -42,7 +42,14 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["FLOW_MAP_CHECKS", "FlowMapError", "adapt_flow", "check_flow_map", "guide_sites"]
+__all__ = [
+    "FLOW_MAP_CHECKS",
+    "FlowMapError",
+    "adapt_flow",
+    "check_flow_map",
+    "guide_sites",
+    "sequential_layers",
+]
 
 import copy
 import types
@@ -61,6 +68,7 @@ from torch.distributions import (
     TransformedDistribution,
     constraints,
 )
+from torch.distributions.transforms import _InverseTransform
 from zuko.distributions import NormalizingFlow
 from zuko.lazy import LazyDistribution
 
@@ -130,6 +138,28 @@ def adapt_flow(
         "TransformedDistribution, a torch or Pyro Transform (with base=), a normflows NormalizingFlow, an "
         "nflows Flow, a FrEIA SequenceINN or GraphINN (with base=), or a callable z -> (x, ladj) (with base=)"
     )
+
+
+def sequential_layers(flow: object) -> list[str]:
+    """The layers of ``flow`` whose generator direction (latent to data) is an autoregressive inverse, one
+    network pass per coordinate: nflows' and normflows' autoregressive layers (their sampling direction),
+    and Pyro's autoregressive transforms used inverted. Exact, but ``d`` times slower a step."""
+    if isinstance(flow, TransformedDistribution):
+        return [name for transform in flow.transforms for name in sequential_layers(transform)]
+    if isinstance(flow, ComposeTransform):
+        return [name for part in flow.parts for name in sequential_layers(part)]
+    if isinstance(flow, Transform):
+        inverted = flow._inv if isinstance(flow, _InverseTransform) else None
+        return [type(inverted).__name__] if _autoregressive(inverted) else []
+    library = type(flow).__module__.split(".")[0]
+    if library in ("nflows", "normflows") and isinstance(flow, torch.nn.Module):
+        return [type(module).__name__ for module in flow.modules() if _autoregressive(module)]
+    return []
+
+
+def _autoregressive(module: object) -> bool:
+    name = type(module).__name__
+    return module is not None and "Autoregressive" in name and "NN" not in name
 
 
 def guide_sites(flow: object) -> dict[str, int] | None:

@@ -47,7 +47,7 @@ from zuko.distributions import NormalizingFlow
 from zuko.lazy import LazyDistribution
 from zuko.transforms import ComposedTransform, CouplingTransform
 
-from .adapters import adapt_flow, check_flow_map, guide_sites
+from .adapters import adapt_flow, check_flow_map, guide_sites, sequential_layers
 
 
 def vjp(fn: Callable[[Tensor], Tensor], primal: Tensor, cotangent: Tensor) -> tuple[Tensor, Tensor]:
@@ -238,6 +238,16 @@ def as_latent_flow(
     else:
         name = f"flow ({type(flow).__name__} from {type(flow).__module__.split('.')[0]})"
     check_flow_map(latent.to_data, latent.dim, latent.dtype, name)
+    slow = sequential_layers(flow)
+    if slow and latent.dim > 1:
+        warnings.warn(
+            f"the {name} generates (latent to data) through autoregressive layers run backwards "
+            f"({', '.join(sorted(set(slow)))}): exact, but each evaluation costs {latent.dim} network "
+            "passes. A flow trained in the other direction (inverse autoregressive, or coupling layers) "
+            "steps faster",
+            UserWarning,
+            stacklevel=2,
+        )
     latent.sites = guide_sites(flow)
     return latent
 
