@@ -361,6 +361,20 @@ def test_a_generator_through_autoregressive_layers_run_backwards_warns_that_it_i
             as_latent_flow(nflows_flow())
 
 
+def test_a_pyro_batch_norm_in_training_mode_is_read_with_its_running_statistics():
+    """Pyro's BatchNorm uses the batch's statistics in training mode (it would couple the chains): the frozen
+    copy is in eval mode, with the running statistics, and the user's module is left as it was."""
+    with float64_default():
+        batch_norm = T.BatchNorm(2)
+        base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+        assert batch_norm.training
+        flow = as_latent_flow(dist.TransformedDistribution(base, [pyro_coupling(), batch_norm]))
+        assert batch_norm.training  # the user's module, untouched
+        z = torch.randn(6, 2)
+        alone = torch.cat([flow.to_data(row[None])[0] for row in z])
+        torch.testing.assert_close(flow.to_data(z)[0], alone)
+
+
 def test_what_is_not_a_flow_and_a_missing_base_are_clear_errors():
     with pytest.raises(TypeError, match="cannot read a int as a flow"):
         as_latent_flow(42)
