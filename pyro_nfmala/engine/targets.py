@@ -74,7 +74,8 @@ class PosteriorPullback(LatentTarget):
     r"""T1: :math:`\log \pi(z) = \log \pi_X(f(z)) + \mathrm{ladj}(z)`, exact for any flow.
 
     Arguments:
-        flow: The flow :math:`f`: a zuko flow or a :class:`~pyro_nfmala.LatentFlow`.
+        flow: The flow :math:`f`: a zuko flow, a :class:`~pyro_nfmala.LatentFlow`, or any flow
+            :func:`~pyro_nfmala.as_latent_flow` reads without a base of its own to give.
         log_prob: The unnormalized target log density :math:`\log \pi_X(x)` of a batch ``x`` of
             shape ``(..., d)``, returning shape ``(...)``: one value per point, e.g.
             ``lambda x: -0.5 * (x**2).sum(-1)``.
@@ -160,7 +161,8 @@ class TemperedFlow(LatentTarget):
     proportional to :math:`q_X(x)\, |\det J_f(f^{-1}(x))|^{-\beta}`: it is not :math:`q_X`.
 
     Arguments:
-        flow: The trained flow: a zuko flow or a :class:`~pyro_nfmala.LatentFlow`.
+        flow: The trained flow: a zuko flow, a :class:`~pyro_nfmala.LatentFlow` (e.g. from
+            :func:`~pyro_nfmala.as_latent_flow`, for a flow of another library), or one it reads as it is.
         beta: The inverse temperature :math:`\beta \ge 0`.
     """
 

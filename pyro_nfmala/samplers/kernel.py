@@ -86,8 +86,10 @@ class NFMALA(MCMCKernel):
         potential_fn: Alternatively, Pyro's potential energy :math:`U(\mathrm{params})`, minus
             the log density of a dict of unconstrained parameters. Its initial parameters come
             from ``initial_params`` here or in :class:`~pyro.infer.MCMC`.
-        flow: An unconditional zuko flow on :math:`\mathbb{R}^d`, :math:`d` the total
-            unconstrained dimension. The kernel samples with a frozen deep copy of it
+        flow: A trained flow on :math:`\mathbb{R}^d`, :math:`d` the total unconstrained dimension: an
+            unconditional zuko flow, a Pyro autoguide with ``get_transform`` (the map
+            ``NeuTraReparam(guide)`` uses), or any flow :func:`~pyro_nfmala.as_latent_flow` reads (a
+            transform or callable read with its base there). The kernel samples with a frozen deep copy of it
             (``eval()``, no parameter gradients): the user's flow is never changed. ``None``
             (the default): fit the staged map at setup (see the module); costs one mode search
             and, for a non-Gaussian posterior, a flow fit (seconds to a minute or two on a CPU).
