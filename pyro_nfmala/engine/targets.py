@@ -74,8 +74,9 @@ class PosteriorPullback(LatentTarget):
     r"""T1: :math:`\log \pi(z) = \log \pi_X(f(z)) + \mathrm{ladj}(z)`, exact for any flow.
 
     Arguments:
-        flow: The flow :math:`f`: a zuko flow, a :class:`~pyro_nfmala.LatentFlow`, or any flow
-            :func:`~pyro_nfmala.as_latent_flow` reads without a base of its own to give.
+        flow: The flow :math:`f`: a zuko flow, a :class:`~pyro_nfmala.LatentFlow`, or any flow that
+            :func:`~pyro_nfmala.as_latent_flow` reads with no further argument (a transform or a callable:
+            read it there, with its base).
         log_prob: The unnormalized target log density :math:`\log \pi_X(x)` of a batch ``x`` of
             shape ``(..., d)``, returning shape ``(...)``: one value per point, e.g.
             ``lambda x: -0.5 * (x**2).sum(-1)``.
