@@ -361,6 +361,20 @@ def test_a_generator_through_autoregressive_layers_run_backwards_warns_that_it_i
             as_latent_flow(nflows_flow())
 
 
+def test_a_freia_residual_layer_with_a_hutchinson_log_determinant_is_refused():
+    """FrEIA's IResNetLayer estimates its log-determinant with random (Hutchinson) probes."""
+    pytest.importorskip("FrEIA")
+    import FrEIA.framework as Ff
+    import FrEIA.modules as Fm
+
+    torch.manual_seed(9)
+    with float64_default():
+        network = Ff.SequenceINN(2)
+        network.append(Fm.IResNetLayer, hutchinson_samples=1, internal_size=16)
+        with pytest.raises(FlowMapError, match=r"\(SequenceINN from FrEIA\) fails the 'deterministic' check"):
+            as_latent_flow(network, base=2)
+
+
 def test_a_pyro_batch_norm_in_training_mode_is_read_with_its_running_statistics():
     """Pyro's BatchNorm uses the batch's statistics in training mode (it would couple the chains): the frozen
     copy is in eval mode, with the running statistics, and the user's module is left as it was."""
