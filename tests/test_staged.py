@@ -27,7 +27,7 @@ from pyro_nfmala import (
 )
 from pyro_nfmala.engine.langevin import MassMatrixPreconditioner, get_preconditioner
 from pyro_nfmala.fit.check import FlowCheck, check_flow
-from pyro_nfmala.fit.laplace import laplace_approximation
+from pyro_nfmala.fit.laplace import _runs_off, laplace_approximation
 from pyro_nfmala.fit.staged import fit_staged_map
 from pyro_nfmala.flows.staged import StagedFlow
 
@@ -72,6 +72,18 @@ def test_a_mode_search_that_runs_off_without_bound_stops_and_says_so():
     # the control: the same funnel with data that pin sigma (a proper mode) is a Laplace approximation
     pinned = laplace_approximation(lambda x: centred_funnel(x) - 50 * (x[..., 0] - 0.5) ** 2, starts)
     assert pinned.method == "laplace"
+
+
+def test_a_search_far_out_is_stopped_only_where_it_still_climbs_outward_or_meets_a_spike():
+    """The criterion at a round's end, beyond the radius: a proper mode at -12 seen from -20 (the gradient,
+    8, points back: a search that passed it) goes on; the centred funnel at log sigma = -20 (the gradient
+    points further out) and at its degenerate spike (log sigma = -90: an astronomical gradient) stop.
+    (With "any gradient entry above 1", the first was stopped too.)"""
+    proper = lambda x: -0.5 * (x[..., 0] + 12.0) ** 2 - 0.5 * x[..., 1] ** 2  # noqa: E731
+    assert not _runs_off(proper, torch.tensor([-20.0, 0.0], dtype=torch.float64))
+    assert _runs_off(centred_funnel, torch.cat([torch.tensor([-20.0]), torch.zeros(10)]).double())
+    spike = torch.cat([torch.tensor([-90.0]), torch.full((10,), 1e-40)]).double()
+    assert _runs_off(centred_funnel, spike)
 
 
 def test_a_proper_mode_far_out_is_not_taken_for_a_search_that_runs_off():
