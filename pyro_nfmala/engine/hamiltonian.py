@@ -107,6 +107,31 @@ class LatentMassMove:
     def prepare(self, flow: LatentFlow, state: ChainState) -> None:
         return None
 
+    def energy(self, state: ChainState, p: Tensor) -> Tensor:
+        r""":math:`H(z, p) = -\log \pi(z) + \frac12 p^T C p` per chain."""
+        return -state.log_density + self.metric.kinetic_energy(p)
+
+    def leapfrog(
+        self,
+        target: LatentTarget,
+        state: ChainState,
+        p: Tensor,
+        eps: Tensor,
+        step_size: Tensor,
+        moving: Tensor,
+        errors: list[BaseException],
+    ) -> tuple[ChainState, Tensor]:
+        """One leapfrog step of size ``eps`` (per chain, signed: backwards in time where negative) from
+        ``(state, p)``: the state reached, evaluated (the chains not ``moving`` evaluated where they are;
+        numerical errors isolated and recorded in ``errors``), and its momentum."""
+        half = p + 0.5 * eps * state.grad
+        ahead = state.z + eps * self.metric.times_inverse_mass(half)
+        z = torch.where(moving[..., None], ahead, state.z)
+        new, _ = _evaluate_isolating_failures(
+            target, self, state, z, step_size, errors, proposal_density=False
+        )
+        return new, half + 0.5 * eps * new.grad
+
     def _mass_name(self) -> str:
         return "identity" if self.inverse_mass is None else ("dense" if self.metric.dense else "diagonal")
 
@@ -204,7 +229,7 @@ class HamiltonianMove(LatentMassMove):
         uniform = torch.rand(batch_shape, generator=generator, **unit)
         num_steps = self.num_steps(step_size.reshape(-1), jitter)
         eps = step_size[..., None] if step_size.dim() else step_size
-        start_energy = -state.log_density + self.metric.kinetic_energy(p)
+        start_energy = self.energy(state, p)
         start_velocity = self.metric.times_inverse_mass(p)
 
         errors: list[BaseException] = []
@@ -214,16 +239,11 @@ class HamiltonianMove(LatentMassMove):
         steps = torch.zeros(batch_shape, **unit)
         taken = 0
         for _ in range(num_steps):
-            half = p + 0.5 * eps * current.grad
-            ahead = current.z + eps * self.metric.times_inverse_mass(half)
-            z = torch.where(moving[..., None], ahead, current.z)
-            new, _ = _evaluate_isolating_failures(
-                target, self, current, z, step_size, errors, proposal_density=False
-            )
+            new, new_p = self.leapfrog(target, current, p, eps, step_size, moving, errors)
             alive = alive & (~moving | finite_chains(new))
             moving = moving & alive
             current = _select(moving, new, current)
-            p = torch.where(moving[..., None], half + 0.5 * eps * current.grad, p)
+            p = torch.where(moving[..., None], new_p, p)
             steps = steps + moving.to(steps.dtype)
             taken += 1
             if self.until_u_turn:
@@ -231,8 +251,7 @@ class HamiltonianMove(LatentMassMove):
                 moving = moving & ~_turned(current.z - state.z, velocity, start_velocity)
             if not bool(moving.any()):
                 break
-        end_energy = -current.log_density + self.metric.kinetic_energy(p)
-        log_ratio = start_energy - end_energy
+        log_ratio = start_energy - self.energy(current, p)
         finite = alive & torch.isfinite(log_ratio) & (log_ratio > -MAX_ENERGY_ERROR)
         log_ratio = _rejecting(log_ratio, finite)
         accept = _accepts(log_ratio, uniform)

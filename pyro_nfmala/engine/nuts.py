@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .hamiltonian import MAX_ENERGY_ERROR, HamiltonianMove, LatentMassMove, Trajectory
 from .langevin import ConstantMetric
-from .step import ChainState, StepInfo, _evaluate_isolating_failures, _select, finite_chains
+from .step import ChainState, StepInfo, _select, finite_chains
 from .targets import LatentTarget
 from .validation import check_count
 
@@ -87,7 +87,7 @@ class NoUTurnMove(LatentMassMove):
         eps = step_size[..., None] if step_size.dim() else step_size
         metric = self.metric
         p0 = metric.momentum(torch.randn(state.z.shape, generator=generator, **unit))
-        energy0 = -state.log_density + metric.kinetic_energy(p0)
+        energy0 = self.energy(state, p0)
 
         def uniform() -> Tensor:
             return torch.rand(shape, generator=generator, **unit)
@@ -117,14 +117,8 @@ class NoUTurnMove(LatentMassMove):
             velocities, sums = [], [torch.zeros_like(p)]  # per new state: C p, and the running sum of p
             size = 2**depth
             for k in range(1, size + 1):
-                half = p + 0.5 * signed * current.grad
-                ahead = current.z + signed * metric.times_inverse_mass(half)
-                z = torch.where(valid[..., None], ahead, current.z)
-                new, _ = _evaluate_isolating_failures(
-                    target, self, current, z, step_size, errors, proposal_density=False
-                )
-                new_p = half + 0.5 * signed * new.grad
-                log_w = energy0 - (-new.log_density + metric.kinetic_energy(new_p))
+                new, new_p = self.leapfrog(target, current, p, signed, step_size, valid, errors)
+                log_w = energy0 - self.energy(new, new_p)
                 finite = finite_chains(new) & torch.isfinite(log_w)
                 diverged = ~finite | (log_w < -MAX_ENERGY_ERROR)
                 log_w = torch.where(finite, log_w, torch.full_like(log_w, -float("inf")))
