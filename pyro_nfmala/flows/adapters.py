@@ -206,10 +206,17 @@ def _base(base: Distribution | int | None, flow: object, what: str) -> Distribut
             f"{what} needs its base law: read it with pyro_nfmala.as_latent_flow(flow, base=...) (base: a "
             "distribution with event shape (d,), or d for N(0, I_d)) and pass that as the flow"
         )
-    parameters = list(flow.parameters()) if isinstance(flow, torch.nn.Module) else []
-    dtype = parameters[0].dtype if parameters else torch.get_default_dtype()
-    zeros = torch.zeros(int(base), dtype=dtype)
+    zeros = torch.zeros(int(base), dtype=_dtype_of(flow))
     return pyro.distributions.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+
+
+def _dtype_of(flow: object) -> torch.dtype:
+    """The dtype of a module's first floating-point parameter or buffer; the default dtype otherwise."""
+    if isinstance(flow, torch.nn.Module):
+        for tensor in (*flow.parameters(), *flow.buffers()):
+            if tensor.is_floating_point():
+                return tensor.dtype
+    return torch.get_default_dtype()
 
 
 class _ModuleBase(Distribution):
@@ -222,9 +229,8 @@ class _ModuleBase(Distribution):
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.module = module
-        tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
         #: the module's dtype (its draws come in the default dtype in some libraries: they are cast)
-        self.dtype = tensors[0].dtype if tensors else torch.get_default_dtype()
+        self.dtype = _dtype_of(module)
         with torch.no_grad():
             dim = self._draw(1).shape[-1]
         super().__init__(event_shape=torch.Size([dim]), validate_args=False)
