@@ -5,6 +5,7 @@ what a sampler cannot use exactly, naming the check."""
 
 import contextlib
 import copy
+import functools
 import math
 import warnings
 
@@ -200,11 +201,11 @@ def tempered_draws(flow, beta, n, generator):
     return torch.stack(columns, -1)
 
 
-def curved(module):
-    """``module`` with its parameters drawn at random, wide: a strongly curved elementwise map."""
+def curved(module, scale=1.5):
+    """``module`` with its parameters drawn at random from N(0, scale^2), wide: a strongly curved map."""
     with torch.no_grad():
         for parameter in module.parameters():
-            parameter.normal_(0.0, 1.5)
+            parameter.normal_(0.0, scale)
     return module
 
 
@@ -259,20 +260,76 @@ ELEMENTWISE = {
 }
 
 
-@pytest.mark.statistical
-@pytest.mark.parametrize("kind", list(ELEMENTWISE))
-def test_the_tempered_target_keeps_its_exact_law_through_each_adapted_flow(kind):
-    """The tempered target (beta = 1) through a strongly curved elementwise flow of each kind (its exact law
-    a product of 1-d laws, drawn by their CDFs): 5,000 exact draws stay exact under 10 MALA steps; the flow
-    read in the wrong direction, or with its log-determinant's sign flipped, is caught by the same
-    comparison. (normflows and FrEIA have no elementwise curved layer to draw exactly from: their tempered
-    target is covered by the formula test below.)"""
+def rejection_draws(flow, beta, lower_bound, n, generator):
+    """Exact draws of the tempered target pi(z) = q(z) exp(-beta ladj(z)) of a flow on a standard normal
+    base q whose log-determinant is bounded below, ladj >= lower_bound: z ~ q, kept with probability
+    exp(-beta (ladj(z) - lower_bound)) <= 1. Checked, not assumed: the base is N(0, I) and no proposal has
+    ladj below the bound."""
+    draws, kept = [], 0
+    while kept < n:
+        z = torch.randn(50_000, 2, generator=generator, dtype=torch.float64)
+        torch.testing.assert_close(flow.base_log_prob(z), STANDARD_NORMAL.log_prob(z))
+        with torch.no_grad():
+            ladj = flow.to_data(z)[1]
+        assert float(ladj.min()) >= lower_bound, f"ladj {float(ladj.min()):.6g} below its bound {lower_bound}"
+        keep = (
+            torch.rand(len(z), generator=generator, dtype=torch.float64)
+            < (-beta * (ladj - lower_bound)).exp()
+        )
+        draws.append(z[keep])
+        kept += int(keep.sum())
+    return torch.cat(draws)[:n]
+
+
+def normflows_bounded_coupling():
+    """Two normflows masked affine couplings (RealNVP), each scaling one coordinate by exp(s), with
+    s = c tanh(MLP) and c = 1.5, wide random weights: strongly curved, and ladj = s_1 + s_2 >= -2c."""
+    nf = pytest.importorskip("normflows")
+    clamp = 1.5
+    torch.manual_seed(1)
+    with float64_default():
+        layers = [
+            nf.flows.MaskedAffineFlow(
+                torch.tensor(mask),
+                nf.nets.MLP([2, 16, 2]),
+                nf.nets.MLP([2, 16, 2], output_fn="tanh", output_scale=clamp),
+            )
+            for mask in ([1.0, 0.0], [0.0, 1.0])
+        ]
+        flow = nf.NormalizingFlow(nf.distributions.DiagGaussian(2, trainable=False), layers)
+        curved(flow.flows, 1.0)
+        return as_latent_flow(flow), -2 * clamp
+
+
+def freia_bounded_coupling():
+    """A FrEIA GLOW coupling block with soft clamp c = 1.5, wide random weights: each coordinate scaled by
+    exp(s), s = c 0.636 atan(u) with |s| < c, so that ladj >= -2c (2 coordinates)."""
+    pytest.importorskip("FrEIA")
+    import FrEIA.framework as Ff
+    import FrEIA.modules as Fm
+
+    clamp = 1.5
     torch.manual_seed(0)
-    flow = ELEMENTWISE[kind]()
+    network = Ff.SequenceINN(2)
+    network.append(Fm.GLOWCouplingBlock, subnet_constructor=subnet, clamp=clamp)
+    curved(network.double(), 1.0)
+    return as_latent_flow(network, base=STANDARD_NORMAL), -2 * clamp
+
+
+#: Strongly curved flows of libraries without an elementwise curved layer, on a N(0, I) base, with a lower
+#: bound of their log-determinant derived from their clamp: their tempered laws are drawn exactly by
+#: :func:`rejection_draws`.
+BOUNDED_LADJ = {"normflows": normflows_bounded_coupling, "FrEIA": freia_bounded_coupling}
+
+
+def tempered_z_scores(flow, draw):
+    """The max |z| of the statistics of 5,000 exact draws of the tempered target (beta = 1) after 10 MALA
+    steps against 100,000 fresh exact draws (``draw(n, generator)``), for the flow, the flow read in the
+    wrong direction and the flow with its log-determinant's sign flipped."""
     generator = torch.Generator().manual_seed(1)
-    reference_z = tempered_draws(flow, 1.0, 100_000, generator)
+    reference_z = draw(100_000, generator)
     reference = statistics(reference_z, flow.to_data(reference_z)[0].detach())
-    z0 = tempered_draws(flow, 1.0, 5_000, generator)
+    z0 = draw(5_000, generator)
 
     def score(read):
         target, move = TemperedFlow(read, 1.0), IdentityPreconditioner()
@@ -286,8 +343,31 @@ def test_the_tempered_target_keeps_its_exact_law_through_each_adapted_flow(kind)
 
     flipped = copy.copy(flow)
     flipped.to_data = lambda z: (flow.to_data(z)[0], -flow.to_data(z)[1])
-    assert score(flow) < 4.5
-    assert score(read_backwards(flow)) > 6.0 and score(flipped) > 6.0
+    return score(flow), score(read_backwards(flow)), score(flipped)
+
+
+@pytest.mark.statistical
+@pytest.mark.parametrize("kind", list(ELEMENTWISE) + [f"{kind}, bounded ladj" for kind in BOUNDED_LADJ])
+def test_the_tempered_target_keeps_its_exact_law_through_each_adapted_flow(kind):
+    """The tempered target (beta = 1) through a strongly curved flow of each kind: 5,000 exact draws stay
+    exact under 10 MALA steps; the flow read in the wrong direction, or with its log-determinant's sign
+    flipped, is caught by the same comparison. Exact draws: for an elementwise flow, a product of 1-d laws
+    drawn by their CDFs; for normflows and FrEIA (no elementwise curved layer), coupling layers with a
+    clamped scale, drawn by rejection from the base with the clamp's bound of ladj."""
+    torch.manual_seed(0)
+    with float64_default():  # normflows sums its log-determinants in the default dtype
+        if kind in ELEMENTWISE:
+            flow = ELEMENTWISE[kind]()
+            draw = functools.partial(tempered_draws, flow, 1.0)
+        else:
+            flow, lower_bound = BOUNDED_LADJ[kind.removesuffix(", bounded ladj")]()
+            draw = functools.partial(rejection_draws, flow, 1.0, lower_bound)
+            # the bound is checked on every proposal, and near what the flow reaches: 1.5 above it fails
+            with pytest.raises(AssertionError, match="below its bound"):
+                rejection_draws(flow, 1.0, lower_bound + 1.5, 10, torch.Generator().manual_seed(0))
+        correct, backwards, flipped = tempered_z_scores(flow, draw)
+    assert correct < 4.5
+    assert backwards > 6.0 and flipped > 6.0
 
 
 @pytest.mark.parametrize("kind", list(ADAPTED))
@@ -383,8 +463,26 @@ def _batch_norm_with_batch_statistics(z):
     ids=["stochastic log-determinant", "batch statistics", "wrong log-determinant", "no finite gradient"],
 )
 def test_a_flow_a_sampler_cannot_use_exactly_is_refused_naming_the_check(generator, check):
-    with pytest.raises(FlowMapError, match=f"fails the '{check}' check"):
+    with pytest.raises(FlowMapError, match=f"fails the '{check}' check") as refusal:
         as_latent_flow(generator, base=2)
+    assert "caused by" not in str(refusal.value)  # no layer to blame: none named
+
+
+def test_a_refusal_names_the_layer_that_explains_it_and_only_that_one():
+    """A generator through a dropout layer in training mode is refused, naming that layer (found through
+    the generator's closure) and why; the same layer in eval mode is the identity, and accepted."""
+
+    def through(dropout):
+        def generator(z):
+            return dropout(z), torch.zeros(z.shape[:-1], dtype=z.dtype)
+
+        return generator
+
+    dropout = torch.nn.Dropout(0.5)
+    layer = r"caused by layer 'Dropout' \(torch\.nn\.modules\.dropout\.Dropout, which drops units at random"
+    with pytest.raises(FlowMapError, match=f"'deterministic' check .*{layer}"):
+        as_latent_flow(through(dropout), base=2)
+    as_latent_flow(through(dropout.eval()), base=2)
 
 
 def test_normflows_layers_a_sampler_cannot_use_are_refused_naming_the_check():
@@ -396,10 +494,15 @@ def test_normflows_layers_a_sampler_cannot_use_are_refused_naming_the_check():
         return nf.flows.Residual(nf.nets.LipschitzMLP([2, 16, 2], init_zeros=False), reduce_memory=False)
 
     # in eval mode its estimate is drawn for the batch as a whole: refused as a coupling of the rows
-    with float64_default(), pytest.raises(FlowMapError, match="fails the '(deterministic|independent rows)'"):
+    check = "fails the '(deterministic|independent rows)' check"
+    layer = r"caused by layer 'flows.2' \(normflows\.flows\.residual\.Residual, which estimates its log-det"
+    with float64_default(), pytest.raises(FlowMapError, match=f"{check}.*{layer}"):
         as_latent_flow(normflows_flow(residual))
-    with float64_default(), pytest.raises(FlowMapError, match="fails the 'independent rows' check"):
+    layer = r"caused by layer 'flows.2' \(normflows\.flows\.normalization\.BatchNorm, which normalizes"
+    with float64_default(), pytest.raises(FlowMapError, match=f"fails the 'independent rows' check.*{layer}"):
         as_latent_flow(normflows_flow(nf.flows.BatchNorm))
+    with float64_default():  # negative control: the same flow without them is accepted
+        as_latent_flow(normflows_flow())
 
 
 def test_a_generator_through_autoregressive_layers_run_backwards_warns_that_it_is_slow():
@@ -427,7 +530,9 @@ def test_a_freia_residual_layer_with_a_hutchinson_log_determinant_is_refused():
     with float64_default():
         network = Ff.SequenceINN(2)
         network.append(Fm.IResNetLayer, hutchinson_samples=1, internal_size=16)
-        with pytest.raises(FlowMapError, match=r"\(SequenceINN from FrEIA\) fails the 'deterministic' check"):
+        check = r"\(SequenceINN from FrEIA\) fails the 'deterministic' check"
+        layer = r"caused by layer 'module_list.0' \(FrEIA\.modules\.invertible_resnet\.IResNetLayer, which"
+        with pytest.raises(FlowMapError, match=f"{check}.*{layer}.*Hutchinson"):
             as_latent_flow(network, base=2)
 
 

@@ -28,8 +28,9 @@ a callable ``z -> (x, ladj)``                 the callable, ``base``; ``inverse`
 
 Elementwise transforms (event dimension 0) are read as one transform of the vector (their log-determinants
 summed). :func:`check_flow_map` then checks, on a few points, what a sampler relies on (see
-:data:`FLOW_MAP_CHECKS`); :func:`~pyro_nfmala.flows.latent.as_latent_flow` runs it on every flow that is
-not zuko's.
+:data:`FLOW_MAP_CHECKS`), and refuses with a :class:`FlowMapError` naming the check, the reason and the
+layers that explain it (:func:`unsafe_layers`); :func:`~pyro_nfmala.flows.latent.as_latent_flow` runs it on
+every flow that is not zuko's.
 
 Example:
     >>> import pyro.distributions.transforms as T
@@ -45,10 +46,12 @@ from __future__ import annotations
 __all__ = [
     "FLOW_MAP_CHECKS",
     "FlowMapError",
+    "UNSAFE_LAYER_KINDS",
     "adapt_flow",
     "check_flow_map",
     "guide_sites",
     "sequential_layers",
+    "unsafe_layers",
 ]
 
 import copy
@@ -84,8 +87,28 @@ FLOW_MAP_CHECKS = {
 }
 
 
+#: Kinds of layer (a substring of the class name) that make a flow random or couple the rows of a batch,
+#: and why: :func:`check_flow_map` names those it finds when the 'deterministic', 'independent rows' or
+#: 'exact log-determinant' check fails.
+UNSAFE_LAYER_KINDS = {
+    "BatchNorm": "normalizes with the batch's statistics",
+    "Dropout": "drops units at random",
+    "IResNet": "estimates its log-determinant with random (Hutchinson) probes",
+    "Residual": "estimates its log-determinant at random (a power series cut at a random length)",
+}
+
+#: Layers of those kinds that use neither batch statistics nor randomness in ``eval()`` mode (the frozen
+#: copy's mode), and so are named only in training mode (a callable's modules are used as given).
+_SAFE_IN_EVAL_MODE = (
+    torch.nn.modules.batchnorm._BatchNorm,
+    torch.nn.modules.dropout._DropoutNd,
+    pyro.distributions.transforms.BatchNorm,
+)
+
+
 class FlowMapError(ValueError):
-    """A flow that a sampler cannot use exactly, with the check it failed and why."""
+    """A flow that a sampler cannot use exactly, with the check it failed, why, and the layers that explain
+    it where :func:`unsafe_layers` finds them."""
 
 
 def adapt_flow(
@@ -316,7 +339,8 @@ def check_flow_map(
 ) -> None:
     """Checks, on a few latent points, each of :data:`FLOW_MAP_CHECKS` for the generator ``to_data``
     (``z -> (x, ladj)``, batched); raises :class:`FlowMapError` naming the flow (``name``), the check and
-    the reason.
+    the reason, and, where the 'deterministic', 'independent rows' or 'exact log-determinant' check fails,
+    the layers of the flow that explain it (:func:`unsafe_layers`).
 
     The log-determinant is compared with autograd's Jacobian at two points where ``d <= 64``; beyond,
     along three random directions (the Jacobian's action, not its determinant, is then what is
@@ -335,12 +359,13 @@ def check_flow_map(
         shapes = f"{tuple(x.shape)} with ladj {tuple(ladj.shape)}"
         _fail(name, "square", f"it maps latents of shape (4, {dim}) to {shapes}")
     if not (torch.equal(x, again[0]) and torch.equal(ladj, again[1])):
-        _fail(name, "deterministic", "two calls on the same latents gave different values")
+        _fail(name, "deterministic", "two calls on the same latents gave different values", to_data)
     alone = torch.cat([torch.cat([x_i, ladj_i[:, None]], -1) for x_i, ladj_i in map(evaluated, z[:, None])])
     together = torch.cat([x, ladj[:, None]], -1)
     tolerance = 1e-8 if dtype == torch.float64 else 1e-4
     if not torch.allclose(alone, together, rtol=tolerance, atol=tolerance):
-        _fail(name, "independent rows", "a point's image changed with the other points of the batch")
+        reason = "a point's image changed with the other points of the batch"
+        _fail(name, "independent rows", reason, to_data)
     point = z[:2].clone().requires_grad_(True)
     with torch.enable_grad():
         x_point, ladj_point = to_data(point)
@@ -354,8 +379,61 @@ def check_flow_map(
             expected = torch.linalg.slogdet(jacobian).logabsdet
             if not torch.allclose(value, expected, rtol=10 * tolerance, atol=10 * tolerance):
                 reason = f"ladj {float(value):.6g} where log|det J| is {float(expected):.6g}"
-                _fail(name, "exact log-determinant", reason)
+                _fail(name, "exact log-determinant", reason, to_data)
 
 
-def _fail(name: str, check: str, reason: str) -> None:
-    raise FlowMapError(f"the {name} fails the {check!r} check ({FLOW_MAP_CHECKS[check]}): {reason}")
+def _fail(name: str, check: str, reason: str, to_data: object = None) -> None:
+    layers = unsafe_layers(to_data) if to_data is not None else []
+    cause = f"; caused by {' and '.join(layers)}" if layers else ""
+    raise FlowMapError(f"the {name} fails the {check!r} check ({FLOW_MAP_CHECKS[check]}): {reason}{cause}")
+
+
+def unsafe_layers(flow: object) -> list[str]:
+    """The layers of a flow that can make it random or couple a batch's rows, each as
+    ``"layer 'flows.2' (normflows.flows.residual.Residual, which ...)"``: its name in its flow's
+    ``named_modules()``, its class and the reason (:data:`UNSAFE_LAYER_KINDS`).
+
+    A layer is named when its class name holds one of :data:`UNSAFE_LAYER_KINDS` and it is in training
+    mode, or of a kind that stays random or batch-dependent in ``eval()`` mode (normflows' ``Residual`` and
+    ``BatchNorm``, FrEIA's ``IResNetLayer``; not torch's batch normalization and dropout, nor Pyro's
+    ``BatchNorm``). ``flow`` is anything that holds the flow's modules (a module, a flow, a
+    :class:`~pyro_nfmala.flows.latent.LatentFlow`'s bound ``to_data``, a callable's closure): they are
+    found through attributes, containers, bound methods and closures; each is named from the largest
+    module that holds it."""
+    roots, seen, stack = [], set(), [flow]
+    while stack:  # the outermost modules reachable from flow
+        item = stack.pop()
+        if id(item) in seen or item is None or isinstance(item, (str, bytes, int, float, bool, type, Tensor)):
+            continue
+        seen.add(id(item))
+        if isinstance(item, _FreiaNetwork):
+            stack.append(item.network)
+        elif isinstance(item, torch.nn.Module):
+            roots.append(item)
+        elif isinstance(item, (list, tuple, set, frozenset, dict)):
+            stack.extend(item.values() if isinstance(item, dict) else item)
+        elif isinstance(item, types.MethodType):
+            stack.append(item.__self__)
+        elif isinstance(item, types.FunctionType):
+            stack.extend(cell.cell_contents for cell in item.__closure__ or () if _cell_is_set(cell))
+        elif hasattr(item, "__dict__") and not isinstance(item, types.ModuleType):
+            stack.extend(vars(item).values())
+    named: dict[int, tuple[str, torch.nn.Module]] = {}
+    for root in sorted(roots, key=lambda module: -sum(1 for _ in module.modules())):
+        for path, module in root.named_modules():
+            named.setdefault(id(module), (path or type(module).__name__, module))
+    found = []
+    for path, module in named.values():
+        kind = next((kind for kind in UNSAFE_LAYER_KINDS if kind in type(module).__name__), None)
+        if kind is not None and (module.training or not isinstance(module, _SAFE_IN_EVAL_MODE)):
+            where = f"{type(module).__module__}.{type(module).__qualname__}"
+            found.append(f"layer {path!r} ({where}, which {UNSAFE_LAYER_KINDS[kind]})")
+    return found
+
+
+def _cell_is_set(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty closure cell
+        return False
+    return True

@@ -47,7 +47,7 @@ from zuko.distributions import NormalizingFlow
 from zuko.lazy import LazyDistribution
 from zuko.transforms import ComposedTransform, CouplingTransform
 
-from .adapters import adapt_flow, check_flow_map, guide_sites, sequential_layers
+from .adapters import _cell_is_set, adapt_flow, check_flow_map, guide_sites, sequential_layers
 
 
 def vjp(fn: Callable[[Tensor], Tensor], primal: Tensor, cotangent: Tensor) -> tuple[Tensor, Tensor]:
@@ -158,14 +158,6 @@ def _reachable(root: object) -> Iterator[object]:
             stack.extend(cell.cell_contents for cell in obj.__closure__ or () if _cell_is_set(cell))
         elif hasattr(obj, "__dict__") and not isinstance(obj, types.ModuleType):
             stack.extend(vars(obj).values())
-
-
-def _cell_is_set(cell) -> bool:
-    try:
-        cell.cell_contents
-    except ValueError:  # an empty closure cell
-        return False
-    return True
 
 
 def _freeze(obj: object) -> None:
