@@ -43,7 +43,8 @@ def test_docstring_examples(name):
 
 #: The package and its folders' faces: they only hand on the names of their modules, whose examples run.
 FACES = {"pyro_nfmala", "pyro_nfmala.examples"} | {
-    f"pyro_nfmala.{folder}" for folder in ("engine", "fit", "flows", "model", "output", "samplers")
+    f"pyro_nfmala.{folder}"
+    for folder in ("distributed", "engine", "fit", "flows", "model", "output", "samplers")
 }
 
 

@@ -61,6 +61,8 @@ from pyro.ops.dual_averaging import DualAveraging
 from pyro.ops.welford import WelfordCovariance
 from torch import Tensor
 
+from ..distributed.collectives import ONE_PROCESS, Collective
+from ..flows.latent import LatentFlow
 from .step import ChainState, Move, StepInfo, advance
 from .targets import LatentTarget
 
@@ -212,10 +214,12 @@ class KernelParameters(NamedTuple):
 class FlowRefinement:
     """The flow's part of warmup: every ``every`` steps, up to step ``last``, the flow is refined on the
     states the chains visited (:class:`~pyro_nfmala.engine.refine.FlowRefiner`), and a new
-    target is made from it by ``make_target``. Fixed after warmup, as everything adapted is."""
+    target is made from it by ``make_target``. Fixed after warmup, as everything adapted is. With chains
+    over several processes (``pool``), the refit sees every process's chains, and rank 0's refitted
+    weights are every rank's."""
 
-    def __init__(self, refiner, every: int, make_target: Callable) -> None:
-        self.refiner, self.every, self.make_target = refiner, every, make_target
+    def __init__(self, refiner, every: int, make_target: Callable, pool: Collective = ONE_PROCESS) -> None:
+        self.refiner, self.every, self.make_target, self.pool = refiner, every, make_target, pool
         self.last = 0
 
     def init(self, num_steps: int) -> None:
@@ -224,10 +228,13 @@ class FlowRefinement:
     def update(self, step: int, state: ChainState, flow) -> LatentTarget | None:
         """Collects the chains' states (and gradients, under their ``flow``) after warmup step ``step``
         (0-based); on schedule, a new target."""
-        self.refiner.add(state.x, state.grad, flow)
+        self.refiner.add(self.pool.gather_rows(state.x), self.pool.gather_rows(state.grad), flow)
         if (step + 1) % self.every or step + 1 > self.last:
             return None
-        return self.make_target(self.refiner.refine())
+        refined = self.refiner.refine()
+        if self.pool.active:
+            refined = LatentFlow(self.pool.broadcast_module_(self.refiner.module))
+        return self.make_target(refined)
 
 
 class WarmupAdaptation:
@@ -246,6 +253,10 @@ class WarmupAdaptation:
             for new parameters from the chains' current state (after a mass window), starting the
             search at ``start``.
         flow: A :class:`FlowRefinement`, or ``None``.
+        pool: The processes whose chains adapt together
+            (:class:`~pyro_nfmala.distributed.collectives.Collective`): the shared step size is fed their
+            chains' mean acceptance, the mass matrix their states, a Hamiltonian move's lengths their
+            U-turns, so every process adapts the same kernel. One process by default.
     """
 
     def __init__(
@@ -258,6 +269,7 @@ class WarmupAdaptation:
         per_chain: bool = False,
         find_step_size: Callable[[KernelParameters, float], Tensor] | None = None,
         flow: FlowRefinement | None = None,
+        pool: Collective = ONE_PROCESS,
     ) -> None:
         if num_steps < 0:
             raise ValueError(f"the number of warmup steps must be >= 0, got {num_steps}")
@@ -268,6 +280,7 @@ class WarmupAdaptation:
         self.per_chain = per_chain
         self.find_step_size = find_step_size
         self.flow = flow
+        self.pool = pool
         self.windows = adaptation_windows(self.num_steps) if mass_matrix is not None else []
         self.step = 0
         self._dual_averaging: StepSizeAdapter | None = None
@@ -308,12 +321,12 @@ class WarmupAdaptation:
         step_size = parameters.step_size
         if self._dual_averaging is not None:
             accept = info.accept_prob.double().cpu()
-            new = self._dual_averaging.update(accept if self.per_chain else accept.mean())
+            new = self._dual_averaging.update(accept if self.per_chain else self._pooled_mean(accept))
             step_size = self._expand(new, step_size)
         parameters = parameters._replace(step_size=step_size)
         u_turns = None if info.trajectory is None else info.trajectory.u_turn_lengths
         if self._u_turns is not None and u_turns is not None:
-            self._u_turns.append(u_turns.detach().reshape(-1).double().cpu())
+            self._u_turns.append(self.pool.gather_rows(u_turns.detach().reshape(-1).double().cpu()))
         if self.mass_matrix is not None:
             parameters = self._adapt_mass_matrix(parameters, state)
         self.step += 1
@@ -337,7 +350,7 @@ class WarmupAdaptation:
             return parameters
         move = parameters.move
         points = state.x if move.mass_space == "data" else state.z
-        self._welford.update_batch(points.detach().double().cpu())
+        self._welford.update_batch(self.pool.gather_rows(points.detach().double().cpu()))
         if t != window[1] or self._welford.n_samples < 2:
             return parameters
         covariance = self._welford.get_covariance(regularize=True).to(points.dtype).to(points.device)
@@ -346,11 +359,18 @@ class WarmupAdaptation:
             self._u_turns = []
         parameters = parameters._replace(move=move.with_inverse_mass(covariance))
         found = self.find_step_size(parameters, float(parameters.step_size.median()))
-        found = found if self.per_chain else found.median().expand(found.shape)
+        found = found if self.per_chain else self.pool.gather_rows(found).median().expand(found.shape)
         parameters = parameters._replace(step_size=self._expand(found, parameters.step_size))
         if self._dual_averaging is not None:
             self._restart_dual_averaging(parameters.step_size)
         return parameters
+
+    def _pooled_mean(self, values: Tensor) -> Tensor:
+        """The mean of every process's chains' ``values``."""
+        if not self.pool.active:
+            return values.mean()
+        total, count = self.pool.sum(torch.stack([values.sum(), values.new_tensor(float(len(values)))]))
+        return total / count
 
     def _fixed_lengths(self, parameters: KernelParameters):
         """The Hamiltonian move of sampling: its lengths drawn from warmup's U-turn times since the last

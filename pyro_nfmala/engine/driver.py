@@ -45,10 +45,13 @@ __all__ = ["DIVERGENCE_WARNING_RATE", "SAMPLE_STATS", "Driver", "MoveLedger", "R
 import logging
 import warnings
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from torch import Tensor
 
+from ..distributed.collectives import ONE_PROCESS, Collective
 from .adaptation import FlowRefinement, KernelParameters, WarmupAdaptation, find_reasonable_step_size
 from .independence import auto_tries, independence_proposal
 from .options import SamplerOptions
@@ -56,6 +59,9 @@ from .refine import FlowRefiner
 from .step import ChainState, StepInfo, advance, finite_chains, independence_steps, init_state
 from .targets import LatentTarget, PosteriorPullback
 from .validation import check_count
+
+if TYPE_CHECKING:
+    from ..distributed.sharded import ShardedData
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +182,12 @@ class Driver:
         modes: The posterior's modes found by the fit, the flow's first (``FitResult.modes``): with
             two or more, the independence moves propose from the mode mixture
             (:class:`~pyro_nfmala.engine.independence.ModeMixtureProposal`).
+        pool: The processes whose chains adapt together
+            (:class:`~pyro_nfmala.distributed.parallel.ChainParallel`: warmup's statistics pooled over them,
+            so every process adapts the same kernel); one process by default.
+        shards: Where the data are split over processes
+            (:class:`~pyro_nfmala.distributed.sharded.ShardedData`), their group: the chains are checked to be
+            the same on every process on its schedule.
     """
 
     def __init__(
@@ -187,6 +199,8 @@ class Driver:
         generator: torch.Generator | None = None,
         label: str = "NFMALA",
         modes: tuple = (),
+        pool: Collective = ONE_PROCESS,
+        shards: ShardedData | None = None,
         **option_values,
     ) -> None:
         if not isinstance(target, LatentTarget):
@@ -213,6 +227,7 @@ class Driver:
         self.num_chains = check_count("num_chains", num_chains)
         self.generator = generator
         self.label = label
+        self.pool, self.shards = pool, shards
         self.move = options.move  # the local move; adaptation replaces it by new ones
         if options.mass_matrix is not None:  # a move of this driver's own, with M = I until adapted
             unit = {"dtype": self.flow.dtype, "device": self.flow.device}
@@ -282,7 +297,8 @@ class Driver:
             found = find_reasonable_step_size(
                 state, self.target, self.move, search_from, generator=self.generator
             )
-            step = found.median().expand(self.num_chains) if self.options.adapt == "shared" else found
+            shared = self.options.adapt == "shared"
+            step = self.pool.gather_rows(found).median().expand(self.num_chains) if shared else found
         elif step_size is not None:
             step = torch.as_tensor(step_size)
         else:
@@ -385,7 +401,7 @@ class Driver:
         if self.refiner is not None:
             log_prob = self.target.log_prob
             flow = FlowRefinement(
-                self.refiner, options.refine_every, lambda f: PosteriorPullback(f, log_prob)
+                self.refiner, options.refine_every, lambda f: PosteriorPullback(f, log_prob), self.pool
             )
         self.adaptation = WarmupAdaptation(
             num_steps,
@@ -395,6 +411,7 @@ class Driver:
             per_chain=options.adapt == "per_chain",
             find_step_size=self._find_step_size,
             flow=flow,
+            pool=self.pool,
         )
         self._apply(self.adaptation.init(self.parameters))
 
@@ -459,6 +476,8 @@ class Driver:
                 self._refinement_failed(str(error))
         if self.record is not None and not warmup:
             self.record.add(self.state, self.stats(info))
+        if self.shards is not None:
+            self.shards.check_same_chains(self.steps, self.state.z)
         return info
 
     @property
@@ -471,7 +490,9 @@ class Driver:
         if self.warming_up:
             return 1
         ledger = self.ledgers["independence"].counts["warmup"]
-        rate = ledger["accepted"] / ledger["proposals"] if ledger["proposals"] else float("nan")
+        pooled = self.pool.sum(torch.tensor([ledger["accepted"], ledger["proposals"]], dtype=torch.float64))
+        accepted, proposals = pooled.tolist()
+        rate = accepted / proposals if proposals else float("nan")
         self._tries = auto_tries(rate)
         logger.info(
             "%s: independence acceptance %.3f in warmup, so %d independence tries per step from now on",

@@ -248,7 +248,7 @@ def fit_staged_map(
             lr=lr,
             progress=progress,
             settle=True,
-            max_seconds=max(deadline - time.perf_counter(), 1e-3),
+            max_seconds=_seconds_left(deadline),
         )
 
     def checked(map_flow: zuko.flows.Flow) -> FlowCheck:
@@ -317,7 +317,7 @@ def fit_staged_map(
                 log_prob,
                 staged,
                 progress=progress,
-                max_seconds=max(deadline - time.perf_counter(), 1e-3),
+                max_seconds=_seconds_left(deadline),
                 **dict(chain_options or {}),
             )
             return adapted.flow, adapted.losses, adapted.budget_spent
@@ -419,3 +419,8 @@ def fit_in_better_coordinates(
         return result._replace(seconds=trial_seconds, budget_spent=spent), chosen_centring
     full = fit_map_to_density(chosen, deadline=deadline, gaussian=result, **fit_options)
     return full._replace(seconds=full.seconds + trial_seconds), chosen_centring
+
+
+def _seconds_left(deadline: float) -> float | None:
+    """The seconds until ``deadline`` (at least 1 ms), ``None`` where there is none."""
+    return None if math.isinf(deadline) else max(deadline - time.perf_counter(), 1e-3)

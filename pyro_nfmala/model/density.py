@@ -47,6 +47,7 @@ from pyro.infer.mcmc.util import _find_valid_initial_params, initialize_model
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
+from ..distributed.sharded import ShardedData, ShardedLogDensity, shard_term, without_prior
 from ..engine.errors import is_out_of_memory
 from ..engine.traced import TracedLogProb
 
@@ -186,6 +187,10 @@ class ModelDensity:
         #: Why the model is evaluated point by point (each way of batching tried, with its error).
         self.unbatched_reasons: list[str] = []
         self.traced = TracedLogProb(self._unvalidated_log_prob) if trace_density else None
+        #: With the data split over processes (:class:`~pyro_nfmala.distributed.sharded.ShardedData`), the log
+        #: density summed over them (:class:`~pyro_nfmala.distributed.sharded.ShardedLogDensity`), which
+        #: :meth:`log_prob` gives; ``None`` in one process.
+        self.summed: ShardedLogDensity | None = None
 
     @classmethod
     def from_potential(
@@ -206,6 +211,14 @@ class ModelDensity:
     def vectorized(self) -> bool:
         return self.particles is not None
 
+    def shard(self, shards: ShardedData | None) -> ModelDensity:
+        """Sums :meth:`log_prob` over ``shards``' processes from here on (each rank's term
+        :func:`~pyro_nfmala.distributed.sharded.shard_term`); returns this density. ``None`` or one
+        process: unchanged."""
+        if shards is not None and shards.active:
+            self.summed = ShardedLogDensity(shard_term(self, shards.rank), shards)
+        return self
+
     def initial_points(self, num: int) -> Tensor:
         """``num`` points ``(num, d)`` to start chains at: for a model, draws of its init strategy where the
         log density and its gradient are finite (Pyro's search for valid initial parameters, as for HMC:
@@ -218,7 +231,14 @@ class ModelDensity:
     def log_prob(self, x: Tensor) -> Tensor:
         r""":math:`-U(\mathrm{unpack}(x))` for ``x`` of shape ``(d,)`` or ``(..., d)``: a batch in one
         vectorized run of the model where it allows it (``vectorized``), else point by point; a batch
-        shape evaluated often runs traced (``traced``)."""
+        shape evaluated often runs traced (``traced``). With the data sharded, summed over the
+        processes (``summed``)."""
+        if self.summed is not None:
+            return self.summed(x)
+        return self.local_log_prob(x)
+
+    def local_log_prob(self, x: Tensor) -> Tensor:
+        """:meth:`log_prob` of this process's model and data alone."""
         if x.dim() == 1:
             return self._point_log_prob(x)
         if self.traced is not None:
@@ -520,6 +540,7 @@ def model_density(
     trace_density: bool = True,
     init_strategy: Callable | None = None,
     max_plate_nesting: int | None = None,
+    shards: ShardedData | None = None,
     **initialize_kwargs,
 ) -> ModelDensity:
     """The posterior of a Pyro model on its flat unconstrained parameters.
@@ -546,8 +567,14 @@ def model_density(
     With ``trace_density=True``, a batch shape evaluated often runs as one traced graph of the log
     density and its gradient (:mod:`pyro_nfmala.engine.traced`: the same arithmetic, checked, 2-6x faster
     on small models); ``False`` runs the model eagerly every time.
+
+    With ``shards`` (:class:`~pyro_nfmala.distributed.sharded.ShardedData`), ``model_args`` and
+    ``model_kwargs`` are this process's shard of the data, and the log density is summed over the
+    processes, the prior and the constraints' Jacobian counted once (:mod:`pyro_nfmala.distributed.sharded`).
     """
     model_kwargs = model_kwargs or {}
+    if shards is not None and shards.active and shards.rank != 0:
+        model = without_prior()(model)
     init_strategy = init_strategy or default_init
     first = _trace(model, model_args, model_kwargs, init_strategy)
     discrete = _discrete_sites(first)
@@ -604,7 +631,7 @@ def model_density(
         density.unbatched_reasons = ["vectorize=False"]
     elif discrete:
         density.unbatched_reasons = [f"the discrete sites {sorted(discrete)} are summed out by enumeration"]
-    return density
+    return density.shard(shards)
 
 
 def _sites_the_density_ignores(model, model_args: tuple, model_kwargs: dict, trace) -> list[str]:

@@ -63,6 +63,7 @@ from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ..distributed import ChainParallel, ShardedData
 from ..engine.options import DEFAULT_PRECONDITIONER, SamplerOptions
 from ..engine.step import Move
 from ..fit.check import FlowCheck
@@ -123,6 +124,12 @@ class NFMALA(MCMCKernel):
             batch shape (:mod:`pyro_nfmala.engine.traced`; default): the same arithmetic, checked against the
             model at the point traced, 2-6x faster on small models; a model whose Python branches on
             its parameters' values stays eager. ``False`` runs the model eagerly at every step.
+        distributed: ``None`` (one process), or a run over the processes of a ``torch.distributed`` group
+            (:mod:`pyro_nfmala.distributed`): :class:`~pyro_nfmala.distributed.parallel.ChainParallel`
+            splits :class:`pyro_nfmala.MCMC`'s chains over them, warmup pooled, every rank holding every
+            chain's draws at the end; :class:`~pyro_nfmala.distributed.sharded.ShardedData` sums the
+            likelihood of data split over them (each rank runs the model on its own shard), every rank
+            running the same chains.
 
     The sampler's options, ``local_move``, ``step_size``, ``adapt_step_size``, ``target_accept_prob``,
     ``adapt``, ``preconditioner``, ``mass_matrix``, ``independence_every``, ``independence_scale``,
@@ -168,6 +175,7 @@ class NFMALA(MCMCKernel):
         init_strategy: Callable | None = None,
         initial_params: Mapping[str, Tensor] | None = None,
         trace_density: bool = True,
+        distributed: ChainParallel | ShardedData | None = None,
     ) -> None:
         self.spec = RunSpec(
             model=model,
@@ -185,6 +193,7 @@ class NFMALA(MCMCKernel):
             initial_params=None if initial_params is None else dict(initial_params),
             trace_density=bool(trace_density),
             options=SamplerOptions.from_arguments(locals()),
+            distributed=distributed,
         )
         if potential_fn is not None and initial_params is not None and flow is not None:
             check_flow_dim(self.spec.flow, ModelDensity.from_potential(potential_fn, initial_params).layout)

@@ -143,9 +143,23 @@ class VectorizedChains:
 
     def run(self, *args, **kwargs):
         """Yields what Pyro's ``MCMC.run`` reads, ``(value, chain)``: each chain's structure, its draws
-        (flat, unconstrained), then its diagnostics."""
+        (flat, unconstrained), then its diagnostics. With the chains split over processes
+        (:class:`~pyro_nfmala.distributed.parallel.ChainParallel`), this rank runs its share of them and
+        yields every rank's, gathered at the end."""
+        kernel = self.kernel
+        group = kernel.spec.chain_group
+        with group.together():
+            yield from self._run(group, args, kwargs)
+
+    def _run(self, group, args, kwargs):
         kernel, chains = self.kernel, list(range(self.num_chains))
-        batch = kernel.setup_chains(self.num_chains, self.warmup_steps, args, kwargs, self.initial_params)
+        count, first = group.split(self.num_chains)
+        if group.active and count == 0:
+            raise ValueError(
+                f"{self.num_chains} chain(s) over {group.size} processes leave rank {group.rank} none: run "
+                "at least one chain per process"
+            )
+        batch = kernel.setup_chains(count, self.warmup_steps, args, kwargs, self.initial_params)
         if batch is None:  # nothing to sample: no batch to make, Pyro's own loop
             unary = _UnarySampler(
                 kernel, self.num_samples, self.warmup_steps, self.num_chains, self.disable_progbar,
@@ -157,15 +171,16 @@ class VectorizedChains:
         names = getattr(kernel, "save_params", None) or sorted(layout.shapes)
         for chain in chains:
             yield {name: layout.shapes[name] for name in names}, chain
-        bar = ProgressBar(self.warmup_steps, self.num_samples, disable=self.disable_progbar)
+        where = f" on {group.size} processes" if group.active else ""
+        bar = ProgressBar(self.warmup_steps, self.num_samples, disable=self.disable_progbar or group.rank > 0)
         try:
             for phase, steps in (("Warmup", self.warmup_steps), ("Sample", self.num_samples)):
-                bar.set_description(f"{phase} [{self.num_chains} chains]", refresh=False)
+                bar.set_description(f"{phase} [{self.num_chains} chains{where}]", refresh=False)
                 for i in range(steps):
                     batch.step()
                     if self.hook is not None:
-                        for chain in chains:
-                            stage = f"{phase} [{chain}]" if self.num_chains > 1 else phase
+                        for chain in range(count):
+                            stage = f"{phase} [{first + chain}]" if self.num_chains > 1 else phase
                             self.hook(kernel, batch.params(chain), stage, i)
                     bar.set_postfix(batch.logging(), refresh=False)
                     bar.update()
@@ -173,12 +188,12 @@ class VectorizedChains:
             bar.close()
         if self.num_samples:  # the draws, mapped to the model's coordinates in one batch
             drawn = batch.drawn_params()
-            flat = torch.cat(
-                [drawn[name].reshape(self.num_chains, self.num_samples, -1) for name in names], -1
-            )
-            for chain in chains:
-                for draw in flat[chain]:
+            flat = torch.cat([drawn[name].reshape(count, self.num_samples, -1) for name in names], -1)
+            for chain, draws in enumerate(group.gather_rows(flat)):
+                for draw in draws:
                     yield draw, chain
+        diagnostics = [batch.diagnostics(chain) for chain in range(count)]
+        gathered = [item for part in group.gather_objects(diagnostics) for item in part]
         for chain in chains:
-            yield batch.diagnostics(chain), chain
+            yield gathered[chain], chain
         kernel.cleanup()

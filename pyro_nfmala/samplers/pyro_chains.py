@@ -170,11 +170,16 @@ class RunChains:
         drawn = self.record.stacked().get("x")
         if drawn is None or drawn.shape[1] < 4:
             return self.earlier
+        group = self.run.spec.chain_group
+        drawn = group.gather_rows(drawn)  # chains over processes: every process's, checked on rank 0
+        if group.rank > 0:
+            return self.earlier
         pooled = [*self.earlier, *drawn]
         if len({len(draws) for draws in pooled}) > 1:  # runs of other lengths on the same data: these alone
             pooled = list(drawn)
         count = len(pooled)
-        what = f"NFMALA's chain{'s' if count > 1 else ''} ({count} in this process so far)"
+        where = f"on {group.size} processes" if group.active else "in this process so far"
+        what = f"NFMALA's chain{'s' if count > 1 else ''} ({count} {where})"
         points = torch.stack(pooled)
         samples = self.run.layout.unpack(self.run.model_points(points))
         advice = lambda failing: self.run.likely_causes(points, failing)  # noqa: E731

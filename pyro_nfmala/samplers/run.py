@@ -55,6 +55,8 @@ import torch
 
 from torch import Tensor
 
+from ..distributed import ChainParallel, Collective, ShardedData
+from ..distributed.collectives import ONE_PROCESS
 from ..engine.driver import Driver
 from ..engine.independence import tries_for_density
 from ..engine.options import SamplerOptions
@@ -105,6 +107,7 @@ class RunSpec:
     initial_params: dict[str, Tensor] | None
     trace_density: bool
     options: SamplerOptions = field(default_factory=SamplerOptions)
+    distributed: ChainParallel | ShardedData | None = None
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.potential_fn is None):
@@ -119,6 +122,21 @@ class RunSpec:
             raise ValueError(
                 f"parameterization must be one of {PARAMETERIZATIONS}, got {self.parameterization!r}"
             )
+        if self.distributed is not None and not isinstance(self.distributed, (ChainParallel, ShardedData)):
+            raise TypeError(
+                "distributed must be a pyro_nfmala.distributed.ChainParallel (chains split over processes) "
+                f"or ShardedData (data split over processes), got {type(self.distributed).__name__}"
+            )
+        if self.sharded is not None:
+            if self.model is None and self.potential_fn is None:
+                raise ValueError("ShardedData needs a model or a potential_fn")
+            if self.fit_options.get("max_seconds") is not None:
+                raise ValueError(
+                    "a ShardedData run fits its map without a time budget (a deadline would stop the ranks "
+                    "at different steps, and their collectives would no longer match): drop "
+                    "fit_options['max_seconds'] and bound the fit by its step counts"
+                )
+            object.__setattr__(self, "fit_options", {**self.fit_options, "max_seconds": None})
         if self.beta is not None:
             if self.flow is None:
                 raise ValueError("beta samples the flow's own tempered measure: it needs a flow")
@@ -132,6 +150,17 @@ class RunSpec:
     def fits_own_map(self) -> bool:
         return self.flow is None
 
+    @property
+    def sharded(self) -> ShardedData | None:
+        """The data's process group where the data are sharded (else ``None``)."""
+        return self.distributed if isinstance(self.distributed, ShardedData) else None
+
+    @property
+    def chain_group(self) -> Collective:
+        """The process group the chains are split over
+        (:data:`~pyro_nfmala.distributed.collectives.ONE_PROCESS` where they are not)."""
+        return self.distributed if isinstance(self.distributed, ChainParallel) else ONE_PROCESS
+
     def density_options(self) -> dict:
         """The keyword arguments of :func:`~pyro_nfmala.model.density.model_density` for this run."""
         return {
@@ -141,6 +170,7 @@ class RunSpec:
             "skip_jit_warnings": self.ignore_jit_warnings,
             "init_strategy": self.init_strategy,
             "trace_density": self.trace_density,
+            "shards": self.sharded,
         }
 
 
@@ -181,18 +211,24 @@ class PosteriorRun:
         self.hierarchical_sites: list[str] = []
         self._said_point_by_point = False
         rng_state = pyro.util.get_rng_state()  # once per run: each chain's draws must not depend on it
+        group = spec.chain_group
         try:
-            self.density = self.sampled = self._density()
-            if self.layout.dim == 0:  # nothing to sample
-                return
-            self._prepare_map()
+            with group.together():
+                self.density = self.sampled = self._density()
+                if self.layout.dim == 0:  # nothing to sample
+                    return
+                if group.active:
+                    self._prepare_map_on_rank_0(group)
+                else:
+                    self._prepare_map()
         finally:
             pyro.util.set_rng_state(rng_state)
         check_flow_dim(self.flow, self.layout)
         if spec.beta is not None:
             self.target = TemperedFlow(self.flow, spec.beta)
-        else:
-            self.target = PosteriorPullback(self.flow, self._log_prob, trace=spec.trace_density)
+        else:  # a sharded density's all-reduce cannot be traced: its local terms are
+            trace = spec.trace_density and spec.sharded is None
+            self.target = PosteriorPullback(self.flow, self._log_prob, trace=trace)
 
     # ------------------------------------------------------------------------------------------
     # preparation
@@ -207,7 +243,7 @@ class PosteriorRun:
                 )
             return ModelDensity.from_potential(
                 spec.potential_fn, spec.initial_params, spec.transforms, trace_density=spec.trace_density
-            )
+            ).shard(spec.sharded)
         return model_density(
             spec.model, self.args, self.kwargs, transforms=spec.transforms, **spec.density_options()
         )
@@ -245,6 +281,33 @@ class PosteriorRun:
             check_flow_dim(self.flow, self.layout)
             self.check = check_flow(self.flow, self._log_prob, deadline=self.deadline)
             self.check.warn("NFMALA's flow", stacklevel=7)
+
+    def _prepare_map_on_rank_0(self, group: Collective) -> None:
+        """Chains split over processes: rank 0 prepares the map (:meth:`_prepare_map`), and every other rank
+        takes it (the fit, the coordinates it chose, the flow check and the modes), so that every rank
+        samples through the same map."""
+        prepared = None
+        if group.rank == 0:
+            self._prepare_map()
+            prepared = (
+                self.fit_result,
+                self.non_centred_sites,
+                self.check,
+                self.modes,
+                self.hierarchical_sites,
+            )
+        prepared = group.broadcast_object(prepared)
+        if group.rank == 0:
+            return
+        self.fit_result, sites, self.check, self.modes, self.hierarchical_sites = prepared
+        spec = self.spec
+        if sites:
+            self.non_centring = NonCentring(
+                spec.model, sites, self.args, self.kwargs, self.density, **spec.density_options()
+            )
+            self.sampled = self.non_centring.density
+        if self.fit_result is not None:
+            self.flow = as_latent_flow(self.fit_result.flow)
 
     def _hierarchical_sites(self) -> list[str]:
         """The sites that may be sampled non-centred (none where the user fixed the coordinates:
@@ -330,18 +393,46 @@ class PosteriorRun:
         given = self.spec.initial_params if initial_params is None else initial_params
         if num_chains > 1 and self.spec.model is not None and not self.sampled.vectorized:
             self._say_point_by_point()
-        points = self._points(num_chains, given)
-        self._search_modes_from(points)
-        driver = Driver(
-            self.target, num_chains, self.options(), generator=generator, label=label, modes=self.modes
-        )
-        state = driver.start_state(points, fallback=given is None, describe=self.describe_start)
-        step_size = driver.options.step_size
-        if step_size is None or (adapting and driver.options.adapt_step_size):
-            driver.start(state, search_from=step_size or 1.0)
-        else:
-            driver.start(state, step_size=step_size)
+        group = self.spec.chain_group
+        with group.together():
+            points = self._starting_points(num_chains, given, group)
+            driver = Driver(
+                self.target,
+                num_chains,
+                self.options(),
+                generator=group.generator(self.flow.device, generator),
+                label=label,
+                modes=self.modes,
+                pool=group,
+                shards=self.spec.sharded,
+            )
+            state = driver.start_state(points, fallback=given is None, describe=self.describe_start)
+            step_size = driver.options.step_size
+            if step_size is None or (adapting and driver.options.adapt_step_size):
+                driver.start(state, search_from=step_size or 1.0)
+            else:
+                driver.start(state, step_size=step_size)
         return driver
+
+    def _starting_points(self, num_chains: int, given, group: Collective) -> Tensor | None:
+        """The chains' starting points (:meth:`_points`), searched for modes the fit missed; with chains
+        split over processes (``num_chains`` of them on this rank), drawn and searched on rank 0 for every
+        rank's chains, as one process would, and split."""
+        if not group.active:
+            points = self._points(num_chains, given)
+            self._search_modes_from(points)
+            return points
+        counts = group.gather_rows(torch.tensor([num_chains])).tolist()
+        first = sum(counts[: group.rank])
+        shared = None
+        if group.rank == 0:
+            points = self._points(sum(counts), given)
+            self._search_modes_from(points)
+            shared = (points, self.modes)
+        points, self.modes = group.broadcast_object(shared)
+        if self.fit_result is not None:
+            self.fit_result = self.fit_result._replace(modes=self.modes)
+        return None if points is None else points[first : first + num_chains]
 
     def _say_point_by_point(self) -> None:
         if self._said_point_by_point:
@@ -404,6 +495,8 @@ class PosteriorRun:
             fit_seconds = self.fit_result.seconds if self.fit_result is not None else math.nan
             budget = MODE_SEARCH_TIME_FRACTION * fit_seconds if math.isfinite(fit_seconds) else 0.0
             deadline = min(self.deadline, time.perf_counter() + max(MODE_SEARCH_MIN_SECONDS, budget))
+            if self.spec.sharded is not None:  # every rank must search the same starts: no clock
+                deadline = self.deadline
             self._starts_searched = MODE_SEARCH_STARTS
             for point in self.sampled.initial_points(missing):
                 self.modes = with_mode_from(self.sampled.log_prob, self.modes, point, deadline=deadline)
