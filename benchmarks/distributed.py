@@ -4,6 +4,10 @@ likelihood over data shards.
     python benchmarks/distributed.py            # about 3 minutes on 2 cores
     python benchmarks/distributed.py --quick    # fewer draws and evaluations
 
+Each case runs one process with 2 torch threads (all of this machine), one process with 1 thread (one
+"device"), and two processes with 1 thread each (two "devices"): the last two compare what a rank on a
+device of its own gains from a second one.
+
 1. **Chain-parallel** (``NFMALA(model, distributed=ChainParallel())`` under ``pyro_nfmala.MCMC``):
    posteriordb's kidiq_with_mom_work regression (needs ``$PYRO_NFMALA_POSTERIORDB``), 8 chains x
    (500 warmup + 1,000 draws) in float64: one process with 2 torch threads against two processes
@@ -43,14 +47,22 @@ from pyro_nfmala.model.density import model_density
 
 RESULTS = Path(__file__).parent / "results"
 POSTERIOR = "kidiq_with_mom_work"
+#: Observations of the synthetic regression whose chains are split in the second chain-parallel row: each
+#: step's model run costs milliseconds there, not the per-step overhead of a 5-parameter posterior.
+HEAVY = 100_000
 
 
-def chain_run(num_chains: int, num_samples: int, warmup: int, distributed: bool) -> dict:
+def chain_run(posterior: str, num_chains: int, num_samples: int, warmup: int, distributed: bool) -> dict:
     torch.set_default_dtype(torch.float64)
     pyro.set_rng_seed(0)
+    if posterior == POSTERIOR:
+        model, kwargs = posteriordb.MODELS[POSTERIOR], posteriordb.load_data(POSTERIOR, dtype=torch.float64)
+    else:
+        x, y = regression_shard(HEAVY, 10, 0, 1)
+        model, kwargs = regression, {"x": x, "y": y}
     started = time.perf_counter()
     kernel = NFMALA(
-        posteriordb.MODELS[POSTERIOR],
+        model,
         fit_options={"progress": False},
         max_plate_nesting=1,
         distributed=ChainParallel() if distributed else None,
@@ -58,7 +70,7 @@ def chain_run(num_chains: int, num_samples: int, warmup: int, distributed: bool)
     mcmc = MCMC(
         kernel, num_samples=num_samples, warmup_steps=warmup, num_chains=num_chains, disable_progbar=True
     )
-    mcmc.run(**posteriordb.load_data(POSTERIOR, dtype=torch.float64))
+    mcmc.run(**kwargs)
     wall = time.perf_counter() - started
     per_draw = list(mcmc.diagnostics()["seconds per draw"].values())
     samples = {key: value.numpy() for key, value in mcmc.get_samples(group_by_chain=True).items()}
@@ -119,39 +131,62 @@ def main() -> None:
     samples, warmup, repeats, n = (300, 300, 10, 200_000) if args.quick else (1000, 500, 30, 1_000_000)
     rows: dict = {"machine": "2 CPU cores, gloo", "quick": args.quick}
 
-    if posteriordb.available():
-        one = spawn(chain_run, 1, (8, samples, warmup, False), timeout=1200, threads=2)[0]
-        two = spawn(chain_run, 2, (8, samples, warmup, True), timeout=1200, threads=1)[0]
-        reference = posteriordb.comparable_reference(POSTERIOR)
-        for label, result in (("1 process x 8 chains", one), ("2 processes x 4 chains", two)):
-            flat = posteriordb.reference_names(posteriordb.derived(POSTERIOR, result["samples"]))
-            ours = from_arrays({key: flat[key] for key in reference})
-            rhat = max(float(value) for value in az.rhat(ours).data_vars.values())
-            error = max(
-                abs(np.asarray(flat[k]).mean() - ref.mean()) / ref.std() for k, ref in reference.items()
-            )
-            draws = 8 * samples  # each rank's draw is a batch of its chains; the ranks draw at the same time
-            rows[label] = {
+    cases = [(POSTERIOR, 8)] if posteriordb.available() else []
+    if not cases:
+        rows["chain-parallel"] = (
+            f"skipped posteriordb's row: set {posteriordb.ENV_VAR} (benchmarks/README.md)"
+        )
+    cases.append((f"regression, {HEAVY:,} observations", 8))
+    for posterior, chains in cases:
+        one = spawn(chain_run, 1, (posterior, chains, samples, warmup, False), timeout=1200, threads=2)[0]
+        alone = spawn(chain_run, 1, (posterior, chains, samples, warmup, False), timeout=1200, threads=1)[0]
+        two = spawn(chain_run, 2, (posterior, chains, samples, warmup, True), timeout=1200, threads=1)[0]
+        runs = (
+            (f"1 process (2 threads) x {chains} chains", one),
+            (f"1 process (1 thread) x {chains} chains", alone),
+            (f"2 processes (1 thread each) x {chains // 2} chains", two),
+        )
+        for label, result in runs:
+            row = {
                 "wall s": round(result["wall"], 2),
                 "fit s": round(result["fit"], 2),
-                "sampling ms per chain-draw": round(1e3 * statistics.mean(result["seconds per draw"]) / 8, 4),
-                "wall ms per chain-draw": round(1e3 * result["wall"] / draws, 3),
-                "max R-hat": round(rhat, 4),
-                "max |mean error| / sd": round(error, 3),
+                # a rank's draw is one batch of its chains; the ranks draw at the same time
+                "sampling ms per chain-draw": round(
+                    1e3 * statistics.mean(result["seconds per draw"]) / chains, 4
+                ),
+                "wall ms per chain-draw": round(1e3 * result["wall"] / (chains * samples), 3),
             }
-    else:
-        rows["chain-parallel"] = f"skipped: set {posteriordb.ENV_VAR} (benchmarks/README.md)"
+            data = from_arrays(result["samples"])
+            row["max R-hat"] = round(max(float(value.max()) for value in az.rhat(data).data_vars.values()), 4)
+            if posterior == POSTERIOR:
+                reference = posteriordb.comparable_reference(POSTERIOR)
+                flat = posteriordb.reference_names(posteriordb.derived(POSTERIOR, result["samples"]))
+                errors = [abs(np.mean(flat[k]) - ref.mean()) / ref.std() for k, ref in reference.items()]
+                row["max |mean error| / reference sd"] = round(max(errors), 3)
+            else:
+                errors = [
+                    np.abs(result["samples"][k].mean((0, 1)) - one["samples"][k].mean((0, 1)))
+                    / one["samples"][k].std((0, 1))
+                    for k in one["samples"]
+                ]
+                row["max |mean difference| / sd, against 1 process"] = round(
+                    float(max(e.max() for e in errors)), 3
+                )
+            rows[f"{posterior}: {label}"] = row
 
     one = spawn(sharded_evaluation, 1, (n, 10, 4, repeats), timeout=1200, threads=2)[0]
+    alone = spawn(sharded_evaluation, 1, (n, 10, 4, repeats), timeout=1200, threads=1)[0]
     two = spawn(sharded_evaluation, 2, (n, 10, 4, repeats), timeout=1200, threads=1)
     same = max(float((part["grad"] - one["grad"]).abs().max()) for part in two)
     slowest = max(part["seconds"] for part in two)
     reduce = max(part["all-reduce seconds"] for part in two)
     rows["sharded"] = {
         "observations": n,
-        "1 process ms per evaluation": round(1e3 * one["seconds"], 3),
-        "2 processes ms per evaluation": round(1e3 * slowest, 3),
-        "speed-up": round(one["seconds"] / slowest, 2),
+        "1 process (2 threads) ms per evaluation": round(1e3 * one["seconds"], 3),
+        "1 process (1 thread) ms per evaluation": round(1e3 * alone["seconds"], 3),
+        "2 processes (1 thread each) ms per evaluation": round(1e3 * slowest, 3),
+        "speed-up over 1 process, 2 threads": round(one["seconds"] / slowest, 2),
+        "speed-up over 1 process, 1 thread (one device each)": round(alone["seconds"] / slowest, 2),
         "all-reduce ms": round(1e3 * reduce, 4),
         "all-reduce share": round(reduce / slowest, 4),
         "max |gradient difference|": same,

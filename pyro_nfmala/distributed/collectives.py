@@ -6,12 +6,13 @@ Train's ``TorchTrainer`` set up with :func:`torch.distributed.init_process_group
 initialized, or a group of one, every operation is the identity: the one-process run is unchanged and
 pays nothing.
 
-**Errors.** Every collective starts by settling: one all-reduce of a flag, zero on every rank that is
-well. A rank whose code raised inside :meth:`Collective.together` joins the other ranks at their next
-collective with its flag set instead; then every rank receives the error (pickled, with a note naming
-the rank) and raises it, and the run stops on every rank with the same exception. A rank killed outright
-(no Python left to send anything) makes the backend's own collective fail on the other ranks (gloo and
-NCCL notice a closed connection), so the run still stops.
+**Errors.** Every collective starts by settling: one all-reduce of a header whose first number is a flag,
+zero on every rank that is well (a sum of a few numbers rides in the rest of it, so that it costs one
+all-reduce in all). A rank whose code raised inside :meth:`Collective.together` joins the other ranks at
+their next collective with its flag set instead; then every rank receives the error (pickled, with a
+note naming the rank) and raises it, and the run stops on every rank with the same exception. A rank
+killed outright (no Python left to send anything) makes the backend's own collective fail on the other
+ranks (gloo and NCCL notice a closed connection), so the run still stops.
 
 Example:
     >>> pool = Collective()  # no process group initialized here: one process, every operation the identity
@@ -36,6 +37,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 _SETTLED = "_pyro_nfmala_settled"  # set on an exception every rank has received
+#: The numbers of the all-reduce that starts every collective: the error flag, and a sum of up to
+#: ``HEADER - 1`` numbers carried with it (dual averaging's acceptance, a warmup step's only collective).
+HEADER = 8
 
 
 class Collective:
@@ -109,13 +113,17 @@ class Collective:
                 self._settle(error)
             raise
 
-    def _settle(self, error: BaseException | None = None) -> None:
-        """The start of every collective: a flag all-reduced; where any rank raised, every rank raises the
-        first error in rank order."""
-        flag = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64, device=self.device)
-        dist.all_reduce(flag, group=self.group)
-        if float(flag) == 0.0:
-            return
+    def _settle(self, error: BaseException | None = None, payload: Tensor | None = None) -> Tensor | None:
+        """The start of every collective: one all-reduce of a header, a flag and up to ``HEADER - 1`` numbers
+        summed with it (``payload``, returned summed); where any rank raised, every rank raises the first
+        error in rank order."""
+        header = torch.zeros(HEADER, dtype=torch.float64, device=self.device)
+        header[0] = 0.0 if error is None else 1.0
+        if payload is not None:
+            header[1 : 1 + payload.numel()] = payload.detach().reshape(-1).to(header)
+        dist.all_reduce(header, group=self.group)
+        if float(header[0]) == 0.0:
+            return None if payload is None else header[1 : 1 + payload.numel()]
         errors: list = [None] * self.size
         dist.all_gather_object(
             errors, None if error is None else _portable(error, self.rank), group=self.group
@@ -141,6 +149,9 @@ class Collective:
         """The elementwise sum of ``tensor`` over the ranks (same shape on every rank)."""
         if not self.active:
             return tensor
+        if tensor.numel() < HEADER:  # a few numbers: in the header itself, one all-reduce in all
+            summed = self._settle(payload=tensor)
+            return summed.to(dtype=tensor.dtype, device=tensor.device).reshape(tensor.shape)
         self._settle()
         summed = tensor.detach().to(self.device, copy=True)
         dist.all_reduce(summed, group=self.group)

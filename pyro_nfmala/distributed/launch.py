@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .collectives import _portable
+from .collectives import _SETTLED, _portable
 
 
 def spawn(
@@ -65,21 +65,24 @@ def spawn(
         )
         deadline = time.monotonic() + timeout
         try:
-            while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(
-                        f"the {nprocs} processes did not finish within {timeout:g} s: stopped (a rank "
-                        "waiting on a collective that another never reached, or a longer run)"
-                    )
+            for process in context.processes:  # each writes its outcome before it leaves the group
+                process.join(timeout=max(deadline - time.monotonic(), 0.0))
+            if any(process.is_alive() for process in context.processes):
+                raise TimeoutError(
+                    f"the {nprocs} processes did not finish within {timeout:g} s: stopped (a rank "
+                    "waiting on a collective that another never reached, or a longer run)"
+                )
         finally:
             for process in context.processes:
                 if process.is_alive():
                     process.kill()
         outcomes = []
-        for rank in range(nprocs):
+        for rank, process in enumerate(context.processes):
             path = folder / f"rank{rank}.pt"
             if not path.exists():
-                raise RuntimeError(f"rank {rank} ended without a result (killed, or it crashed)")
+                raise RuntimeError(
+                    f"rank {rank} ended without a result (exit code {process.exitcode}: killed, or crashed)"
+                )
             outcomes.append(torch.load(path, weights_only=False))
     errors = [value for failed, value in outcomes if failed]
     if errors:
@@ -92,8 +95,9 @@ def _rank_main(rank, fn, args, nprocs, backend, folder, timeout, threads) -> Non
         torch.set_num_threads(threads)
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo") if backend == "gloo" else None
-    failed, value = False, None
+    if backend == "gloo":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    failed, value, settled = False, None, True
     try:
         dist.init_process_group(
             backend,
@@ -102,10 +106,15 @@ def _rank_main(rank, fn, args, nprocs, backend, folder, timeout, threads) -> Non
             world_size=nprocs,
             timeout=datetime.timedelta(seconds=timeout),
         )
-        try:
-            value = fn(*args)
-        finally:
-            dist.destroy_process_group()
+        value = fn(*args)
     except BaseException as error:  # noqa: BLE001 - handed to the parent
         failed, value = True, _portable(error, rank)
+        settled = getattr(error, _SETTLED, False)  # every rank has it: every rank is here
     torch.save((failed, value), Path(folder) / f"rank{rank}.pt")
+    if dist.is_initialized():
+        try:
+            if settled:  # leave together: a rank gone early breaks the others' last collective
+                dist.barrier()
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - the outcome is written; leaving is best effort
+            pass

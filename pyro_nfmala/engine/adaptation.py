@@ -191,10 +191,16 @@ class BatchWelfordCovariance(WelfordCovariance):
     def update_batch(self, samples: Tensor) -> None:
         """Adds the draws ``samples`` ``(n, d)``."""
         samples = samples.reshape(-1, samples.shape[-1])
-        count = len(samples)
         mean = samples.mean(0)
         centered = samples - mean
         m2 = centered.square().sum(0) if self.diagonal else centered.T @ centered
+        self.merge(len(samples), mean, m2)
+
+    def merge(self, count: int, mean: Tensor, m2: Tensor) -> None:
+        """Adds the estimate of ``count`` other draws, their ``mean`` and sum of squared deviations ``m2``
+        (a diagonal or a matrix, as this one's): the estimate of all the draws together."""
+        if count == 0:
+            return
         total = self.n_samples + count
         delta = mean - self._mean
         weight = self.n_samples * count / total
@@ -326,7 +332,7 @@ class WarmupAdaptation:
         parameters = parameters._replace(step_size=step_size)
         u_turns = None if info.trajectory is None else info.trajectory.u_turn_lengths
         if self._u_turns is not None and u_turns is not None:
-            self._u_turns.append(self.pool.gather_rows(u_turns.detach().reshape(-1).double().cpu()))
+            self._u_turns.append(u_turns.detach().reshape(-1).double().cpu())
         if self.mass_matrix is not None:
             parameters = self._adapt_mass_matrix(parameters, state)
         self.step += 1
@@ -350,8 +356,11 @@ class WarmupAdaptation:
             return parameters
         move = parameters.move
         points = state.x if move.mass_space == "data" else state.z
-        self._welford.update_batch(self.pool.gather_rows(points.detach().double().cpu()))
-        if t != window[1] or self._welford.n_samples < 2:
+        self._welford.update_batch(points.detach().double().cpu())
+        if t != window[1]:
+            return parameters
+        self._pool_welford()
+        if self._welford.n_samples < 2:
             return parameters
         covariance = self._welford.get_covariance(regularize=True).to(points.dtype).to(points.device)
         self._welford.reset()
@@ -365,6 +374,18 @@ class WarmupAdaptation:
             self._restart_dual_averaging(parameters.step_size)
         return parameters
 
+    def _pool_welford(self) -> None:
+        """At a window's end, with chains on several processes: every process's Welford estimate merged in
+        rank order (Chan's update), the same on every process."""
+        if not self.pool.active:
+            return
+        welford = self._welford
+        local = (welford.n_samples, welford._mean, welford._m2)
+        pooled = BatchWelfordCovariance(diagonal=welford.diagonal)
+        for count, mean, m2 in self.pool.gather_objects(local):
+            pooled.merge(count, mean, m2)
+        self._welford = pooled
+
     def _pooled_mean(self, values: Tensor) -> Tensor:
         """The mean of every process's chains' ``values``."""
         if not self.pool.active:
@@ -377,6 +398,7 @@ class WarmupAdaptation:
         mass matrix (a fixed kernel); with none measured, ``MIN_U_TURNS`` steps of the final step size."""
         move = parameters.move
         measured = torch.cat(self._u_turns) if self._u_turns else torch.zeros(0, dtype=torch.float64)
+        measured = self.pool.gather_rows(measured)  # every process's, the same lengths everywhere
         measured = measured[torch.isfinite(measured) & (measured > 0)]
         if len(measured) < MIN_U_TURNS:
             return move.with_trajectory_length(MIN_U_TURNS * float(parameters.step_size.median()))
