@@ -19,7 +19,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_nfmala import MCMC, NFMALA, from_arrays, identity_flow
+from pyro_nfmala import MCMC, NFMALA, ChainSampler, from_arrays, identity_flow
 from pyro_nfmala.distributed import ChainParallel, Collective, ShardedData
 from pyro_nfmala.distributed.launch import spawn
 from pyro_nfmala.examples.posteriordb import MODELS, comparable_reference, derived, load_data, reference_names
@@ -111,6 +111,17 @@ def chain_parallel_run(name):
     (parameters,) = kernels
     samples = {key: value.numpy() for key, value in mcmc.get_samples(group_by_chain=True).items()}
     return float(parameters.step_size[0]), parameters.move.inverse_mass.clone(), samples
+
+
+def chain_sampler_run():
+    torch.set_default_dtype(torch.float64)
+    group = Collective()
+    sampler = ChainSampler.from_model(
+        flat_regression, *shard(0, 1), num_chains=4, seed=0, fit_options={"progress": False},
+        distributed=ChainParallel(),
+    )  # fmt: skip
+    idata = sampler.run(num_samples=50, warmup_steps=50, progress=False)
+    return group.rank, sampler.num_chains, float(sampler.step_size[0]), idata.posterior["coef"].values
 
 
 def sharded_run():
@@ -245,6 +256,14 @@ def test_chains_over_two_processes_adapt_one_kernel_and_their_pooled_draws_are_r
         draws = np.asarray(flat[key])
         assert abs(draws.mean() - ref.mean()) <= 0.1 * ref.std(), key
         assert float(rhat[key]) <= 1.01, (key, float(rhat[key]))
+
+
+def test_the_batch_sampler_splits_its_chains_too_and_every_rank_gets_them_all():
+    (_, local0, step0, coef0), (_, local1, step1, coef1) = spawn(chain_sampler_run, 2, timeout=TIMEOUT)
+    assert (local0, local1) == (2, 2) and step0 == step1
+    assert coef0.shape[:2] == (4, 50)
+    np.testing.assert_array_equal(coef0, coef1)
+    assert not np.array_equal(coef0[0], coef0[2])
 
 
 def test_a_sharded_run_keeps_the_same_chains_on_every_rank():

@@ -141,6 +141,8 @@ class ChainSampler:
         ``max_plate_nesting``, ``initial_params``, ``trace_density``, the sampler's options, ...): the run is
         the one NFMALA prepares (:class:`~pyro_nfmala.samplers.run.PosteriorRun`), its chains started by the
         same policy, all ``num_chains`` of them in one batch, from the sampler's own generator (``seed``).
+        With ``distributed=ChainParallel()``, ``num_chains`` are split over the processes (each a batch of its
+        share, warmup pooled), and :meth:`sample` gives every process every chain's draws.
 
         Example:
             >>> def model(y):
@@ -158,7 +160,8 @@ class ChainSampler:
             raise ValueError("the model has no continuous latent sites to sample")
         generator = _generator(run.flow.device, seed)
         sampler = cls.__new__(cls)
-        sampler._attach(run.start(num_chains, generator=generator, label="ChainSampler"), run)
+        count, _ = run.spec.chain_group.split(num_chains)  # with ChainParallel, this process's share
+        sampler._attach(run.start(count, generator=generator, label="ChainSampler"), run)
         return sampler
 
     def _attach(self, driver: Driver, run: PosteriorRun | None) -> None:
@@ -353,7 +356,11 @@ class ChainSampler:
         finally:
             self._driver.record = None
         self._report()
-        draws = {name: value.numpy() for name, value in record.stacked().items()}
+        group = self.model_run.spec.chain_group if self.model_run is not None else None
+        draws = {
+            name: (value if group is None else group.gather_rows(value)).numpy()
+            for name, value in record.stacked().items()
+        }
         x, z = draws.pop("x"), draws.pop("z", None)
         latent = {} if z is None else {"z": z}
         dims = {"x": ["x_dim"], "z": ["z_dim"]}
