@@ -5,6 +5,8 @@
   while the same sum with the prior counted on both ranks is caught;
 - chains split over two processes adapt one kernel (the same step size and mass matrix on both ranks),
   and their pooled draws are right on a posteriordb posterior (means within 0.1 sd, R-hat <= 1.01);
+- flow refits in warmup leave one map on both ranks (without pooling, the maps differ: checked by hand);
+- the batch sampler splits its chains too, and every rank gets them all;
 - the sharded run's chains are the same on both ranks, step for step;
 - a rank that raises stops every rank with its error, in setup and after sampling.
 """
@@ -18,6 +20,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+import zuko
 
 from pyro_nfmala import MCMC, NFMALA, ChainSampler, from_arrays, identity_flow
 from pyro_nfmala.distributed import ChainParallel, Collective, ShardedData
@@ -122,6 +125,19 @@ def chain_sampler_run():
     )  # fmt: skip
     idata = sampler.run(num_samples=50, warmup_steps=50, progress=False)
     return group.rank, sampler.num_chains, float(sampler.step_size[0]), idata.posterior["coef"].values
+
+
+def refined_chain_sampler_run():
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)  # the same untrained flow on both ranks
+    flow = zuko.flows.MAF(4, transforms=1, hidden_features=[8])
+    sampler = ChainSampler.from_model(
+        flat_regression, *shard(0, 1), num_chains=4, seed=0, flow=flow, refine_every=10,
+        distributed=ChainParallel(),
+    )  # fmt: skip
+    sampler.warmup(40, progress=False)
+    z = torch.randn(3, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    return sampler.refinements, sampler.flow.to_data(z)[0]
 
 
 def sharded_run():
@@ -264,6 +280,12 @@ def test_the_batch_sampler_splits_its_chains_too_and_every_rank_gets_them_all():
     assert coef0.shape[:2] == (4, 50)
     np.testing.assert_array_equal(coef0, coef1)
     assert not np.array_equal(coef0[0], coef0[2])
+
+
+def test_flow_refits_on_two_processes_leave_one_map_on_both():
+    (count0, x0), (count1, x1) = spawn(refined_chain_sampler_run, 2, timeout=TIMEOUT)
+    assert count0 == count1 >= 2
+    assert torch.equal(x0, x1)
 
 
 def test_a_sharded_run_keeps_the_same_chains_on_every_rank():
