@@ -452,6 +452,15 @@ def _batch_norm_with_batch_statistics(z):
     return centred, torch.zeros(z.shape[:-1], dtype=z.dtype)
 
 
+def _straight_through_clamped_scale(z):
+    """x = z exp(s), s = clamp(z, -1/2, 1/2) with the clamp's gradient passed through (a straight-through
+    clamp); its ladj is the exact one, log(exp(s) (1 + z [|z| < 1/2])), which autograd's Jacobian, through
+    the pass-through gradient, is not."""
+    scale = z + (z.clamp(-0.5, 0.5) - z).detach()
+    inside = (z.abs() < 0.5).to(z.dtype)
+    return z * scale.exp(), (scale + torch.log1p(z * inside)).sum(-1)
+
+
 @pytest.mark.parametrize(
     "generator, check",
     [
@@ -459,13 +468,33 @@ def _batch_norm_with_batch_statistics(z):
         (_batch_norm_with_batch_statistics, "independent rows"),
         (lambda z: (2 * z, torch.zeros(z.shape[:-1], dtype=z.dtype)), "exact log-determinant"),
         (lambda z: (z.detach() + 1.0, torch.zeros(z.shape[:-1], dtype=z.dtype)), "gradient"),
+        (_straight_through_clamped_scale, "exact log-determinant"),
     ],
-    ids=["stochastic log-determinant", "batch statistics", "wrong log-determinant", "no finite gradient"],
+    ids=[
+        "stochastic log-determinant",
+        "batch statistics",
+        "wrong log-determinant",
+        "no finite gradient",
+        "clamped scale with a pass-through gradient",
+    ],
 )
 def test_a_flow_a_sampler_cannot_use_exactly_is_refused_naming_the_check(generator, check):
     with pytest.raises(FlowMapError, match=f"fails the '{check}' check") as refusal:
         as_latent_flow(generator, base=2)
     assert "caused by" not in str(refusal.value)  # no layer to blame: none named
+
+
+def test_the_same_clamped_scale_with_its_own_gradient_is_accepted():
+    """The control of the pass-through case above: with the clamp's own gradient, autograd's Jacobian is the
+    map's, and the flow is accepted."""
+
+    def clamped_scale(z):
+        scale = z.clamp(-0.5, 0.5)
+        inside = (z.abs() < 0.5).to(z.dtype)
+        return z * scale.exp(), (scale + torch.log1p(z * inside)).sum(-1)
+
+    with float64_default():
+        assert as_latent_flow(clamped_scale, base=2).dim == 2
 
 
 def test_a_refusal_names_the_layer_that_explains_it_and_only_that_one():
