@@ -7,7 +7,8 @@
   and their pooled draws are right on a posteriordb posterior (means within 0.1 sd, R-hat <= 1.01);
 - flow refits in warmup leave one map on both ranks (without pooling, the maps differ: checked by hand);
 - the batch sampler splits its chains too, and every rank gets them all;
-- the sharded run's chains are the same on both ranks, step for step;
+- the sharded run's chains are the same on both ranks, step for step; chain groups x data shards (4
+  processes as 2 x 2) combine;
 - a rank that raises stops every rank with its error, in setup and after sampling.
 """
 
@@ -169,6 +170,25 @@ def sharded_run_seeded_by_rank():
     )
 
 
+def chains_by_shards_run():
+    """Four processes as 2 chain groups x 2 data shards: ranks (c, s) = (rank // 2, rank % 2); a row (the
+    same c) shares its chains over the shards, a column (the same s) splits the chains."""
+    torch.set_default_dtype(torch.float64)
+    rank = torch.distributed.get_rank()
+    rows = [torch.distributed.new_group([0, 1]), torch.distributed.new_group([2, 3])]
+    columns = [torch.distributed.new_group([0, 2]), torch.distributed.new_group([1, 3])]
+    row, column = rows[rank // 2], columns[rank % 2]
+    pyro.set_rng_seed(0)
+    kernel = NFMALA(
+        flat_regression,
+        fit_options={"progress": False},
+        distributed=(ChainParallel(column), ShardedData(row, check_every=10)),
+    )
+    mcmc = MCMC(kernel, num_samples=40, warmup_steps=40, num_chains=4, disable_progbar=True)
+    mcmc.run(*shard(rank % 2, 2))
+    return {key: value.numpy() for key, value in mcmc.get_samples(group_by_chain=True).items()}
+
+
 def failing_model(x, y):
     if Collective().rank == 1:
         raise ValueError("rank 1's model cannot read its data")
@@ -295,6 +315,16 @@ def test_a_sharded_run_keeps_the_same_chains_on_every_rank():
         assert np.isfinite(first[key]).all() and first[key].std() > 0
     coef = first["coef"].reshape(-1, 3).mean(0)
     assert np.allclose(coef, [1.0, -0.5, 0.25], atol=0.2)
+
+
+def test_chain_groups_and_data_shards_combine():
+    results = spawn(chains_by_shards_run, nprocs=4, timeout=TIMEOUT)
+    for other in results[1:]:
+        for key in results[0]:
+            np.testing.assert_array_equal(results[0][key], other[key])  # every rank: every chain
+    coef = results[0]["coef"]
+    assert coef.shape[:2] == (4, 40) and not np.array_equal(coef[0], coef[2])
+    assert np.allclose(coef.reshape(-1, 3).mean(0), [1.0, -0.5, 0.25], atol=0.2)
 
 
 def test_ranks_whose_sharded_chains_part_ways_stop_with_an_error_that_says_why():

@@ -183,12 +183,12 @@ class Collective:
         return values
 
     def broadcast_object(self, value, source: int = 0):
-        """Rank ``source``'s picklable ``value``, on every rank."""
+        """Rank ``source``'s picklable ``value``, on every rank (``source``: a rank in this group)."""
         if not self.active:
             return value
         self._settle()
         box = [value if self.rank == source else None]
-        dist.broadcast_object_list(box, src=source, group=self.group)
+        dist.broadcast_object_list(box, group=self.group, group_src=source)
         return box[0]
 
     def broadcast_module_(self, module: torch.nn.Module, source: int = 0) -> torch.nn.Module:
@@ -201,7 +201,7 @@ class Collective:
         with torch.no_grad():
             for tensor in tensors:
                 moved = tensor.detach().to(self.device, copy=True)
-                dist.broadcast(moved, src=source, group=self.group)
+                dist.broadcast(moved, group=self.group, group_src=source)
                 tensor.copy_(moved.to(tensor.device))
         return module
 

@@ -129,7 +129,8 @@ class NFMALA(MCMCKernel):
             splits :class:`pyro_nfmala.MCMC`'s chains over them, warmup pooled, every rank holding every
             chain's draws at the end; :class:`~pyro_nfmala.distributed.sharded.ShardedData` sums the
             likelihood of data split over them (each rank runs the model on its own shard), every rank
-            running the same chains.
+            running the same chains; a tuple of one of each, on two process groups, does both (chain
+            groups x data shards).
 
     The sampler's options, ``local_move``, ``step_size``, ``adapt_step_size``, ``target_accept_prob``,
     ``adapt``, ``preconditioner``, ``mass_matrix``, ``independence_every``, ``independence_scale``,

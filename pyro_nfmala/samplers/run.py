@@ -107,7 +107,7 @@ class RunSpec:
     initial_params: dict[str, Tensor] | None
     trace_density: bool
     options: SamplerOptions = field(default_factory=SamplerOptions)
-    distributed: ChainParallel | ShardedData | None = None
+    distributed: ChainParallel | ShardedData | tuple | None = None
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.potential_fn is None):
@@ -122,11 +122,16 @@ class RunSpec:
             raise ValueError(
                 f"parameterization must be one of {PARAMETERIZATIONS}, got {self.parameterization!r}"
             )
-        if self.distributed is not None and not isinstance(self.distributed, (ChainParallel, ShardedData)):
+        groups = self.distributed if isinstance(self.distributed, (tuple, list)) else (self.distributed,)
+        groups = tuple(group for group in groups if group is not None)
+        kinds = [type(group) for group in groups]
+        if not all(kind in (ChainParallel, ShardedData) for kind in kinds) or len(set(kinds)) < len(kinds):
             raise TypeError(
-                "distributed must be a pyro_nfmala.distributed.ChainParallel (chains split over processes) "
-                f"or ShardedData (data split over processes), got {type(self.distributed).__name__}"
+                "distributed must be a pyro_nfmala.distributed.ChainParallel (chains split over processes), "
+                "a ShardedData (data split over processes), or one of each (chains over one group of "
+                f"processes, each chain's data over another), got {self.distributed!r}"
             )
+        object.__setattr__(self, "distributed", groups[0] if len(groups) == 1 else (groups or None))
         if self.sharded is not None:
             if self.model is None and self.potential_fn is None:
                 raise ValueError("ShardedData needs a model or a potential_fn")
@@ -150,16 +155,20 @@ class RunSpec:
     def fits_own_map(self) -> bool:
         return self.flow is None
 
+    def _group(self, kind: type) -> Collective | None:
+        groups = self.distributed if isinstance(self.distributed, tuple) else (self.distributed,)
+        return next((group for group in groups if isinstance(group, kind)), None)
+
     @property
     def sharded(self) -> ShardedData | None:
         """The data's process group where the data are sharded (else ``None``)."""
-        return self.distributed if isinstance(self.distributed, ShardedData) else None
+        return self._group(ShardedData)
 
     @property
     def chain_group(self) -> Collective:
         """The process group the chains are split over
         (:data:`~pyro_nfmala.distributed.collectives.ONE_PROCESS` where they are not)."""
-        return self.distributed if isinstance(self.distributed, ChainParallel) else ONE_PROCESS
+        return self._group(ChainParallel) or ONE_PROCESS
 
     def density_options(self) -> dict:
         """The keyword arguments of :func:`~pyro_nfmala.model.density.model_density` for this run."""
