@@ -230,11 +230,18 @@ def test_in_one_process_every_collective_is_the_identity():
     assert group.split(5) == (5, 0)
 
 
-def test_a_time_budget_on_a_sharded_fit_is_refused():
+def test_a_time_budget_on_a_sharded_fit_and_runs_that_cannot_split_chains_are_refused():
     with pytest.raises(ValueError, match="without a time budget"):
         NFMALA(flat_regression, fit_options={"max_seconds": 60}, distributed=ShardedData())
     with pytest.raises(TypeError, match="ChainParallel"):
         NFMALA(flat_regression, distributed="gloo")
+    with pytest.raises(TypeError, match="one of each"):
+        NFMALA(flat_regression, distributed=(ShardedData(), ShardedData()))
+    kernel = NFMALA(flat_regression, distributed=ChainParallel())
+    with pytest.raises(ValueError, match="run it with pyro_nfmala.MCMC"):
+        pyro.infer.MCMC(kernel, num_samples=2, warmup_steps=2, disable_progbar=True).run(*shard(0, 1))
+    with pytest.raises(ValueError, match="run it with pyro_nfmala.MCMC"):
+        MCMC(kernel, 2, 2, chain_method="sequential", disable_progbar=True).run(*shard(0, 1))
 
 
 def test_chains_are_split_in_consecutive_blocks_over_the_ranks():

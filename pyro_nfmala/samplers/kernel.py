@@ -271,6 +271,12 @@ class NFMALA(MCMCKernel):
         self._chain_initial_params = dict(params) if params is not None else None
 
     def setup(self, warmup_steps: int, *args, **kwargs) -> None:
+        if isinstance(self.spec.chain_group, ChainParallel):
+            raise ValueError(
+                "distributed=ChainParallel() splits the chains of a run over processes, and Pyro's MCMC runs "
+                "a kernel one chain at a time: run it with pyro_nfmala.MCMC (chain_method='vectorized', its "
+                "default) or ChainSampler.from_model"
+            )
         given = self._chain_initial_params
         batch = (
             None if given is None else {name: torch.as_tensor(value)[None] for name, value in given.items()}
