@@ -114,16 +114,27 @@ class Collective:
             raise
 
     def _settle(self, error: BaseException | None = None, payload: Tensor | None = None) -> Tensor | None:
-        """The start of every collective: one all-reduce of a header, a flag and up to ``HEADER - 1`` numbers
-        summed with it (``payload``, returned summed); where any rank raised, every rank raises the first
-        error in rank order."""
-        header = torch.zeros(HEADER, dtype=torch.float64, device=self.device)
-        header[0] = 0.0 if error is None else 1.0
+        """The start of every collective: :meth:`sum_flagged` of a header of ``HEADER - 1`` numbers, up to
+        all of them ``payload`` (returned summed)."""
+        header = torch.zeros(HEADER - 1, dtype=torch.float64)
         if payload is not None:
-            header[1 : 1 + payload.numel()] = payload.detach().reshape(-1).to(header)
-        dist.all_reduce(header, group=self.group)
-        if float(header[0]) == 0.0:
-            return None if payload is None else header[1 : 1 + payload.numel()]
+            header[: payload.numel()] = payload.detach().reshape(-1).to(header)
+        summed = self.sum_flagged(header, error)
+        return None if payload is None else summed[: payload.numel()]
+
+    def sum_flagged(self, values: Tensor, error: BaseException | None = None) -> Tensor:
+        """``values`` summed over the ranks by one all-reduce of ``[flag, values]`` (every rank the same
+        shape), the flag set by a rank that passes its ``error``; where any rank set it, every rank raises
+        the first rank's error instead (one more collective: the errors gathered)."""
+        if not self.active:
+            if error is not None:
+                raise error
+            return values
+        flag = values.new_full((1,), 0.0 if error is None else 1.0)
+        buffer = torch.cat([flag, values.detach().reshape(-1)]).to(self.device)
+        dist.all_reduce(buffer, group=self.group)
+        if float(buffer[0]) == 0.0:
+            return buffer[1:].to(values.device).reshape(values.shape)
         errors: list = [None] * self.size
         dist.all_gather_object(
             errors, None if error is None else _portable(error, self.rank), group=self.group
@@ -133,14 +144,6 @@ class Collective:
         if error is not None:
             setattr(error, _SETTLED, True)
         raise raised
-
-    def raise_if_any(self, error: BaseException | None) -> None:
-        """A collective of its own: raises the first rank's ``error`` on every rank where any rank has one
-        (ranks with none pass ``None``)."""
-        if self.active:
-            self._settle(error)
-        elif error is not None:
-            raise error
 
     # ------------------------------------------------------------------------------------------
     # operations (each the identity in one process)

@@ -148,21 +148,16 @@ class ShardedLogDensity:
         return self._all_reduced(local, points, dim).reshape(x.shape)
 
     def _all_reduced(self, local: Callable[[], Tensor], points: Tensor, width: int) -> Tensor:
-        """``local()`` ``(n, width)`` summed over the ranks by one all-reduce of ``[flag, values]``; an error
-        in ``local`` on any rank is raised on every rank."""
+        """``local()`` ``(n, width)`` summed over the ranks by one all-reduce with the error flag
+        (:meth:`~pyro_nfmala.distributed.collectives.Collective.sum_flagged`): an error in ``local`` on any
+        rank is raised on every rank."""
         error = None
         try:
             columns = local()
-        except Exception as raised:  # noqa: BLE001 - handed to every rank below
+        except Exception as raised:  # noqa: BLE001 - handed to every rank by sum_flagged
             error = raised
             columns = points.new_zeros((len(points), width))
-        shards = self.shards
-        flag = columns.new_full((1,), 0.0 if error is None else 1.0)
-        buffer = torch.cat([flag, columns.reshape(-1)]).to(shards.device)
-        torch.distributed.all_reduce(buffer, group=shards.group)
-        if float(buffer[0]) != 0.0:
-            shards.raise_if_any(error)
-        return buffer[1:].to(points.device).reshape(len(points), width)
+        return self.shards.sum_flagged(columns, error)
 
 
 class _AllReduced(torch.autograd.Function):
