@@ -28,6 +28,7 @@ from pyro_nfmala.distributed import ChainParallel, Collective, ShardedData
 from pyro_nfmala.distributed.launch import spawn
 from pyro_nfmala.examples.posteriordb import MODELS, comparable_reference, derived, load_data, reference_names
 from pyro_nfmala.model.density import model_density
+from pyro_nfmala.model.sharded import ShardedLogDensity
 
 TIMEOUT = 240.0
 
@@ -189,6 +190,26 @@ def chains_by_shards_run():
     return {key: value.numpy() for key, value in mcmc.get_samples(group_by_chain=True).items()}
 
 
+def sharded_evaluation_that_fails_on_rank_1():
+    """Rank 1's likelihood raises in an evaluation (the gradient's path, then the value's alone); each rank
+    says what it raised."""
+    torch.set_default_dtype(torch.float64)
+    shards = ShardedData()
+
+    def local(x):
+        if shards.rank == 1:
+            raise ValueError("rank 1's likelihood failed")
+        return -x.square().sum(-1)
+
+    density, raised = ShardedLogDensity(local, shards), []
+    for at in (points().requires_grad_(True), points()):
+        try:
+            density(at)
+        except ValueError as error:
+            raised.append((str(error), getattr(error, "__notes__", [])))
+    return raised
+
+
 def failing_model(x, y):
     if Collective().rank == 1:
         raise ValueError("rank 1's model cannot read its data")
@@ -332,6 +353,13 @@ def test_chain_groups_and_data_shards_combine():
     coef = results[0]["coef"]
     assert coef.shape[:2] == (4, 40) and not np.array_equal(coef[0], coef[2])
     assert np.allclose(coef.reshape(-1, 3).mean(0), [1.0, -0.5, 0.25], atol=0.2)
+
+
+def test_a_rank_whose_sharded_evaluation_raises_stops_every_rank_with_its_error():
+    for raised in spawn(sharded_evaluation_that_fails_on_rank_1, nprocs=2, timeout=TIMEOUT):
+        assert len(raised) == 2  # both evaluations, on both ranks
+        for message, notes in raised:
+            assert message == "rank 1's likelihood failed" and "raised on rank 1" in notes
 
 
 def test_ranks_whose_sharded_chains_part_ways_stop_with_an_error_that_says_why():

@@ -10,6 +10,6 @@ communicated and when, and what it costs.
 
 from .collectives import Collective
 from .parallel import ChainParallel
-from .sharded import ShardedData, ShardedLogDensity, without_prior
+from .sharded import ShardedData
 
-__all__ = ["ChainParallel", "Collective", "ShardedData", "ShardedLogDensity", "without_prior"]
+__all__ = ["ChainParallel", "Collective", "ShardedData"]

@@ -61,7 +61,15 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["CHECK_EVERY", "TRACE_AFTER", "TracedFunction", "TracedLogProb", "recording", "value_and_gradient"]
+__all__ = [
+    "CHECK_EVERY",
+    "TRACE_AFTER",
+    "TracedFunction",
+    "TracedLogProb",
+    "ValueWithGradient",
+    "recording",
+    "value_and_gradient",
+]
 
 import logging
 import os
@@ -316,7 +324,12 @@ class TracedLogProb:
         graph = self.value_and_grad.graph_for(x)
         if graph is None:
             return self.log_prob(x)
-        return _TracedValue.apply(x, self, graph)
+        return ValueWithGradient.apply(x, partial(self.value_and_grad.run, graph), self._eager_gradient)
+
+    def _eager_gradient(self, x: Tensor, grad: Tensor) -> Tensor:
+        """The gradient through the eager density, differentiable (second derivatives)."""
+        with torch.enable_grad():
+            return torch.autograd.grad(self.log_prob(x).sum(), x, create_graph=True)[0]
 
     def _depends_on_x(self, x: Tensor) -> bool:
         with torch.enable_grad():
@@ -326,22 +339,26 @@ class TracedLogProb:
         return False
 
 
-class _TracedValue(torch.autograd.Function):
-    """The log density with the traced gradient as its derivative."""
+class ValueWithGradient(torch.autograd.Function):
+    """A log density whose value and gradient come from one pass, ``value_and_grad(x)`` (a traced graph; an
+    all-reduce over data shards), the gradient saved as its derivative; under ``create_graph``, its
+    derivative is ``differentiable_gradient(x, grad)``, the gradient as a function of ``x`` (for second
+    derivatives). ``ValueWithGradient.apply(x, value_and_grad, differentiable_gradient)``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, traced: TracedLogProb, graph: Callable) -> Tensor:
-        value, grad = traced.value_and_grad.run(graph, x)
+    def forward(ctx, x: Tensor, value_and_grad: Callable, differentiable_gradient: Callable) -> Tensor:
+        """The value; the gradient kept."""
+        value, grad = value_and_grad(x)
         ctx.save_for_backward(x, grad)
-        ctx.traced = traced
+        ctx.differentiable_gradient = differentiable_gradient
         return value
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
+        """``grad_output`` times the gradient (as a function of ``x`` under ``create_graph``)."""
         x, grad = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: second derivatives through the eager density
-            with torch.enable_grad():
-                (grad,) = torch.autograd.grad(ctx.traced.log_prob(x).sum(), x, create_graph=True)
+        if torch.is_grad_enabled():  # create_graph: the gradient as a function of x
+            grad = ctx.differentiable_gradient(x, grad)
         return grad_output.unsqueeze(-1) * grad, None, None
 
 

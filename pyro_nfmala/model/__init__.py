@@ -1,5 +1,6 @@
 """A Pyro model as a flat, batched log density on its unconstrained parameters
-(:mod:`~pyro_nfmala.model.density`), the model in non-centred coordinates
+(:mod:`~pyro_nfmala.model.density`; summed over data shards on several processes:
+:mod:`~pyro_nfmala.model.sharded`), the model in non-centred coordinates
 (:mod:`~pyro_nfmala.model.centring`), and recursions written for batches
 (:mod:`~pyro_nfmala.model.recurrences`)."""
 

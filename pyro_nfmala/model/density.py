@@ -47,9 +47,10 @@ from pyro.infer.mcmc.util import _find_valid_initial_params, initialize_model
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from ..distributed.sharded import ShardedData, ShardedLogDensity, shard_term, without_prior
+from ..distributed.sharded import ShardedData
 from ..engine.errors import is_out_of_memory
 from ..engine.traced import TracedLogProb
+from .sharded import ShardedLogDensity, shard_term, without_prior
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ class ModelDensity:
         self.unbatched_reasons: list[str] = []
         self.traced = TracedLogProb(self._unvalidated_log_prob) if trace_density else None
         #: With the data split over processes (:class:`~pyro_nfmala.distributed.sharded.ShardedData`), the log
-        #: density summed over them (:class:`~pyro_nfmala.distributed.sharded.ShardedLogDensity`), which
+        #: density summed over them (:class:`~pyro_nfmala.model.sharded.ShardedLogDensity`), which
         #: :meth:`log_prob` gives; ``None`` in one process.
         self.summed: ShardedLogDensity | None = None
 
@@ -213,7 +214,7 @@ class ModelDensity:
 
     def shard(self, shards: ShardedData | None) -> ModelDensity:
         """Sums :meth:`log_prob` over ``shards``' processes from here on (each rank's term
-        :func:`~pyro_nfmala.distributed.sharded.shard_term`); returns this density. ``None`` or one
+        :func:`~pyro_nfmala.model.sharded.shard_term`); returns this density. ``None`` or one
         process: unchanged."""
         if shards is not None and shards.active:
             self.summed = ShardedLogDensity(shard_term(self, shards.rank), shards)
@@ -272,6 +273,14 @@ class ModelDensity:
                 f"the potential energy must be a single number (a tensor of one element), got {shape}"
             )
         return -energy.reshape(())
+
+    def jacobian_log_det(self, x: Tensor) -> Tensor:
+        r""":math:`\log |J(x)|` of the map from unconstrained points ``x`` ``(..., d)`` to the sites, summed
+        per point: the constraints' log-determinants that the density adds (``_to_sites``)."""
+        total = x.new_zeros(x.shape[:-1])
+        for log_det in _to_sites(self.transforms, self.layout.unpack(x))[1]:
+            total = total + log_det.reshape(*x.shape[:-1], -1).sum(-1)
+        return total
 
     def constrain(self, x: Tensor) -> dict[str, Tensor]:
         """Maps flat unconstrained points ``(..., d)`` to the model's constrained sites
@@ -570,7 +579,7 @@ def model_density(
 
     With ``shards`` (:class:`~pyro_nfmala.distributed.sharded.ShardedData`), ``model_args`` and
     ``model_kwargs`` are this process's shard of the data, and the log density is summed over the
-    processes, the prior and the constraints' Jacobian counted once (:mod:`pyro_nfmala.distributed.sharded`).
+    processes, the prior and the constraints' Jacobian counted once (:mod:`pyro_nfmala.model.sharded`).
     """
     model_kwargs = model_kwargs or {}
     if shards is not None and shards.active and shards.rank != 0:
