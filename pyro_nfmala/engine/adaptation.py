@@ -255,9 +255,10 @@ class WarmupAdaptation:
             its ``mass_space`` (``"latent"``: the chains' ``z``; ``"data"``: their ``x``).
         target_accept_prob: The acceptance probability dual averaging aims at.
         per_chain: One step size per chain (else one shared, fed the chains' mean acceptance).
-        find_step_size: ``find_step_size(parameters, start)`` gives a reasonable step size per chain
-            for new parameters from the chains' current state (after a mass window), starting the
-            search at ``start``.
+        find_step_size: ``find_step_size(parameters, start)`` gives the step sizes to go on with for new
+            parameters, from the chains' current state (after a mass window), starting the search at
+            ``start``: one per chain, the same for all where adaptation is shared (the driver's: the
+            median over every process's chains).
         flow: A :class:`FlowRefinement`, or ``None``.
         pool: The processes whose chains adapt together
             (:class:`~pyro_nfmala.distributed.collectives.Collective`): the shared step size is fed their
@@ -368,7 +369,6 @@ class WarmupAdaptation:
             self._u_turns = []
         parameters = parameters._replace(move=move.with_inverse_mass(covariance))
         found = self.find_step_size(parameters, float(parameters.step_size.median()))
-        found = found if self.per_chain else self.pool.gather_rows(found).median().expand(found.shape)
         parameters = parameters._replace(step_size=self._expand(found, parameters.step_size))
         if self._dual_averaging is not None:
             self._restart_dual_averaging(parameters.step_size)

@@ -294,11 +294,7 @@ class Driver:
             )
         self.state = state
         if search_from is not None:
-            found = find_reasonable_step_size(
-                state, self.target, self.move, search_from, generator=self.generator
-            )
-            shared = self.options.adapt == "shared"
-            step = self.pool.gather_rows(found).median().expand(self.num_chains) if shared else found
+            step = self._find_step_size(self.parameters, search_from)
         elif step_size is not None:
             step = torch.as_tensor(step_size)
         else:
@@ -416,9 +412,15 @@ class Driver:
         self._apply(self.adaptation.init(self.parameters))
 
     def _find_step_size(self, parameters: KernelParameters, start: float) -> Tensor:
-        return find_reasonable_step_size(
+        """A reasonable step size for each chain from its state now, searched from ``start``
+        (:func:`~pyro_nfmala.engine.adaptation.find_reasonable_step_size`); where adaptation is shared, the
+        median over every process's chains, for all."""
+        found = find_reasonable_step_size(
             self.state, parameters.target, parameters.move, start, generator=self.generator
         )
+        if self.options.adapt == "per_chain":
+            return found
+        return self.pool.gather_rows(found).median().expand(found.shape)
 
     def _apply(self, parameters: KernelParameters) -> None:
         """Takes the parameters adaptation returned; a new target (a refined flow) moves the chains to the

@@ -186,10 +186,12 @@ class VectorizedChains:
                     bar.update()
         finally:
             bar.close()
-        if self.num_samples:  # the draws, mapped to the model's coordinates in one batch
+        if self.num_samples:  # the draws, every process's, mapped to the model's coordinates in one batch
             drawn = batch.drawn_params()
-            flat = torch.cat([drawn[name].reshape(count, self.num_samples, -1) for name in names], -1)
-            for chain, draws in enumerate(group.gather_rows(flat)):
+            flat = torch.cat(
+                [drawn[name].reshape(self.num_chains, self.num_samples, -1) for name in names], -1
+            )
+            for chain, draws in enumerate(flat):
                 for draw in draws:
                     yield draw, chain
         diagnostics = [batch.diagnostics(chain) for chain in range(count)]

@@ -72,6 +72,7 @@ class RunChains:
         self.record = self.driver.start_recording(keep=("x",))
         self.sampling_seconds = 0.0
         self._params: dict[str, Tensor] | None = None  # the chains' params now, computed when asked
+        self._drawn: Tensor | None = None  # the draws so far, every process's, gathered when asked
 
     @property
     def step_size(self) -> float:
@@ -85,7 +86,7 @@ class RunChains:
         self.driver.step()
         if sampling:
             self.sampling_seconds += time.perf_counter() - started
-        self._params = None
+        self._params = self._drawn = None
 
     def restart(self, chain: int, params: Mapping[str, Tensor]) -> None:
         """Moves ``chain`` to the unconstrained ``params`` (the caller changed the state, as Pyro allows)."""
@@ -105,11 +106,19 @@ class RunChains:
             self._params = self.run.params(self.driver.state.x)
         return {name: value[chain] for name, value in self._params.items()}
 
+    def drawn(self) -> Tensor | None:
+        """Every chain's draws after warmup, ``(chains, draws, d)`` in the sampled coordinates (``None``
+        before the first); with the chains split over processes, every process's, gathered once."""
+        if self._drawn is None:
+            drawn = self.record.stacked().get("x")
+            self._drawn = None if drawn is None else self.run.spec.chain_group.gather_rows(drawn)
+        return self._drawn
+
     def drawn_params(self) -> dict[str, Tensor]:
         """Every chain's unconstrained parameters at every draw after warmup, ``{site: (chains, draws,
         *shape)}``, in the model's own coordinates (mapped back in one batch where the chains run
-        non-centred)."""
-        return self.run.params(self.record.stacked()["x"])
+        non-centred); every process's chains with ``ChainParallel``."""
+        return self.run.params(self.drawn())
 
     def logging(self) -> dict[str, str]:
         """The progress line: the step size, the mean acceptance probability and, with independence
@@ -167,12 +176,9 @@ class RunChains:
         and per-chain disagreement over these chains and the ``earlier`` ones of the same run (each
         check warns with what to do). Returns the draws of every chain checked, for later chains."""
         self.driver.warn_divergences(stacklevel=4)
-        drawn = self.record.stacked().get("x")
-        if drawn is None or drawn.shape[1] < 4:
-            return self.earlier
+        drawn = self.drawn()  # chains over processes: every process's, checked on rank 0
         group = self.run.spec.chain_group
-        drawn = group.gather_rows(drawn)  # chains over processes: every process's, checked on rank 0
-        if group.rank > 0:
+        if drawn is None or drawn.shape[1] < 4 or group.rank > 0:
             return self.earlier
         pooled = [*self.earlier, *drawn]
         if len({len(draws) for draws in pooled}) > 1:  # runs of other lengths on the same data: these alone

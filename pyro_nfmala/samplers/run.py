@@ -133,8 +133,6 @@ class RunSpec:
             )
         object.__setattr__(self, "distributed", groups[0] if len(groups) == 1 else (groups or None))
         if self.sharded is not None:
-            if self.model is None and self.potential_fn is None:
-                raise ValueError("ShardedData needs a model or a potential_fn")
             if self.fit_options.get("max_seconds") is not None:
                 raise ValueError(
                     "a ShardedData run fits its map without a time budget (a deadline would stop the ranks "
